@@ -1,0 +1,227 @@
+//! Frames: the unit on the wire.
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic "TDFS"
+//!      4    1 version (FRAME_VERSION)
+//!      5    1 type (FrameType)
+//!      6    1 flags (bit 0: payload is LZF-compressed)
+//!      7    1 reserved, must be 0
+//!      8    8 sequence number (first op of an Ops frame; 0 where unused)
+//!     16    4 payload length on the wire
+//!     20    4 payload length after decompression (equals the wire length when raw)
+//!     24    4 crc32 (IEEE, crc32fast) of bytes 0..24 followed by the wire payload
+//!     28    . payload
+//! ```
+//!
+//! Decoding follows mini-redis: [`check`] looks at a buffer and says whether a whole frame is
+//! there (or [`FrameError::Incomplete`], which is a normal case, not an error), validating the
+//! header and both lengths against [`MAX_PAYLOAD`] before anything is allocated, then the crc
+//! before anything is decompressed or parsed. [`parse`] then yields the frame.
+
+use crate::compress::{self, Compression};
+
+pub const MAGIC: [u8; 4] = *b"TDFS";
+/// Version of the frame layout and of every payload encoding.
+pub const FRAME_VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 28;
+/// Largest payload, compressed or not. A write op carries at most 4 MiB of data, so this leaves
+/// room for batching without letting a peer make us allocate much.
+pub const MAX_PAYLOAD: usize = 8 << 20;
+
+pub const FLAG_COMPRESSED: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// master -> slave: opening of a session ([`crate::msg::Hello`]).
+    Hello = 1,
+    /// slave -> master: session accepted ([`crate::msg::HelloAck`]).
+    HelloAck = 2,
+    /// either way: session refused or ended with a reason ([`crate::msg::Refuse`]).
+    Refuse = 3,
+    /// master -> slave: a batch of ops ([`crate::op::encode_batch`]).
+    Ops = 4,
+    /// slave -> master: applied / durable sequence numbers ([`crate::msg::Ack`]).
+    Ack = 5,
+    /// slave -> master: an op failed to apply ([`crate::msg::ApplyError`]).
+    ApplyError = 6,
+    /// master -> slave: orderly end of the stream, everything has been sent.
+    Bye = 7,
+}
+
+impl FrameType {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Hello,
+            2 => Self::HelloAck,
+            3 => Self::Refuse,
+            4 => Self::Ops,
+            5 => Self::Ack,
+            6 => Self::ApplyError,
+            7 => Self::Bye,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a byte stream is not a frame. Everything but `Incomplete` means the connection is
+/// unusable and must be closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("incomplete frame")]
+    Incomplete,
+    #[error("bad magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    #[error("unsupported frame version {0} (this build speaks {FRAME_VERSION})")]
+    BadVersion(u8),
+    #[error("unknown frame type {0}")]
+    BadType(u8),
+    #[error("unknown frame flags {0:#x}")]
+    BadFlags(u8),
+    #[error("frame payload of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("frame crc mismatch (got {got:#010x}, computed {want:#010x})")]
+    BadCrc { got: u32, want: u32 },
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+}
+
+/// A decoded frame, payload decompressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameType,
+    pub seq: u64,
+    pub payload: Vec<u8>,
+    /// Bytes this frame occupied on the wire (header included).
+    pub wire_len: usize,
+}
+
+struct Header {
+    kind: FrameType,
+    flags: u8,
+    seq: u64,
+    wire_len: usize,
+    raw_len: usize,
+    crc: u32,
+}
+
+fn header(buf: &[u8]) -> Result<Header, FrameError> {
+    if buf.len() < HEADER_LEN {
+        // Reject garbage as early as the magic lets us, so a peer cannot hold a connection
+        // open by trickling bytes that can never become a frame.
+        let n = buf.len().min(4);
+        if buf[..n] != MAGIC[..n] {
+            let mut m = [0u8; 4];
+            m[..n].copy_from_slice(&buf[..n]);
+            return Err(FrameError::BadMagic(m));
+        }
+        return Err(FrameError::Incomplete);
+    }
+    let magic: [u8; 4] = buf[0..4].try_into().expect("4 bytes");
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    if buf[4] != FRAME_VERSION {
+        return Err(FrameError::BadVersion(buf[4]));
+    }
+    let kind = FrameType::from_u8(buf[5]).ok_or(FrameError::BadType(buf[5]))?;
+    let flags = buf[6];
+    if flags & !FLAG_COMPRESSED != 0 || buf[7] != 0 {
+        return Err(FrameError::BadFlags(flags));
+    }
+    let seq = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+    let wire_len = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes")) as usize;
+    let raw_len = u32::from_le_bytes(buf[20..24].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
+    if wire_len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(wire_len));
+    }
+    if raw_len > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge(raw_len));
+    }
+    if flags & FLAG_COMPRESSED == 0 && raw_len != wire_len {
+        return Err(FrameError::BadFlags(flags));
+    }
+    Ok(Header {
+        kind,
+        flags,
+        seq,
+        wire_len,
+        raw_len,
+        crc,
+    })
+}
+
+/// Returns the total length of the frame at the front of `buf` once it is all there and its
+/// crc matches.
+pub fn check(buf: &[u8]) -> Result<usize, FrameError> {
+    let h = header(buf)?;
+    let total = HEADER_LEN + h.wire_len;
+    if buf.len() < total {
+        return Err(FrameError::Incomplete);
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&buf[..24]);
+    hasher.update(&buf[HEADER_LEN..total]);
+    let want = hasher.finalize();
+    if want != h.crc {
+        return Err(FrameError::BadCrc { got: h.crc, want });
+    }
+    Ok(total)
+}
+
+/// Parses the frame at the front of `buf`; returns it and the number of bytes it used.
+pub fn parse(buf: &[u8]) -> Result<Frame, FrameError> {
+    let total = check(buf)?;
+    let h = header(buf)?;
+    let wire = &buf[HEADER_LEN..total];
+    let payload = if h.flags & FLAG_COMPRESSED != 0 {
+        compress::decompress(wire, h.raw_len).map_err(FrameError::Decompress)?
+    } else {
+        wire.to_vec()
+    };
+    Ok(Frame {
+        kind: h.kind,
+        seq: h.seq,
+        payload,
+        wire_len: total,
+    })
+}
+
+/// Appends a frame carrying `payload` to `out`, compressed when asked and when it shrinks.
+///
+/// # Panics
+/// If `payload` is over [`MAX_PAYLOAD`]: callers size their batches below it.
+pub fn encode(kind: FrameType, seq: u64, payload: &[u8], comp: Compression, out: &mut Vec<u8>) {
+    assert!(payload.len() <= MAX_PAYLOAD, "frame payload over limit");
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    let compressed = comp != Compression::None && compress::compress_into(payload, out);
+    if !compressed {
+        out.truncate(start + HEADER_LEN);
+        out.extend_from_slice(payload);
+    }
+    let wire_len = out.len() - start - HEADER_LEN;
+    let h = &mut out[start..start + HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4] = FRAME_VERSION;
+    h[5] = kind as u8;
+    h[6] = if compressed { FLAG_COMPRESSED } else { 0 };
+    h[7] = 0;
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..20].copy_from_slice(&(wire_len as u32).to_le_bytes());
+    h[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&out[start..start + 24]);
+    hasher.update(&out[start + HEADER_LEN..]);
+    let crc = hasher.finalize();
+    out[start + 24..start + 28].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Convenience: a frame as a fresh buffer.
+pub fn encode_vec(kind: FrameType, seq: u64, payload: &[u8], comp: Compression) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    encode(kind, seq, payload, comp, &mut out);
+    out
+}

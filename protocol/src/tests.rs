@@ -1,0 +1,272 @@
+use crate::frame::{self, FrameError, FrameType, HEADER_LEN, MAX_PAYLOAD};
+use crate::msg::{Ack, ApplyError, Hello, HelloAck, Refuse, RefuseCode};
+use crate::op::{self, *};
+use crate::path::WirePath;
+use crate::Compression;
+use proptest::prelude::*;
+
+fn name() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(1u8..=255, 1..20).prop_filter("valid name", |n| {
+        crate::path::validate_name(n).is_ok()
+    })
+}
+
+fn path() -> impl Strategy<Value = WirePath> {
+    proptest::collection::vec(name(), 0..6)
+        .prop_map(|c| WirePath::from_components(c).expect("valid components"))
+}
+
+fn attr() -> impl Strategy<Value = Attr> {
+    (0u32..=0o7777, any::<u32>(), any::<u32>()).prop_map(|(mode, uid, gid)| Attr { mode, uid, gid })
+}
+
+fn times() -> impl Strategy<Value = Times> {
+    (any::<i64>(), 0u32..1_000_000_000, any::<i64>(), 0u32..1_000_000_000).prop_map(
+        |(a, an, m, mn)| Times {
+            atime: Timespec { sec: a, nsec: an },
+            mtime: Timespec { sec: m, nsec: mn },
+        },
+    )
+}
+
+fn touch() -> impl Strategy<Value = Touch> {
+    prop_oneof![
+        times().prop_map(Touch::Own),
+        times().prop_map(Touch::Parent),
+        (path(), times()).prop_map(|(p, t)| Touch::Path(p, t)),
+    ]
+}
+
+fn kind() -> impl Strategy<Value = OpKind> {
+    let bytes = |max| proptest::collection::vec(any::<u8>(), 0..max);
+    prop_oneof![
+        (path(), attr()).prop_map(|(path, attr)| OpKind::Create { path, attr }),
+        (path(), 1u8..=5, any::<u64>(), attr()).prop_map(|(path, k, rdev, attr)| OpKind::Mknod {
+            path,
+            kind: [NodeKind::Fifo, NodeKind::Socket, NodeKind::Char, NodeKind::Block, NodeKind::Regular]
+                [k as usize - 1],
+            rdev,
+            attr
+        }),
+        (path(), attr()).prop_map(|(path, attr)| OpKind::Mkdir { path, attr }),
+        (path(), name(), attr()).prop_map(|(path, target, attr)| OpKind::Symlink {
+            path,
+            target,
+            attr
+        }),
+        (path(), path()).prop_map(|(existing, new)| OpKind::Link { existing, new }),
+        path().prop_map(|path| OpKind::Unlink { path }),
+        path().prop_map(|path| OpKind::Rmdir { path }),
+        (path(), path(), 0u32..3).prop_map(|(from, to, flags)| OpKind::Rename { from, to, flags }),
+        (path(), proptest::option::of(any::<u64>()), attr())
+            .prop_map(|(path, size, attr)| OpKind::SetAttr { path, size, attr }),
+        (path(), any::<u64>(), bytes(3000)).prop_map(|(path, offset, data)| OpKind::Write {
+            path,
+            offset,
+            data
+        }),
+        (path(), any::<i32>(), any::<u64>(), any::<u64>()).prop_map(|(path, mode, offset, len)| {
+            OpKind::Fallocate {
+                path,
+                mode,
+                offset,
+                len,
+            }
+        }),
+        (path(), any::<u64>(), path(), any::<u64>(), any::<u64>()).prop_map(
+            |(src, src_offset, path, offset, len)| OpKind::CopyRange {
+                src,
+                src_offset,
+                path,
+                offset,
+                len
+            }
+        ),
+        (path(), name(), bytes(300), any::<i32>()).prop_map(|(path, name, value, flags)| {
+            OpKind::SetXattr {
+                path,
+                name,
+                value,
+                flags,
+            }
+        }),
+        (path(), name()).prop_map(|(path, name)| OpKind::RemoveXattr { path, name }),
+        (proptest::option::of(path()), any::<bool>())
+            .prop_map(|(path, datasync)| OpKind::Fsync { path, datasync }),
+        path().prop_map(|path| OpKind::SetTimes { path }),
+    ]
+}
+
+fn an_op() -> impl Strategy<Value = Op> {
+    (kind(), proptest::collection::vec(touch(), 0..4)).prop_map(|(kind, touch)| Op { kind, touch })
+}
+
+proptest! {
+    #[test]
+    fn op_roundtrip(o in an_op()) {
+        let mut buf = Vec::new();
+        o.encode(&mut buf);
+        prop_assert_eq!(Op::decode(&buf).unwrap(), o);
+    }
+
+    #[test]
+    fn batch_frame_roundtrip(ops in proptest::collection::vec(an_op(), 0..8), z in any::<bool>(), seq in any::<u64>()) {
+        let mut payload = Vec::new();
+        op::encode_batch(&ops, &mut payload);
+        let comp = if z { Compression::Lzf } else { Compression::None };
+        let bytes = frame::encode_vec(FrameType::Ops, seq, &payload, comp);
+        prop_assert_eq!(frame::check(&bytes).unwrap(), bytes.len());
+        let f = frame::parse(&bytes).unwrap();
+        prop_assert_eq!(f.kind, FrameType::Ops);
+        prop_assert_eq!(f.seq, seq);
+        prop_assert_eq!(f.wire_len, bytes.len());
+        prop_assert_eq!(op::decode_batch(&f.payload).unwrap(), ops);
+        // Every strict prefix is Incomplete, never an error and never a frame.
+        for cut in [0, 1, 3, HEADER_LEN - 1, HEADER_LEN, bytes.len() - 1] {
+            if cut < bytes.len() {
+                prop_assert_eq!(frame::check(&bytes[..cut]), Err(FrameError::Incomplete));
+            }
+        }
+    }
+
+    /// Random bytes never panic, never allocate past the limits, and never parse as ops
+    /// unless they really are a valid frame.
+    #[test]
+    fn random_bytes_are_harmless(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let _ = frame::parse(&bytes);
+        let _ = op::decode_batch(&bytes);
+        let _ = Op::decode(&bytes);
+        let _ = Hello::decode(&bytes);
+        let _ = ApplyError::decode(&bytes);
+    }
+
+    /// Flipping any byte of a valid frame is caught (crc, magic, version, type or lengths).
+    #[test]
+    fn corrupted_frames_are_rejected(o in an_op(), pos in any::<prop::sample::Index>(), flip in 1u8..=255) {
+        let mut payload = Vec::new();
+        op::encode_batch([&o], &mut payload);
+        let mut bytes = frame::encode_vec(FrameType::Ops, 7, &payload, Compression::None);
+        let i = pos.index(bytes.len());
+        bytes[i] ^= flip;
+        match frame::parse(&bytes) {
+            Ok(f) => prop_assert!(false, "corrupted frame parsed: {:?}", f.kind),
+            Err(_) => {}
+        }
+    }
+
+    /// Valid frames whose payload is random: the op decoder rejects or decodes, never panics.
+    #[test]
+    fn random_payload_in_valid_frame(payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let bytes = frame::encode_vec(FrameType::Ops, 1, &payload, Compression::None);
+        let f = frame::parse(&bytes).unwrap();
+        let _ = op::decode_batch(&f.payload);
+    }
+}
+
+#[test]
+fn oversize_lengths_refused_before_allocation() {
+    let mut bytes = frame::encode_vec(FrameType::Ops, 1, b"", Compression::None);
+    bytes[16..20].copy_from_slice(&((MAX_PAYLOAD as u32) + 1).to_le_bytes());
+    assert_eq!(
+        frame::check(&bytes),
+        Err(FrameError::TooLarge(MAX_PAYLOAD + 1))
+    );
+    // A write whose declared data length is huge is refused without reading further.
+    let o = Op::new(OpKind::Write {
+        path: WirePath::parse(b"f").unwrap(),
+        offset: 0,
+        data: vec![1, 2, 3],
+    });
+    let mut enc = Vec::new();
+    o.encode(&mut enc);
+    // tag(1) + path(2+1+1) + offset(8) then the u32 length
+    enc[13..17].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        Op::decode(&enc),
+        Err(crate::DecodeError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn bad_magic_version_type() {
+    let good = frame::encode_vec(FrameType::Ack, 0, &Ack::default().encode(), Compression::None);
+    let mut b = good.clone();
+    b[0] = b'X';
+    assert!(matches!(frame::check(&b), Err(FrameError::BadMagic(_))));
+    assert!(matches!(frame::check(b"GET "), Err(FrameError::BadMagic(_))));
+    let mut b = good.clone();
+    b[4] = 99;
+    assert_eq!(frame::check(&b), Err(FrameError::BadVersion(99)));
+    let mut b = good.clone();
+    b[5] = 200;
+    assert_eq!(frame::check(&b), Err(FrameError::BadType(200)));
+}
+
+#[test]
+fn bad_names_refused_by_decoder() {
+    // Hand-build a create of "..": tag 1, depth 1, len 2, "..".
+    let mut enc = vec![1u8, 1, 0, 2, b'.', b'.'];
+    enc.extend_from_slice(&[0; 12]);
+    enc.push(0);
+    assert!(matches!(Op::decode(&enc), Err(crate::DecodeError::Path(_))));
+    let mut enc = vec![1u8, 1, 0, 3, b'a', b'/', b'b'];
+    enc.extend_from_slice(&[0; 12]);
+    enc.push(0);
+    assert!(matches!(Op::decode(&enc), Err(crate::DecodeError::Path(_))));
+    let mut enc = vec![1u8, 1, 0, 2, b'a', 0];
+    enc.extend_from_slice(&[0; 12]);
+    enc.push(0);
+    assert!(matches!(Op::decode(&enc), Err(crate::DecodeError::Path(_))));
+}
+
+#[test]
+fn messages_roundtrip() {
+    let h = Hello {
+        proto_min: 1,
+        proto_max: 1,
+        master_id: [7; 16],
+        next_seq: 42,
+        label: "host:/data".into(),
+    };
+    assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+    let a = HelloAck {
+        proto: 1,
+        last_master: [9; 16],
+        last_applied: 41,
+    };
+    assert_eq!(HelloAck::decode(&a.encode()).unwrap(), a);
+    let r = Refuse {
+        code: RefuseCode::Busy,
+        message: "busy".into(),
+    };
+    assert_eq!(Refuse::decode(&r.encode()).unwrap(), r);
+    let e = ApplyError {
+        seq: 5,
+        errno: 28,
+        op: "write".into(),
+        path: "/a".into(),
+        message: "No space left on device".into(),
+    };
+    assert_eq!(ApplyError::decode(&e.encode()).unwrap(), e);
+}
+
+#[test]
+fn incompressible_payload_stored_raw() {
+    let mut x = 0x12345678u32;
+    let payload: Vec<u8> = (0..100_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let b = frame::encode_vec(FrameType::Ops, 1, &payload, Compression::Lzf);
+    assert_eq!(b[6], 0, "random data must be sent raw");
+    assert_eq!(b.len(), HEADER_LEN + payload.len());
+    let text = b"hello tdfs ".repeat(10_000);
+    let b = frame::encode_vec(FrameType::Ops, 1, &text, Compression::Lzf);
+    assert_eq!(b[6], frame::FLAG_COMPRESSED);
+    assert!(b.len() < text.len() / 4);
+    assert_eq!(frame::parse(&b).unwrap().payload, text);
+}
