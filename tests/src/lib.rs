@@ -1,1 +1,21 @@
+//! Harness for the tdfs end-to-end tests: real FUSE mounts, real slaves on loopback, and a
+//! tree comparator strict enough to fail.
+//!
+//! * [`compare`]: `compare_trees`, `assert_identical`, `wait_identical`.
+//! * [`daemons`]: [`Slave`] and [`Master`] child processes (logs captured to files).
+//! * [`cluster`]: a master with N slaves in fresh temp dirs, and `finish()` that unmounts,
+//!   waits for the master to exit 0 and compares every replica with the backing dir.
+//! * [`util`]: binaries, root/FUSE checks, polling with deadlines, small syscall wrappers.
 
+pub mod cluster;
+pub mod compare;
+pub mod daemons;
+pub mod util;
+
+pub use cluster::{Cluster, ClusterOpts, SlaveOpts};
+pub use compare::{
+    assert_identical, assert_same_content, compare_trees, compare_trees_with, wait_identical,
+    CompareOpts, Diff,
+};
+pub use daemons::{Master, MasterOpts, Slave, SlaveAddr};
+pub use util::{bin, require_root_and_fuse, temp_dir, wait_until};

@@ -1,0 +1,335 @@
+//! Small helpers: locating binaries, preconditions, polling, syscall wrappers.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Directory holding the `tdfs` and `tdfs-slave` binaries: `$TDFS_BIN_DIR`, or the cargo
+/// target profile dir of the running test executable (`target/<profile>/deps/<test>` →
+/// `target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TDFS_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test executable has a parent dir");
+    match deps.parent() {
+        Some(p) if deps.file_name().is_some_and(|n| n == "deps") => p.to_path_buf(),
+        _ => deps.to_path_buf(),
+    }
+}
+
+/// Path of a workspace binary; panics with instructions when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    if !p.is_file() {
+        panic!(
+            "binary {} not found: run `cargo build --workspace` first (same profile as the \
+             tests), or point TDFS_BIN_DIR at the directory holding `tdfs` and `tdfs-slave`",
+            p.display()
+        );
+    }
+    p
+}
+
+/// Fails the test (loudly) unless we are root and /dev/fuse exists: mount tests must never
+/// pass without a mount.
+pub fn require_root_and_fuse() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        panic!("tdfs end-to-end tests must run as root (euid is {euid}): they mount FUSE");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        panic!("/dev/fuse is missing: load the fuse module (modprobe fuse) to run the tests");
+    }
+}
+
+/// A fresh temp dir under /tmp named `tdfs-test-<what>-XXXXXX`.
+pub fn temp_dir(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("tdfs-test-{what}-"))
+        .tempdir_in("/tmp")
+        .expect("create temp dir under /tmp")
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The last `max` bytes of a (log) file, lossily decoded.
+pub fn tail(path: &Path, max: usize) -> String {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let start = b.len().saturating_sub(max);
+            String::from_utf8_lossy(&b[start..]).into_owned()
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+pub fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+/// Converts a libc return value into an io::Result.
+pub fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether `mountpoint` is currently a fuse mount in /proc/self/mountinfo.
+pub fn is_fuse_mounted(mountpoint: &Path) -> bool {
+    mount_fstype(mountpoint).is_some_and(|t| t.starts_with("fuse"))
+}
+
+/// File system type of the (topmost) mount at exactly `mountpoint`, if any.
+pub fn mount_fstype(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.as_os_str().as_bytes();
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 5 {
+            continue;
+        }
+        if unescape_mountinfo(fields[4]) != want {
+            continue;
+        }
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if let Some(t) = fields.get(sep + 1) {
+            found = Some((*t).to_string());
+        }
+    }
+    found
+}
+
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Lazy-unmounts `path` (MNT_DETACH); errors are ignored (used from Drop).
+pub fn lazy_unmount(path: &Path) {
+    let c = cstr(path);
+    // SAFETY: valid NUL-terminated path.
+    unsafe {
+        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+    }
+}
+
+/// Sets atime and mtime of `path` (not following symlinks) to exact values.
+pub fn set_times(path: &Path, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
+    let ts = [
+        libc::timespec {
+            tv_sec: atime.0,
+            tv_nsec: atime.1,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
+    ];
+    let c = cstr(path);
+    // SAFETY: valid path and a two-element timespec array.
+    check(unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+/// `lsetxattr(path, name, value, flags)`.
+pub fn set_xattr(path: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
+    let c = cstr(path);
+    let n = CString::new(name).expect("xattr name");
+    // SAFETY: valid pointers and lengths.
+    check(unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+}
+
+/// `lremovexattr(path, name)`.
+pub fn remove_xattr(path: &Path, name: &str) -> io::Result<()> {
+    let c = cstr(path);
+    let n = CString::new(name).expect("xattr name");
+    // SAFETY: valid pointers.
+    check(unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) })
+}
+
+/// `lgetxattr(path, name)`; Ok(None) when the attribute does not exist.
+pub fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
+    let c = cstr(path);
+    let n = CString::new(name).expect("xattr name");
+    loop {
+        // SAFETY: size query with a null buffer.
+        let len = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+        if len < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENODATA) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        let mut buf = vec![0u8; len as usize];
+        // SAFETY: buffer of buf.len() bytes.
+        let got =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            if e.raw_os_error() == Some(libc::ENODATA) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        buf.truncate(got as usize);
+        return Ok(Some(buf));
+    }
+}
+
+/// All xattr names of `path` (not following symlinks).
+pub fn list_xattrs(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let c = cstr(path);
+    loop {
+        // SAFETY: size query with a null buffer.
+        let len = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+        if len < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOTSUP) {
+                return Ok(Vec::new());
+            }
+            return Err(e);
+        }
+        let mut buf = vec![0u8; len as usize];
+        // SAFETY: buffer of buf.len() bytes.
+        let got = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(e);
+        }
+        buf.truncate(got as usize);
+        return Ok(buf
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| n.to_vec())
+            .collect());
+    }
+}
+
+/// `renameat2(AT_FDCWD, from, AT_FDCWD, to, flags)`.
+pub fn rename2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
+    let f = cstr(from);
+    let t = cstr(to);
+    // SAFETY: valid paths.
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags as libc::c_uint,
+        )
+    })
+}
+
+/// `mknod(path, mode, dev)`.
+pub fn mknod(path: &Path, mode: u32, dev: u64) -> io::Result<()> {
+    let c = cstr(path);
+    // SAFETY: valid path.
+    check(unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, dev as libc::dev_t) })
+}
+
+/// `lchown(path, uid, gid)`.
+pub fn lchown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+}
+
+/// Asserts an io::Result failed with `errno`.
+pub fn assert_errno<T: std::fmt::Debug>(r: io::Result<T>, errno: i32, what: &str) {
+    match r {
+        Ok(v) => panic!("{what}: expected errno {errno}, got success {v:?}"),
+        Err(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(errno),
+            "{what}: expected errno {errno}, got {e}"
+        ),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for incompressible payloads.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Runs a command, panicking with its output unless it exits 0; returns stdout.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
