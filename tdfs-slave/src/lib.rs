@@ -1,0 +1,17 @@
+//! tdfs slave: receives a master's ordered stream of mutations over TCP and applies them
+//! beneath its own mirrored directory.
+//!
+//! - [`listener`]: accepting connections, one master at a time.
+//! - [`session`]: framing, handshake, ordering and acknowledgements.
+//! - [`apply`]: one op into syscalls beneath the root.
+//! - [`confine`]: resolving paths without ever leaving the root.
+//! - [`state`]: which master and sequence number the tree reflects.
+
+pub mod apply;
+pub mod confine;
+pub mod listener;
+pub mod session;
+pub mod state;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,177 @@
+//! Accepting connections and enforcing "one master at a time".
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tdfs_protocol::frame::{self, FrameType};
+use tdfs_protocol::msg::{Refuse, RefuseCode};
+use tdfs_protocol::Compression;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::apply::Applier;
+use crate::session;
+use crate::state::State;
+
+/// What the apply side owns; only one session holds it at a time.
+pub struct Core {
+    pub applier: Applier,
+    pub state: State,
+    /// Highest sequence number known durable (since this process started, for the master
+    /// recorded in `state`).
+    pub durable: u64,
+}
+
+/// Who holds the session slot, for the message a refused master gets.
+#[derive(Clone)]
+struct Active {
+    label: String,
+    peer: SocketAddr,
+}
+
+pub struct Shared {
+    core: Mutex<Core>,
+    active: Mutex<Option<Active>>,
+    /// Checked between ops so a signal stops the apply loop after the op in hand.
+    pub stopping: AtomicBool,
+    stop_tx: watch::Sender<bool>,
+    nodelay: bool,
+}
+
+/// Poisoning only means a thread panicked while holding the lock; the data it guards is
+/// still the best we have, and refusing to go on would turn one bug into an outage.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(core: Core, nodelay: bool) -> Arc<Self> {
+        let (stop_tx, _) = watch::channel(false);
+        Arc::new(Self {
+            core: Mutex::new(core),
+            active: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            stop_tx,
+            nodelay,
+        })
+    }
+
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
+    pub fn stop_rx(&self) -> watch::Receiver<bool> {
+        self.stop_tx.subscribe()
+    }
+
+    /// Asks the active session to finish the op in hand and end.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop_tx.send_replace(true);
+    }
+
+    pub fn session_active(&self) -> bool {
+        lock(&self.active).is_some()
+    }
+
+    pub fn set_label(&self, label: &str) {
+        if let Some(a) = lock(&self.active).as_mut() {
+            a.label = label.to_owned();
+        }
+    }
+
+    fn claim(self: &Arc<Self>, peer: SocketAddr) -> Result<SlotGuard, Active> {
+        let mut a = lock(&self.active);
+        if let Some(cur) = a.as_ref() {
+            return Err(cur.clone());
+        }
+        *a = Some(Active {
+            label: "handshake pending".into(),
+            peer,
+        });
+        Ok(SlotGuard(self.clone()))
+    }
+}
+
+/// Frees the session slot when the session ends, however it ends.
+pub struct SlotGuard(Arc<Shared>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        *lock(&self.0.active) = None;
+    }
+}
+
+/// Binds the listening socket (SO_REUSEADDR so a restart does not wait out TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(64)?;
+    TcpListener::from_std(sock.into())
+}
+
+fn configure(stream: &TcpStream, nodelay: bool) -> io::Result<()> {
+    let s = SockRef::from(stream);
+    s.set_nodelay(nodelay)?;
+    s.set_keepalive(true)?;
+    // A master that vanished without a FIN would otherwise hold the one session slot for
+    // hours (the kernel default is 2 h before the first probe).
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    s.set_tcp_keepalive(&ka)?;
+    Ok(())
+}
+
+/// Accepts connections until the process ends.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if let Err(e) = configure(&stream, shared.nodelay) {
+            tracing::warn!("configuring socket from {peer}: {e}");
+        }
+        match shared.claim(peer) {
+            Ok(guard) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    session::run(stream, peer, shared).await;
+                    drop(guard);
+                });
+            }
+            Err(cur) => {
+                let message = format!(
+                    "another master ({} from {}) is already connected",
+                    cur.label, cur.peer
+                );
+                tracing::warn!("refusing connection from {peer}: {message}");
+                tokio::spawn(refuse(stream, RefuseCode::Busy, message));
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, code: RefuseCode, message: String) {
+    let payload = Refuse { code, message }.encode();
+    let f = frame::encode_vec(FrameType::Refuse, 0, &payload, Compression::None);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&f).await?;
+        stream.shutdown().await
+    })
+    .await;
+}

@@ -1,0 +1,509 @@
+//! One master session: framing, handshake, applying batches in order, acknowledging.
+//!
+//! Nothing a peer sends may crash the slave or reach the tree unless it is a whole, valid
+//! frame carrying the next expected sequence number. Anything else ends the connection (and
+//! only the connection).
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tdfs_protocol::frame::{self, Frame, FrameType};
+use tdfs_protocol::msg::{
+    Ack, ApplyError, Hello, HelloAck, MasterId, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN,
+};
+use tdfs_protocol::{op, Compression, FrameError, Op, OpKind, HEADER_LEN, MAX_PAYLOAD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::listener::Shared;
+
+/// The read buffer never needs more than one whole frame plus what is already parsed out.
+const BUF_MAX: usize = MAX_PAYLOAD + HEADER_LEN;
+
+/// Why a session ended early (logged once by [`run`]).
+enum End {
+    /// The peer closed the connection.
+    Eof,
+    /// The process is shutting down.
+    Stopping,
+    Io(io::Error),
+    /// The peer sent something we refuse to go on with; logged at warn.
+    Protocol(String),
+    /// An op failed to apply; already logged at error.
+    Applied,
+    /// The master said goodbye.
+    Bye,
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        End::Io(e)
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::Eof => f.write_str("connection closed by master"),
+            End::Stopping => f.write_str("slave shutting down"),
+            End::Io(e) => write!(f, "i/o error: {e}"),
+            End::Protocol(m) => f.write_str(m),
+            End::Applied => f.write_str("apply error"),
+            End::Bye => f.write_str("master said bye"),
+        }
+    }
+}
+
+struct Session {
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    buf: Vec<u8>,
+    master: MasterId,
+    /// Sequence number the next op must carry.
+    expected: u64,
+    durable: u64,
+}
+
+/// Runs a session to its end; never returns an error, only logs it.
+pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let stop = shared.stop_rx();
+    let mut s = Session {
+        stream,
+        peer,
+        shared,
+        stop,
+        buf: Vec::with_capacity(64 * 1024),
+        master: [0; 16],
+        expected: 0,
+        durable: 0,
+    };
+    tracing::debug!("connection from {peer}");
+    let end = s.serve().await;
+    match &end {
+        End::Protocol(m) => tracing::warn!("closing connection from {peer}: {m}"),
+        End::Io(e) => tracing::warn!("connection from {peer} failed: {e}"),
+        End::Bye | End::Eof | End::Stopping | End::Applied => {
+            tracing::info!("session with {peer} ended: {end}")
+        }
+    }
+    let _ = s.stream.shutdown().await;
+}
+
+impl Session {
+    async fn send(&mut self, kind: FrameType, payload: &[u8]) -> io::Result<()> {
+        let f = frame::encode_vec(kind, 0, payload, Compression::None);
+        self.stream.write_all(&f).await
+    }
+
+    async fn refuse(&mut self, code: RefuseCode, message: String) -> End {
+        let _ = self
+            .send(
+                FrameType::Refuse,
+                &Refuse {
+                    code,
+                    message: message.clone(),
+                }
+                .encode(),
+            )
+            .await;
+        End::Protocol(message)
+    }
+
+    /// Reads more bytes into the buffer; ends the session on EOF or shutdown.
+    async fn read_more(&mut self) -> Result<(), End> {
+        let room = BUF_MAX.saturating_sub(self.buf.len());
+        if room == 0 {
+            // Cannot happen with a valid frame (check() bounds lengths); be safe anyway.
+            return Err(self
+                .refuse(RefuseCode::Malformed, "read buffer overflow".into())
+                .await);
+        }
+        let want = room.min(1 << 20);
+        let old = self.buf.len();
+        self.buf.resize(old + want, 0);
+        let res = tokio::select! {
+            r = self.stream.read(&mut self.buf[old..]) => Some(r),
+            _ = self.stop.wait_for(|s| *s) => None,
+        };
+        match res {
+            None => {
+                self.buf.truncate(old);
+                Err(End::Stopping)
+            }
+            Some(Ok(0)) => {
+                self.buf.truncate(old);
+                Err(End::Eof)
+            }
+            Some(Ok(n)) => {
+                self.buf.truncate(old + n);
+                Ok(())
+            }
+            Some(Err(e)) => {
+                self.buf.truncate(old);
+                Err(End::Io(e))
+            }
+        }
+    }
+
+    /// Takes every whole frame off the front of the buffer (up to a memory budget), and the
+    /// framing error that stopped the scan, if any.
+    fn take_frames(&mut self) -> (Vec<Frame>, Option<FrameError>) {
+        let mut frames = Vec::new();
+        let mut pos = 0;
+        let mut budget = 0usize;
+        let mut err = None;
+        // Compressed frames expand; bound what one round holds in memory.
+        while budget < MAX_PAYLOAD {
+            match frame::parse(&self.buf[pos..]) {
+                Ok(f) => {
+                    pos += f.wire_len;
+                    budget += f.payload.len() + HEADER_LEN;
+                    frames.push(f);
+                }
+                Err(FrameError::Incomplete) => break,
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        self.buf.drain(..pos);
+        (frames, err)
+    }
+
+    async fn malformed(&mut self, e: impl fmt::Display) -> End {
+        self.refuse(RefuseCode::Malformed, format!("malformed frame: {e}"))
+            .await
+    }
+
+    async fn serve(&mut self) -> End {
+        match self.handshake().await {
+            Ok(()) => {}
+            Err(e) => return e,
+        }
+        loop {
+            let (frames, err) = self.take_frames();
+            if frames.is_empty() && err.is_none() {
+                if let Err(e) = self.read_more().await {
+                    return e;
+                }
+                continue;
+            }
+            if let Err(e) = self.handle(frames).await {
+                return e;
+            }
+            if let Some(e) = err {
+                return self.malformed(e).await;
+            }
+        }
+    }
+
+    async fn handshake(&mut self) -> Result<(), End> {
+        let hello = loop {
+            match frame::parse(&self.buf) {
+                Ok(f) => {
+                    self.buf.drain(..f.wire_len);
+                    if f.kind != FrameType::Hello {
+                        return Err(End::Protocol(format!(
+                            "first frame is {:?}, not Hello",
+                            f.kind
+                        )));
+                    }
+                    match Hello::decode(&f.payload) {
+                        Ok(h) => break h,
+                        Err(e) => return Err(self.malformed(format!("hello: {e}")).await),
+                    }
+                }
+                Err(FrameError::Incomplete) => self.read_more().await?,
+                Err(e) => return Err(self.malformed(e).await),
+            }
+        };
+        let peer = self.peer;
+        if hello.proto_min > hello.proto_max
+            || hello.proto_max < PROTO_MIN
+            || hello.proto_min > PROTO_MAX
+        {
+            return Err(self
+                .refuse(
+                    RefuseCode::Version,
+                    format!(
+                        "no common protocol version: master speaks {}..={}, slave {}..={}",
+                        hello.proto_min, hello.proto_max, PROTO_MIN, PROTO_MAX
+                    ),
+                )
+                .await);
+        }
+        let proto = hello.proto_max.min(PROTO_MAX);
+        self.shared.set_label(&hello.label);
+        let (last_master, last_applied, durable) = {
+            let mut core = self.shared.core();
+            if core.state.master != hello.master_id {
+                core.durable = 0;
+            }
+            (core.state.master, core.state.applied, core.durable)
+        };
+        if last_master != hello.master_id {
+            tracing::info!(
+                "new master {} ({}) from {peer} is taking over (last applied: {} from {})",
+                hex(&hello.master_id),
+                hello.label,
+                last_applied,
+                hex(&last_master)
+            );
+        } else if hello.next_seq != last_applied.wrapping_add(1) {
+            tracing::warn!(
+                "master {} from {peer} starts at seq {} but seq {} was applied last: {} (catch-up is not implemented; continuing)",
+                hello.label,
+                hello.next_seq,
+                last_applied,
+                if hello.next_seq > last_applied.wrapping_add(1) { "gap" } else { "overlap" }
+            );
+        }
+        tracing::info!(
+            "session with master {} ({}) from {peer}, next seq {}",
+            hello.label,
+            hex(&hello.master_id),
+            hello.next_seq
+        );
+        self.master = hello.master_id;
+        self.expected = hello.next_seq;
+        self.durable = durable;
+        let ack = HelloAck {
+            proto,
+            last_master,
+            last_applied,
+        };
+        self.send(FrameType::HelloAck, &ack.encode()).await?;
+        Ok(())
+    }
+
+    /// Applies every Ops frame in `frames` in one blocking round, then acks once.
+    async fn handle(&mut self, frames: Vec<Frame>) -> Result<(), End> {
+        let mut batches: Vec<(u64, Vec<Op>)> = Vec::new();
+        let mut after: Option<End> = None;
+        let mut expected = self.expected;
+        for f in frames {
+            match f.kind {
+                FrameType::Ops => {
+                    if f.seq != expected {
+                        after = Some(End::Protocol(format!(
+                            "ops frame carries seq {}, expected {expected}",
+                            f.seq
+                        )));
+                        break;
+                    }
+                    match op::decode_batch(&f.payload) {
+                        Ok(ops) => {
+                            expected += ops.len() as u64;
+                            batches.push((f.seq, ops));
+                        }
+                        Err(e) => {
+                            after = Some(
+                                self.refuse(
+                                    RefuseCode::Malformed,
+                                    format!("undecodable ops frame at seq {}: {e}", f.seq),
+                                )
+                                .await,
+                            );
+                            break;
+                        }
+                    }
+                }
+                FrameType::Bye => {
+                    after = Some(End::Bye);
+                    break;
+                }
+                other => {
+                    after = Some(End::Protocol(format!(
+                        "unexpected {other:?} frame in session"
+                    )));
+                    break;
+                }
+            }
+        }
+        if !batches.is_empty() {
+            self.apply(batches).await?;
+        }
+        match after {
+            Some(End::Bye) => {
+                let ack = Ack {
+                    applied: self.expected.wrapping_sub(1),
+                    durable: self.durable,
+                };
+                self.send(FrameType::Ack, &ack.encode()).await?;
+                let shared = self.shared.clone();
+                let r = tokio::task::spawn_blocking(move || shared.core().state.sync()).await;
+                if let Ok(Err(e)) = r {
+                    tracing::error!("syncing the state file: {e}");
+                }
+                Err(End::Bye)
+            }
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn apply(&mut self, batches: Vec<(u64, Vec<Op>)>) -> Result<(), End> {
+        let shared = self.shared.clone();
+        let master = self.master;
+        let first = self.expected;
+        let res =
+            tokio::task::spawn_blocking(move || apply_blocking(&shared, master, first, batches))
+                .await
+                .map_err(|e| End::Protocol(format!("apply task failed: {e}")))?;
+        self.expected = res.next;
+        self.durable = res.durable;
+        if let Some(f) = &res.failed {
+            tracing::error!(
+                "applying {} {} (seq {}) failed: errno {} ({})",
+                f.op,
+                f.path,
+                f.seq,
+                f.errno,
+                f.message
+            );
+            let ae = ApplyError {
+                seq: f.seq,
+                errno: f.errno,
+                op: f.op.clone(),
+                path: f.path.clone(),
+                message: f.message.clone(),
+            };
+            self.send(FrameType::ApplyError, &ae.encode()).await?;
+        }
+        let ack = Ack {
+            applied: res.next.wrapping_sub(1),
+            durable: res.durable,
+        };
+        self.send(FrameType::Ack, &ack.encode()).await?;
+        if res.failed.is_some() {
+            return Err(End::Applied);
+        }
+        if let Some(e) = res.state_error {
+            return Err(End::Protocol(format!("state file: {e}")));
+        }
+        if res.stopped {
+            let _ = self
+                .send(
+                    FrameType::Refuse,
+                    &Refuse {
+                        code: RefuseCode::ShuttingDown,
+                        message: "slave is shutting down".into(),
+                    }
+                    .encode(),
+                )
+                .await;
+            return Err(End::Stopping);
+        }
+        Ok(())
+    }
+}
+
+struct Failed {
+    seq: u64,
+    errno: i32,
+    op: String,
+    path: String,
+    message: String,
+}
+
+struct BatchResult {
+    /// Sequence number of the first op not applied.
+    next: u64,
+    durable: u64,
+    failed: Option<Failed>,
+    state_error: Option<io::Error>,
+    /// The process is shutting down; ops after `next - 1` were left for the next session.
+    stopped: bool,
+}
+
+fn strerror(e: &io::Error) -> String {
+    // io::Error's Display appends " (os error N)"; the master gets errno separately.
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+fn apply_blocking(
+    shared: &Shared,
+    master: MasterId,
+    first: u64,
+    batches: Vec<(u64, Vec<Op>)>,
+) -> BatchResult {
+    let mut core = shared.core();
+    let mut res = BatchResult {
+        next: first,
+        durable: core.durable,
+        failed: None,
+        state_error: None,
+        stopped: false,
+    };
+    'outer: for (seq0, ops) in batches {
+        for (i, op) in ops.iter().enumerate() {
+            let seq = seq0 + i as u64;
+            if shared.stopping.load(Ordering::SeqCst) {
+                res.stopped = true;
+                break 'outer;
+            }
+            if let Err(e) = core.applier.apply(op) {
+                res.failed = Some(Failed {
+                    seq,
+                    errno: e.raw_os_error().unwrap_or(libc::EIO),
+                    op: op.name().to_owned(),
+                    path: op_path(op),
+                    message: strerror(&e),
+                });
+                break 'outer;
+            }
+            res.next = seq + 1;
+            if matches!(op.kind, OpKind::Fsync { .. }) {
+                let r = core
+                    .state
+                    .record(master, seq)
+                    .and_then(|()| core.state.sync());
+                match r {
+                    Ok(()) => {
+                        res.durable = seq;
+                        core.durable = seq;
+                    }
+                    Err(e) => {
+                        res.state_error = Some(e);
+                        break 'outer;
+                    }
+                }
+            }
+        }
+    }
+    if res.next != first {
+        if let Err(e) = core.state.record(master, res.next.wrapping_sub(1)) {
+            tracing::error!("writing the state file: {e}");
+            res.state_error.get_or_insert(e);
+        }
+    }
+    res
+}
+
+/// The path an apply error is about (both paths for two-path ops).
+fn op_path(op: &Op) -> String {
+    match &op.kind {
+        OpKind::Link { existing, new } => format!("{existing} -> {new}"),
+        OpKind::Rename { from, to, .. } => format!("{from} -> {to}"),
+        OpKind::CopyRange { src, path, .. } => format!("{src} -> {path}"),
+        _ => op
+            .primary_path()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "/".into()),
+    }
+}
+
+fn hex(id: &MasterId) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
