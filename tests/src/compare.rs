@@ -507,8 +507,10 @@ pub fn compare_trees_with(a: &Path, b: &Path, opts: CompareOpts) -> Vec<Diff> {
         let ga = link_groups(&ta);
         let gb = link_groups(&tb);
         let mut reported: HashSet<Vec<PathBuf>> = HashSet::new();
-        for (p, grp_a) in &ga {
-            let Some(grp_b) = gb.get(p) else { continue };
+        for p in ta.entries.keys() {
+            let (Some(grp_a), Some(grp_b)) = (ga.get(p), gb.get(p)) else {
+                continue;
+            };
             if grp_a != grp_b && !reported.contains(grp_a) && !reported.contains(grp_b) {
                 reported.insert(grp_a.clone());
                 reported.insert(grp_b.clone());
