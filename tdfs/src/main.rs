@@ -1,1 +1,328 @@
-fn main() {}
+//! tdfs: the master. Mounts a FUSE filesystem over a backing directory and streams every
+//! change, in order, to tdfs-slave daemons.
+
+mod backing;
+mod fs;
+mod inode;
+mod ops;
+mod repl;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use fuser::{Config, MountOption, SessionACL};
+use tdfs_protocol::{Compression, DEFAULT_PORT};
+use tracing::{error, info};
+
+use crate::repl::{MasterState, Replicator, SlaveConfig};
+
+/// A mirroring FUSE filesystem: mounts MOUNTPOINT over DIR and replicates every change, in
+/// order, to tdfs-slave daemons.
+#[derive(Parser, Debug)]
+#[command(name = "tdfs", version, about, long_about = None)]
+struct Cli {
+    /// Backing directory that holds the data. Reads are served from it; every change made
+    /// through the mount is applied to it and replicated.
+    #[arg(short = 'm', value_name = "DIR")]
+    dir: PathBuf,
+
+    /// A slave, as HOST[:PORT] (default port 4731). Repeat for several slaves. Append ",z=1"
+    /// (or ",z=0") to set compression for that slave only. Slaves may be down: the master
+    /// connects (and reconnects) in the background.
+    #[arg(short = 'c', value_name = "HOST[:PORT][,z=N]")]
+    slaves: Vec<String>,
+
+    /// Compression for every slave without its own ",z=": 0 = none, 1 = LZF.
+    #[arg(short = 'z', default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    compression: u8,
+
+    /// Disable TCP_NODELAY (Nagle's algorithm on): fewer packets, more latency.
+    #[arg(short = 'n')]
+    no_nodelay: bool,
+
+    /// Where the master keeps its identity and sequence numbers (outside the mirrored tree).
+    /// Default: /var/lib/tdfs/<name derived from DIR>.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+
+    /// Memory for ops not yet acknowledged by every slave, in MiB. A slave that falls further
+    /// behind is marked out of sync instead of growing the master's memory.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    queue_size: usize,
+
+    /// How long to wait at shutdown for connected slaves to acknowledge every op, in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    drain_timeout: u64,
+
+    /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Where to mount the filesystem (an existing directory).
+    #[arg(value_name = "MOUNTPOINT")]
+    mountpoint: PathBuf,
+}
+
+fn parse_slave(spec: &str, default_z: Compression, nodelay: bool) -> anyhow::Result<SlaveConfig> {
+    let (addr, opts) = match spec.split_once(',') {
+        Some((a, o)) => (a, Some(o)),
+        None => (spec, None),
+    };
+    let mut compression = default_z;
+    if let Some(opts) = opts {
+        for o in opts.split(',') {
+            match o.split_once('=') {
+                Some(("z", v)) => {
+                    compression = v
+                        .parse::<u8>()
+                        .ok()
+                        .and_then(Compression::from_level)
+                        .with_context(|| format!("bad compression level in slave spec {spec:?}"))?;
+                }
+                _ => bail!("unknown option {o:?} in slave spec {spec:?} (expected z=0 or z=1)"),
+            }
+        }
+    }
+    if addr.is_empty() {
+        bail!("empty slave address in {spec:?}");
+    }
+    // HOST, HOST:PORT, [V6], [V6]:PORT, or a bare V6 address.
+    let addr = if addr.starts_with('[') {
+        if addr.ends_with(']') {
+            format!("{addr}:{DEFAULT_PORT}")
+        } else {
+            addr.to_string()
+        }
+    } else if addr.matches(':').count() > 1 {
+        format!("[{addr}]:{DEFAULT_PORT}")
+    } else if addr.contains(':') {
+        let (_, port) = addr.rsplit_once(':').expect("has colon");
+        port.parse::<u16>()
+            .with_context(|| format!("bad port in slave address {addr:?}"))?;
+        addr.to_string()
+    } else {
+        format!("{addr}:{DEFAULT_PORT}")
+    };
+    Ok(SlaveConfig {
+        addr,
+        compression,
+        nodelay,
+    })
+}
+
+fn default_state_dir(dir: &Path) -> PathBuf {
+    let name: String = dir
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "_");
+    let name = if name.is_empty() {
+        "_root".into()
+    } else {
+        name
+    };
+    PathBuf::from("/var/lib/tdfs").join(name)
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn run(cli: Cli) -> anyhow::Result<bool> {
+    let dir = cli
+        .dir
+        .canonicalize()
+        .with_context(|| format!("backing directory {}", cli.dir.display()))?;
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let mountpoint = cli
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", cli.mountpoint.display()))?;
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(&dir));
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    let state_dir = state_dir.canonicalize()?;
+    if state_dir.starts_with(&dir) {
+        bail!(
+            "state directory {} is inside the mirrored directory {}; choose one outside it",
+            state_dir.display(),
+            dir.display()
+        );
+    }
+    let default_z = Compression::from_level(cli.compression).expect("validated by clap");
+    let slaves = cli
+        .slaves
+        .iter()
+        .map(|s| parse_slave(s, default_z, !cli.no_nodelay))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    // Modes must reach the backing tree exactly as the caller asked (the kernel already
+    // applied the caller's umask).
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0) };
+
+    let state = MasterState::open(&state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    let backing =
+        backing::Backing::new(&dir).with_context(|| format!("opening {}", dir.display()))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tdfs-net")
+        .enable_all()
+        .build()?;
+    let label = format!("{}:{}", hostname(), dir.display());
+    let repl = Replicator::start(
+        rt.handle(),
+        slaves,
+        &state,
+        label,
+        cli.queue_size.max(1) << 20,
+    );
+    info!(
+        master = %state.id_hex(),
+        next_seq = state.next_seq,
+        dir = %dir.display(),
+        "master starting"
+    );
+
+    // Save the sequence number now and then, so a crash never reuses one.
+    {
+        let repl = repl.clone();
+        let state = state.clone();
+        rt.spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let next = repl.next_seq();
+                if next != last {
+                    if let Err(e) = state.save(next, false) {
+                        error!("saving master state: {e}");
+                    }
+                    last = next;
+                }
+            }
+        });
+    }
+
+    // SIGTERM/SIGINT: detach the mount; the session then ends and we drain.
+    {
+        let mp = CString::new(mountpoint.as_os_str().as_bytes())?;
+        rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: unmounting"),
+                _ = int.recv() => info!("SIGINT: unmounting"),
+            }
+            // SAFETY: mp is a valid C string; MNT_DETACH makes the unmount succeed even while
+            // files are open, after which the FUSE session ends.
+            if unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH) } != 0 {
+                error!("unmount failed: {}", std::io::Error::last_os_error());
+            }
+        });
+    }
+
+    let fs = fs::TdfsFs {
+        ops: ops::Ops::new(backing, repl.clone()),
+        max_write: 1 << 20,
+    };
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("tdfs:{}", dir.display())),
+        MountOption::Subtype("tdfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(cli.threads as usize);
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, &mountpoint, &config)
+        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    info!(mountpoint = %mountpoint.display(), "mounted");
+    let result = session.run();
+    info!("unmounted; waiting for slaves to acknowledge every op");
+    if let Err(e) = result {
+        error!("FUSE session ended with an error: {e}");
+    }
+
+    let failed = repl.drain(Duration::from_secs(cli.drain_timeout));
+    state.save(repl.next_seq(), true)?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if failed.is_empty() {
+        info!(last_seq = repl.last_seq(), "clean exit");
+        Ok(true)
+    } else {
+        error!(
+            "exiting with ops not acknowledged by: {}",
+            failed.join(", ")
+        );
+        Ok(false)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slave_specs() {
+        let s = parse_slave("host", Compression::None, true).unwrap();
+        assert_eq!(s.addr, "host:4731");
+        let s = parse_slave("10.0.0.1:99,z=1", Compression::None, true).unwrap();
+        assert_eq!(s.addr, "10.0.0.1:99");
+        assert_eq!(s.compression, Compression::Lzf);
+        assert_eq!(
+            parse_slave("::1", Compression::None, true).unwrap().addr,
+            "[::1]:4731"
+        );
+        assert_eq!(
+            parse_slave("[::1]:5", Compression::None, true)
+                .unwrap()
+                .addr,
+            "[::1]:5"
+        );
+        assert!(parse_slave("h:notaport", Compression::None, true).is_err());
+        assert!(parse_slave("h,z=7", Compression::None, true).is_err());
+        assert!(parse_slave("h,q=1", Compression::None, true).is_err());
+    }
+}

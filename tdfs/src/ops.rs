@@ -1,0 +1,961 @@
+//! Operations on the backing tree. Each returns `io::Result`; each mutation runs inside
+//! [`Replicator::mutate`] and yields the op that reproduces its effect on a slave, built from
+//! what the backing tree says *after* the syscall (resulting mode, owner and timestamps).
+
+use std::collections::HashMap;
+use std::ffi::{CStr, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tdfs_protocol::op::{MAX_WRITE, RENAME_EXCHANGE, RENAME_NOREPLACE};
+use tdfs_protocol::{Attr, NodeKind, Op, OpKind, Touch, WirePath};
+use tracing::debug;
+
+use crate::backing::{cvt, cvt_sz, fstat, times_of, Backing};
+use crate::inode::Inodes;
+use crate::repl::Replicator;
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Who is asking (from the FUSE request header).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug)]
+pub struct OpenFile {
+    pub ino: u64,
+    fd: OwnedFd,
+    append: bool,
+}
+
+impl OpenFile {
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// An open directory stream (`DIR*` owns its fd).
+struct DirStream(*mut libc::DIR);
+
+// SAFETY: a DIR* is only used under the Mutex that wraps it, from one thread at a time.
+unsafe impl Send for DirStream {}
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from fdopendir and is closed exactly once.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+/// One directory entry for readdir.
+pub struct DirEntry {
+    pub ino: u64,
+    pub offset: i64,
+    pub kind: u8,
+    pub name: Vec<u8>,
+}
+
+pub struct Ops {
+    pub backing: Backing,
+    pub inodes: Inodes,
+    pub repl: Replicator,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
+    next_fh: AtomicU64,
+}
+
+fn attr_of(st: &libc::stat) -> Attr {
+    Attr {
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+    }
+}
+
+fn to_timespec(t: Option<TimeArg>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeArg::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeArg::At(sec, nsec)) => libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec as i64,
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum TimeArg {
+    Now,
+    At(i64, u32),
+}
+
+/// What setattr was asked to change.
+#[derive(Debug, Default)]
+pub struct SetAttrReq {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeArg>,
+    pub mtime: Option<TimeArg>,
+    pub fh: Option<u64>,
+}
+
+impl Ops {
+    pub fn new(backing: Backing, repl: Replicator) -> Self {
+        let inodes = Inodes::new(backing.dev, backing.ino);
+        Ops {
+            backing,
+            inodes,
+            repl,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn path(&self, ino: u64) -> io::Result<WirePath> {
+        self.inodes.path(ino)?.ok_or_else(|| err(libc::ENOENT))
+    }
+
+    fn file(&self, fh: u64) -> io::Result<Arc<OpenFile>> {
+        self.files
+            .lock()
+            .expect("files poisoned")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| err(libc::EBADF))
+    }
+
+    /// An open handle on `ino`, for attributes of an inode that may have no name left.
+    fn any_open(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        self.files
+            .lock()
+            .expect("files poisoned")
+            .values()
+            .find(|f| f.ino == ino)
+            .cloned()
+    }
+
+    /// Where the slaves know this inode by, or `None` when it has no name left (then a
+    /// change to it has no visible effect on a replica and is not sent).
+    fn replica_path(&self, ino: u64, st: &libc::stat) -> io::Result<Option<WirePath>> {
+        if let Some(p) = self.inodes.path(ino)? {
+            return Ok(Some(p));
+        }
+        if st.st_nlink == 0 {
+            return Ok(None);
+        }
+        // Every name the kernel looked up was unlinked, but a hard link it never looked up
+        // remains: find it (rare; costs a walk of the tree).
+        debug!(
+            ino,
+            "searching the tree for a remaining name of a hard-linked inode"
+        );
+        Ok(self.find_by_inode(st.st_dev, st.st_ino))
+    }
+
+    fn find_by_inode(&self, dev: u64, ino: u64) -> Option<WirePath> {
+        let mut stack = vec![WirePath::root()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = self.list(&dir) else {
+                continue;
+            };
+            for (name, _, dtype) in entries {
+                let Ok(p) = dir.join(&name) else { continue };
+                if dtype == libc::DT_DIR {
+                    stack.push(p);
+                } else if let Ok(st) = self.backing.lstat(&p) {
+                    if st.st_dev == dev && st.st_ino == ino {
+                        return Some(p);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn list(&self, dir: &WirePath) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
+        let fd = self
+            .backing
+            .open(dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let ds = Self::dir_stream(fd)?;
+        let mut out = Vec::new();
+        while let Some(e) = Self::next_entry(&ds)? {
+            if e.name != b"." && e.name != b".." {
+                out.push((e.name, e.ino, e.kind));
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- reads -------------------------------------------------------------------------
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<(u64, libc::stat)> {
+        let p = self.inodes.child_path(parent, name)?;
+        let st = self.backing.lstat(&p)?;
+        let id = self.inodes.lookup(
+            parent,
+            name,
+            st.st_dev,
+            st.st_ino,
+            st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+        );
+        Ok((id, st))
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> io::Result<libc::stat> {
+        if let Some(f) = fh.and_then(|fh| self.file(fh).ok()) {
+            return fstat(f.fd());
+        }
+        match self.inodes.path(ino)? {
+            Some(p) => self.backing.lstat(&p),
+            None => match self.any_open(ino) {
+                Some(f) => fstat(f.fd()),
+                None => Err(err(libc::ENOENT)),
+            },
+        }
+    }
+
+    pub fn readlink(&self, ino: u64) -> io::Result<Vec<u8>> {
+        self.backing.readlink(&self.path(ino)?)
+    }
+
+    pub fn statfs(&self) -> io::Result<libc::statvfs> {
+        self.backing.statfs()
+    }
+
+    pub fn access(&self, ino: u64) -> io::Result<()> {
+        // Permission checks are the kernel's (default_permissions); this only says it exists.
+        self.getattr(ino, None).map(drop)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: usize) -> io::Result<Vec<u8>> {
+        self.backing
+            .getxattr(&self.path(ino)?, name.as_bytes(), size)
+    }
+
+    pub fn listxattr(&self, ino: u64, size: usize) -> io::Result<Vec<u8>> {
+        self.backing.listxattr(&self.path(ino)?, size)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let f = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            // SAFETY: the slice after `done` is writable for its length.
+            let n = cvt_sz(unsafe {
+                libc::pread(
+                    f.fd(),
+                    buf[done..].as_mut_ptr().cast(),
+                    buf.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            })?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> io::Result<i64> {
+        let f = self.file(fh)?;
+        // SAFETY: plain lseek on an fd we own.
+        let r = unsafe { libc::lseek(f.fd(), offset, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    // ---- open files ------------------------------------------------------------------
+
+    fn add_file(&self, ino: u64, fd: OwnedFd, flags: i32) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().expect("files poisoned").insert(
+            fh,
+            Arc::new(OpenFile {
+                ino,
+                fd,
+                append: flags & libc::O_APPEND != 0,
+            }),
+        );
+        fh
+    }
+
+    fn open_flags(flags: i32) -> i32 {
+        // Creation is done by create(); truncation arrives as setattr (no atomic_o_trunc),
+        // but is honoured below if a kernel sends it.
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC)
+    }
+
+    pub fn open(&self, ino: u64, flags: i32) -> io::Result<u64> {
+        let p = self.path(ino)?;
+        let fd = self.backing.open(&p, Self::open_flags(flags), 0)?;
+        if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.truncate_fd(ino, fd.as_raw_fd(), 0)?;
+        }
+        Ok(self.add_file(ino, fd, flags))
+    }
+
+    fn truncate_fd(&self, ino: u64, fd: RawFd, size: u64) -> io::Result<()> {
+        self.repl.mutate(|| {
+            // SAFETY: ftruncate on an fd we own.
+            cvt(unsafe { libc::ftruncate(fd, size as libc::off_t) })?;
+            let st = fstat(fd)?;
+            let op = self.replica_path(ino, &st)?.map(|path| {
+                Op::new(OpKind::SetAttr {
+                    path,
+                    size: Some(size),
+                    attr: attr_of(&st),
+                })
+                .with_touch(Touch::Own(times_of(&st)))
+            });
+            Ok(((), op))
+        })
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.files.lock().expect("files poisoned").remove(&fh);
+    }
+
+    /// Sets ownership of a just-created entry to the caller's, the way the kernel would have
+    /// had the caller created it: gid from a setgid parent, and setuid/setgid bits restored
+    /// after chown (which clears them).
+    fn own(&self, p: &WirePath, who: Caller, mode: u32, is_dir: bool) -> io::Result<libc::stat> {
+        let parent = self.backing.lstat(&p.parent())?;
+        let gid = if parent.st_mode & libc::S_ISGID != 0 {
+            parent.st_gid
+        } else {
+            who.gid
+        };
+        if who.uid != 0 || gid != 0 {
+            self.backing.chown(p, who.uid, gid)?;
+            if !is_dir && mode & 0o6000 != 0 {
+                self.backing.chmod(p, mode & 0o7777)?;
+            }
+        }
+        self.backing.lstat(p)
+    }
+
+    fn register_new(&self, parent: u64, name: &OsStr, st: &libc::stat) -> u64 {
+        self.inodes.lookup(
+            parent,
+            name,
+            st.st_dev,
+            st.st_ino,
+            st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+        )
+    }
+
+    fn parent_touch(&self, p: &WirePath) -> io::Result<Touch> {
+        Ok(Touch::Parent(times_of(&self.backing.lstat(&p.parent())?)))
+    }
+
+    pub fn create(
+        &self,
+        who: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> io::Result<(u64, libc::stat, u64)> {
+        let p = self.inodes.child_path(parent, name)?;
+        let perm = mode & 0o7777;
+        self.repl.mutate(|| {
+            let oflags = Self::open_flags(flags) | libc::O_CREAT | libc::O_EXCL;
+            let fd = match self.backing.open(&p, oflags, perm) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                    // It exists after all: this is a plain open, not a creation.
+                    let fd = self.backing.open(&p, Self::open_flags(flags), 0)?;
+                    let st = fstat(fd.as_raw_fd())?;
+                    let id = self.register_new(parent, name, &st);
+                    let fh = self.add_file(id, fd, flags);
+                    return Ok(((id, st, fh), None));
+                }
+                Err(e) => return Err(e),
+            };
+            let st = self.own(&p, who, perm, false)?;
+            let id = self.register_new(parent, name, &st);
+            let fh = self.add_file(id, fd, flags);
+            let op = Op::new(OpKind::Create {
+                path: p.clone(),
+                attr: attr_of(&st),
+            })
+            .with_touch(Touch::Own(times_of(&st)))
+            .with_touch(self.parent_touch(&p)?);
+            Ok(((id, st, fh), Some(op)))
+        })
+    }
+
+    pub fn mknod(
+        &self,
+        who: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+    ) -> io::Result<(u64, libc::stat)> {
+        let p = self.inodes.child_path(parent, name)?;
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFIFO => NodeKind::Fifo,
+            libc::S_IFSOCK => NodeKind::Socket,
+            libc::S_IFCHR => NodeKind::Char,
+            libc::S_IFBLK => NodeKind::Block,
+            libc::S_IFREG | 0 => NodeKind::Regular,
+            _ => return Err(err(libc::EINVAL)),
+        };
+        self.repl.mutate(|| {
+            self.backing.mknod(&p, mode, rdev)?;
+            let st = self.own(&p, who, mode & 0o7777, false)?;
+            let id = self.register_new(parent, name, &st);
+            let op = Op::new(OpKind::Mknod {
+                path: p.clone(),
+                kind,
+                rdev: st.st_rdev,
+                attr: attr_of(&st),
+            })
+            .with_touch(Touch::Own(times_of(&st)))
+            .with_touch(self.parent_touch(&p)?);
+            Ok(((id, st), Some(op)))
+        })
+    }
+
+    pub fn mkdir(
+        &self,
+        who: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+    ) -> io::Result<(u64, libc::stat)> {
+        let p = self.inodes.child_path(parent, name)?;
+        self.repl.mutate(|| {
+            self.backing.mkdir(&p, mode & 0o7777)?;
+            let st = self.own(&p, who, mode & 0o7777, true)?;
+            let id = self.register_new(parent, name, &st);
+            let op = Op::new(OpKind::Mkdir {
+                path: p.clone(),
+                attr: attr_of(&st),
+            })
+            .with_touch(Touch::Own(times_of(&st)))
+            .with_touch(self.parent_touch(&p)?);
+            Ok(((id, st), Some(op)))
+        })
+    }
+
+    pub fn symlink(
+        &self,
+        who: Caller,
+        parent: u64,
+        name: &OsStr,
+        target: &[u8],
+    ) -> io::Result<(u64, libc::stat)> {
+        let p = self.inodes.child_path(parent, name)?;
+        if target.len() > tdfs_protocol::op::MAX_SYMLINK {
+            return Err(err(libc::ENAMETOOLONG));
+        }
+        self.repl.mutate(|| {
+            self.backing.symlink(target, &p)?;
+            let st = self.own(&p, who, 0o777, false)?;
+            let id = self.register_new(parent, name, &st);
+            let op = Op::new(OpKind::Symlink {
+                path: p.clone(),
+                target: target.to_vec(),
+                attr: attr_of(&st),
+            })
+            .with_touch(Touch::Own(times_of(&st)))
+            .with_touch(self.parent_touch(&p)?);
+            Ok(((id, st), Some(op)))
+        })
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> io::Result<(u64, libc::stat)> {
+        let existing = self.path(ino)?;
+        let new = self.inodes.child_path(newparent, newname)?;
+        self.repl.mutate(|| {
+            self.backing.link(&existing, &new)?;
+            let st = self.backing.lstat(&new)?;
+            let id = self.register_new(newparent, newname, &st);
+            let op = Op::new(OpKind::Link {
+                existing: existing.clone(),
+                new: new.clone(),
+            })
+            .with_touch(self.parent_touch(&new)?);
+            Ok(((id, st), Some(op)))
+        })
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
+        let p = self.inodes.child_path(parent, name)?;
+        self.repl.mutate(|| {
+            self.backing.unlink(&p, dir)?;
+            self.inodes.remove_name(parent, name);
+            let kind = if dir {
+                OpKind::Rmdir { path: p.clone() }
+            } else {
+                OpKind::Unlink { path: p.clone() }
+            };
+            Ok(((), Some(Op::new(kind).with_touch(self.parent_touch(&p)?))))
+        })
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
+            // RENAME_WHITEOUT is for overlay filesystems; a mirror has no use for it.
+            return Err(err(libc::EINVAL));
+        }
+        let from = self.inodes.child_path(parent, name)?;
+        let to = self.inodes.child_path(newparent, newname)?;
+        self.repl.mutate(|| {
+            self.backing.rename(&from, &to, flags)?;
+            self.inodes.rename(
+                parent,
+                name,
+                newparent,
+                newname,
+                flags & RENAME_EXCHANGE != 0,
+            );
+            let mut op = Op::new(OpKind::Rename {
+                from: from.clone(),
+                to: to.clone(),
+                flags,
+            });
+            // A directory moved to another parent has its ".." rewritten; carry its times
+            // (and the other side's, for an exchange) so nothing is left to the slave's clock.
+            op = op.with_touch(Touch::Own(times_of(&self.backing.lstat(&to)?)));
+            if flags & RENAME_EXCHANGE != 0 {
+                op = op.with_touch(Touch::Path(
+                    from.clone(),
+                    times_of(&self.backing.lstat(&from)?),
+                ));
+            }
+            op = op.with_touch(self.parent_touch(&to)?);
+            if from.parent() != to.parent() {
+                op = op.with_touch(Touch::Path(
+                    from.parent(),
+                    times_of(&self.backing.lstat(&from.parent())?),
+                ));
+            }
+            Ok(((), Some(op)))
+        })
+    }
+
+    pub fn setattr(&self, ino: u64, req: &SetAttrReq) -> io::Result<libc::stat> {
+        let path = self.inodes.path(ino)?;
+        let open = req.fh.and_then(|fh| self.file(fh).ok());
+        if path.is_none() && open.is_none() {
+            return Err(err(libc::ENOENT));
+        }
+        self.repl.mutate(|| {
+            // Order: size, owner (which clears setuid bits), mode, then times, so that the
+            // times the caller asked for are the ones left standing.
+            if let Some(size) = req.size {
+                match (&open, &path) {
+                    (Some(f), _) => {
+                        // SAFETY: ftruncate on an fd we own.
+                        cvt(unsafe { libc::ftruncate(f.fd(), size as libc::off_t) })?;
+                    }
+                    (None, Some(p)) => {
+                        let fd = self.backing.open(p, libc::O_WRONLY, 0)?;
+                        // SAFETY: ftruncate on an fd we just opened.
+                        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?;
+                    }
+                    (None, None) => unreachable!("checked above"),
+                }
+            }
+            let stat_now = || match (&path, &open) {
+                (Some(p), _) => self.backing.lstat(p),
+                (None, Some(f)) => fstat(f.fd()),
+                (None, None) => unreachable!("checked above"),
+            };
+            if req.uid.is_some() || req.gid.is_some() {
+                let uid = req.uid.unwrap_or(u32::MAX);
+                let gid = req.gid.unwrap_or(u32::MAX);
+                match (&path, &open) {
+                    (Some(p), _) => self.backing.chown(p, uid, gid)?,
+                    (None, Some(f)) => {
+                        // SAFETY: fchown on an fd we own.
+                        cvt(unsafe { libc::fchown(f.fd(), uid, gid) })?;
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            if let Some(mode) = req.mode {
+                match (&path, &open) {
+                    (Some(p), _) => self.backing.chmod(p, mode & 0o7777)?,
+                    (None, Some(f)) => {
+                        // SAFETY: fchmod on an fd we own.
+                        cvt(unsafe { libc::fchmod(f.fd(), mode & 0o7777) })?;
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            if req.atime.is_some() || req.mtime.is_some() {
+                let ts = [to_timespec(req.atime), to_timespec(req.mtime)];
+                match (&path, &open) {
+                    (Some(p), _) => self.backing.utimens(p, &ts)?,
+                    (None, Some(f)) => {
+                        // SAFETY: futimens with a two-element array on an fd we own.
+                        cvt(unsafe { libc::futimens(f.fd(), ts.as_ptr()) })?;
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            let st = stat_now()?;
+            let rpath = match &path {
+                Some(p) => Some(p.clone()),
+                None => self.replica_path(ino, &st)?,
+            };
+            let op = rpath.map(|p| {
+                Op::new(OpKind::SetAttr {
+                    path: p,
+                    size: req.size,
+                    attr: attr_of(&st),
+                })
+                .with_touch(Touch::Own(times_of(&st)))
+            });
+            Ok((st, op))
+        })
+    }
+
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+        if data.len() > MAX_WRITE {
+            return Err(err(libc::EINVAL));
+        }
+        let f = self.file(fh)?;
+        self.repl.mutate(|| {
+            let mut done = 0;
+            while done < data.len() {
+                // SAFETY: the slice after `done` is readable for its length.
+                let n = cvt_sz(unsafe {
+                    libc::pwrite(
+                        f.fd(),
+                        data[done..].as_ptr().cast(),
+                        data.len() - done,
+                        (offset + done as u64) as libc::off_t,
+                    )
+                });
+                match n {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if done > 0 => {
+                        debug!("short write after {done} bytes: {e}");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+                if f.append {
+                    // pwrite on an O_APPEND fd appends whatever the offset: one call only.
+                    break;
+                }
+            }
+            let st = fstat(f.fd())?;
+            // An O_APPEND write landed at the end: send where it actually went.
+            let at = if f.append {
+                (st.st_size as u64).saturating_sub(done as u64)
+            } else {
+                offset
+            };
+            let op = self.replica_path(ino, &st)?.map(|path| {
+                Op::new(OpKind::Write {
+                    path,
+                    offset: at,
+                    data: data[..done].to_vec(),
+                })
+                .with_touch(Touch::Own(times_of(&st)))
+            });
+            Ok((done as u32, op))
+        })
+    }
+
+    pub fn fallocate(&self, ino: u64, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+        let f = self.file(fh)?;
+        self.repl.mutate(|| {
+            // SAFETY: fallocate on an fd we own.
+            cvt(unsafe {
+                libc::fallocate(f.fd(), mode, offset as libc::off_t, len as libc::off_t)
+            })?;
+            let st = fstat(f.fd())?;
+            let op = self.replica_path(ino, &st)?.map(|path| {
+                Op::new(OpKind::Fallocate {
+                    path,
+                    mode,
+                    offset,
+                    len,
+                })
+                .with_touch(Touch::Own(times_of(&st)))
+            });
+            Ok(((), op))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_file_range(
+        &self,
+        ino_in: u64,
+        fh_in: u64,
+        off_in: u64,
+        ino_out: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> io::Result<u32> {
+        let fin = self.file(fh_in)?;
+        let fout = self.file(fh_out)?;
+        let len = len.min(u32::MAX as u64 & !0xfff);
+        self.repl.mutate(|| {
+            let src_st = fstat(fin.fd())?;
+            let src_path = self.replica_path(ino_in, &src_st)?;
+            // If the source has no name on the replicas, the bytes themselves must travel.
+            let len = if src_path.is_none() {
+                len.min(MAX_WRITE as u64)
+            } else {
+                len
+            };
+            let mut oin = off_in as libc::off_t;
+            let mut oout = off_out as libc::off_t;
+            // SAFETY: both fds are ours; offsets are passed by pointer and updated.
+            let n = cvt_sz(unsafe {
+                libc::copy_file_range(fin.fd(), &mut oin, fout.fd(), &mut oout, len as usize, 0)
+            })?;
+            let st = fstat(fout.fd())?;
+            let Some(dst) = self.replica_path(ino_out, &st)? else {
+                return Ok((n as u32, None));
+            };
+            let kind = match src_path {
+                Some(src) => OpKind::CopyRange {
+                    src,
+                    src_offset: off_in,
+                    path: dst,
+                    offset: off_out,
+                    len: n as u64,
+                },
+                None => {
+                    let data = self.read_fd(fout.fd(), off_out, n)?;
+                    OpKind::Write {
+                        path: dst,
+                        offset: off_out,
+                        data,
+                    }
+                }
+            };
+            Ok((
+                n as u32,
+                Some(Op::new(kind).with_touch(Touch::Own(times_of(&st)))),
+            ))
+        })
+    }
+
+    fn read_fd(&self, fd: RawFd, off: u64, n: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        let mut done = 0;
+        while done < n {
+            // SAFETY: writable slice of the remaining length.
+            let r = cvt_sz(unsafe {
+                libc::pread(
+                    fd,
+                    buf[done..].as_mut_ptr().cast(),
+                    n - done,
+                    (off + done as u64) as libc::off_t,
+                )
+            })?;
+            if r == 0 {
+                break;
+            }
+            done += r;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// fsync/fdatasync: durable locally, then a barrier op in the stream (slaves make
+    /// everything up to it durable).
+    pub fn fsync(&self, ino: u64, fh: Option<u64>, datasync: bool) -> io::Result<()> {
+        match fh.and_then(|fh| self.file(fh).ok()) {
+            Some(f) => {
+                // SAFETY: fsync on an fd we own.
+                cvt(unsafe {
+                    if datasync {
+                        libc::fdatasync(f.fd())
+                    } else {
+                        libc::fsync(f.fd())
+                    }
+                })?;
+            }
+            None => {
+                let p = self.path(ino)?;
+                let fd = self
+                    .backing
+                    .open(&p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                // SAFETY: fsync on an fd we just opened.
+                cvt(unsafe { libc::fsync(fd.as_raw_fd()) })?;
+            }
+        }
+        let path = self.inodes.path(ino)?;
+        self.repl.mutate(|| {
+            Ok((
+                (),
+                Some(Op::new(OpKind::Fsync {
+                    path: path.clone(),
+                    datasync,
+                })),
+            ))
+        })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+        let p = self.path(ino)?;
+        if value.len() > tdfs_protocol::op::MAX_XATTR_VALUE {
+            return Err(err(libc::E2BIG));
+        }
+        if name.len() > tdfs_protocol::op::MAX_XATTR_NAME {
+            return Err(err(libc::ERANGE));
+        }
+        self.repl.mutate(|| {
+            self.backing.setxattr(&p, name.as_bytes(), value, flags)?;
+            let op = Op::new(OpKind::SetXattr {
+                path: p.clone(),
+                name: name.as_bytes().to_vec(),
+                value: value.to_vec(),
+                flags,
+            });
+            Ok(((), Some(op)))
+        })
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> io::Result<()> {
+        let p = self.path(ino)?;
+        self.repl.mutate(|| {
+            self.backing.removexattr(&p, name.as_bytes())?;
+            let op = Op::new(OpKind::RemoveXattr {
+                path: p.clone(),
+                name: name.as_bytes().to_vec(),
+            });
+            Ok(((), Some(op)))
+        })
+    }
+
+    // ---- directories -------------------------------------------------------------------
+
+    fn dir_stream(fd: OwnedFd) -> io::Result<DirStream> {
+        let raw = fd.as_raw_fd();
+        // SAFETY: fdopendir takes ownership of a valid directory fd on success.
+        let d = unsafe { libc::fdopendir(raw) };
+        if d.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        std::mem::forget(fd);
+        Ok(DirStream(d))
+    }
+
+    fn next_entry(ds: &DirStream) -> io::Result<Option<DirEntry>> {
+        // SAFETY: errno is thread-local; resetting it distinguishes end-of-dir from error.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: ds.0 is a live DIR*; the returned dirent is valid until the next readdir.
+        let e = unsafe { libc::readdir64(ds.0) };
+        if e.is_null() {
+            let errno = io::Error::last_os_error();
+            return match errno.raw_os_error() {
+                Some(0) | None => Ok(None),
+                _ => Err(errno),
+            };
+        }
+        // SAFETY: e is non-null and points to a dirent with a NUL-terminated d_name.
+        let (ino, off, kind, name) = unsafe {
+            let e = &*e;
+            (
+                e.d_ino,
+                e.d_off,
+                e.d_type,
+                CStr::from_ptr(e.d_name.as_ptr()).to_bytes().to_vec(),
+            )
+        };
+        Ok(Some(DirEntry {
+            ino,
+            offset: off,
+            kind,
+            name,
+        }))
+    }
+
+    pub fn opendir(&self, ino: u64) -> io::Result<u64> {
+        let p = self.path(ino)?;
+        let fd = self
+            .backing
+            .open(&p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let ds = Self::dir_stream(fd)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .expect("dirs poisoned")
+            .insert(fh, Arc::new(Mutex::new(ds)));
+        Ok(fh)
+    }
+
+    /// Calls `add` for entries from `offset` until it returns true (reply buffer full).
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: i64,
+        mut add: impl FnMut(&DirEntry) -> bool,
+    ) -> io::Result<()> {
+        let ds = self
+            .dirs
+            .lock()
+            .expect("dirs poisoned")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| err(libc::EBADF))?;
+        let ds = ds.lock().expect("dir poisoned");
+        // SAFETY: ds.0 is a live DIR*; offsets are ones readdir handed out (or 0).
+        unsafe {
+            if offset == 0 {
+                libc::rewinddir(ds.0);
+            } else {
+                libc::seekdir(ds.0, offset as libc::c_long);
+            }
+        }
+        while let Some(mut e) = Self::next_entry(&ds)? {
+            e.ino = self.inodes.peek_id(self.backing.dev, e.ino);
+            if add(&e) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().expect("dirs poisoned").remove(&fh);
+    }
+}
