@@ -159,7 +159,9 @@ fn pwrite_all(fd: BorrowedFd<'_>, mut data: &[u8], offset: u64) -> io::Result<()
             return Err(errno(libc::EIO));
         }
         data = &data[n as usize..];
-        off += n as libc::off_t;
+        off = off
+            .checked_add(n as libc::off_t)
+            .ok_or_else(|| errno(libc::EFBIG))?;
     }
     Ok(())
 }
@@ -628,8 +630,12 @@ fn copy_fallback(
         }
         let n = n as usize;
         pwrite_all(dst, &buf[..n], doff as u64)?;
-        soff += n as libc::off_t;
-        doff += n as libc::off_t;
+        soff = soff
+            .checked_add(n as libc::off_t)
+            .ok_or_else(|| errno(libc::EFBIG))?;
+        doff = doff
+            .checked_add(n as libc::off_t)
+            .ok_or_else(|| errno(libc::EFBIG))?;
         left -= n as u64;
     }
     Ok(())

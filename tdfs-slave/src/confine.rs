@@ -103,7 +103,7 @@ fn openat2_dir(root: BorrowedFd<'_>, rel: &WirePath) -> io::Result<OwnedFd> {
 
 /// Fallback for kernels before 5.6: one `openat(O_NOFOLLOW)` per component. Components are
 /// validated names (never `..`), so staying beneath the root only needs symlinks refused.
-fn walk_dir(root: BorrowedFd<'_>, rel: &WirePath) -> io::Result<OwnedFd> {
+pub(crate) fn walk_dir(root: BorrowedFd<'_>, rel: &WirePath) -> io::Result<OwnedFd> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
     let mut cur = openat(root, &cstr(b".")?, flags)?;
     for comp in rel.components() {

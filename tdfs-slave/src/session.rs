@@ -24,6 +24,8 @@ use crate::listener::Shared;
 /// The read buffer never needs more than one whole frame plus what is already parsed out.
 const BUF_MAX: usize = MAX_PAYLOAD + HEADER_LEN;
 
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why a session ended early (logged once by [`run`]).
 enum End {
     /// The peer closed the connection.
@@ -85,6 +87,13 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     tracing::debug!("connection from {peer}");
     let end = s.serve().await;
+    if matches!(end, End::Stopping) {
+        let r = Refuse {
+            code: RefuseCode::ShuttingDown,
+            message: "slave is shutting down".into(),
+        };
+        let _ = s.send(FrameType::Refuse, &r.encode()).await;
+    }
     match &end {
         End::Protocol(m) => tracing::warn!("closing connection from {peer}: {m}"),
         End::Io(e) => tracing::warn!("connection from {peer} failed: {e}"),
@@ -183,9 +192,12 @@ impl Session {
     }
 
     async fn serve(&mut self) -> End {
-        match self.handshake().await {
-            Ok(()) => {}
-            Err(e) => return e,
+        // A peer that connects and never completes a Hello must not hold the one session
+        // slot forever (keepalive only catches peers that are gone, not idle ones).
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return e,
+            Err(_) => return End::Protocol("no Hello within the handshake timeout".into()),
         }
         loop {
             let (frames, err) = self.take_frames();
@@ -299,10 +311,19 @@ impl Session {
                         break;
                     }
                     match op::decode_batch(&f.payload) {
-                        Ok(ops) => {
-                            expected += ops.len() as u64;
-                            batches.push((f.seq, ops));
-                        }
+                        Ok(ops) => match expected.checked_add(ops.len() as u64) {
+                            Some(next) => {
+                                expected = next;
+                                batches.push((f.seq, ops));
+                            }
+                            None => {
+                                after = Some(End::Protocol(format!(
+                                    "ops frame at seq {} overflows the sequence space",
+                                    f.seq
+                                )));
+                                break;
+                            }
+                        },
                         Err(e) => {
                             after = Some(
                                 self.refuse(
@@ -333,7 +354,7 @@ impl Session {
         match after {
             Some(End::Bye) => {
                 let ack = Ack {
-                    applied: self.expected.wrapping_sub(1),
+                    applied: self.expected.saturating_sub(1),
                     durable: self.durable,
                 };
                 self.send(FrameType::Ack, &ack.encode()).await?;
@@ -378,7 +399,7 @@ impl Session {
             self.send(FrameType::ApplyError, &ae.encode()).await?;
         }
         let ack = Ack {
-            applied: res.next.wrapping_sub(1),
+            applied: res.next.saturating_sub(1),
             durable: res.durable,
         };
         self.send(FrameType::Ack, &ack.encode()).await?;
@@ -389,16 +410,6 @@ impl Session {
             return Err(End::Protocol(format!("state file: {e}")));
         }
         if res.stopped {
-            let _ = self
-                .send(
-                    FrameType::Refuse,
-                    &Refuse {
-                        code: RefuseCode::ShuttingDown,
-                        message: "slave is shutting down".into(),
-                    }
-                    .encode(),
-                )
-                .await;
             return Err(End::Stopping);
         }
         Ok(())
@@ -483,7 +494,7 @@ fn apply_blocking(
         }
     }
     if res.next != first {
-        if let Err(e) = core.state.record(master, res.next.wrapping_sub(1)) {
+        if let Err(e) = core.state.record(master, res.next.saturating_sub(1)) {
             tracing::error!("writing the state file: {e}");
             res.state_error.get_or_insert(e);
         }

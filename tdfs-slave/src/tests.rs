@@ -992,3 +992,25 @@ mod session {
         assert!(sl.root.path().join("x").exists());
     }
 }
+
+/// The pre-openat2 fallback refuses symlinks at every step just like openat2 does.
+#[test]
+fn fallback_walk_refuses_symlinks() {
+    use std::os::fd::AsFd;
+    let d = tempfile::tempdir_in("/tmp").unwrap();
+    let outside = tempfile::tempdir_in("/tmp").unwrap();
+    fs::create_dir_all(d.path().join("a/b")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), d.path().join("a/esc")).unwrap();
+    let root = crate::confine::open_root(d.path()).unwrap();
+    assert!(crate::confine::walk_dir(root.as_fd(), &p("a/b")).is_ok());
+    assert!(crate::confine::walk_dir(root.as_fd(), &WirePath::root()).is_ok());
+    for bad in ["a/esc", "a/esc/x"] {
+        let e = crate::confine::walk_dir(root.as_fd(), &p(bad)).unwrap_err();
+        assert!(
+            matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)),
+            "{bad}: {e}"
+        );
+        let e = crate::confine::open_dir(root.as_fd(), &p(bad)).unwrap_err();
+        assert!(e.raw_os_error().is_some(), "{bad}: {e}");
+    }
+}
