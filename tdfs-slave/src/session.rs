@@ -69,6 +69,13 @@ struct Session {
     master: MasterId,
     /// Sequence number the next op must carry.
     expected: u64,
+    /// `Hello.next_seq`: the master's next new op. It may resend older ones first
+    /// (catch-up from its journal), so the first Ops frame may start anywhere up to here.
+    next_hint: u64,
+    /// Whether an Ops frame fixed `expected` yet.
+    started: bool,
+    /// Master and last applied seq from the state file at handshake.
+    prev: (MasterId, u64),
     durable: u64,
 }
 
@@ -83,6 +90,9 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         buf: Vec::with_capacity(64 * 1024),
         master: [0; 16],
         expected: 0,
+        next_hint: 0,
+        started: false,
+        prev: ([0; 16], 0),
         durable: 0,
     };
     tracing::debug!("connection from {peer}");
@@ -268,13 +278,13 @@ impl Session {
                 last_applied,
                 hex(&last_master)
             );
-        } else if hello.next_seq != last_applied.wrapping_add(1) {
+        } else if hello.next_seq < last_applied.saturating_add(1) {
+            // The master's newest op is older than what we applied: it lost history.
             tracing::warn!(
-                "master {} from {peer} starts at seq {} but seq {} was applied last: {} (catch-up is not implemented; continuing)",
+                "master {} from {peer} says its next seq is {} but seq {} was applied last: overlap (continuing)",
                 hello.label,
                 hello.next_seq,
-                last_applied,
-                if hello.next_seq > last_applied.wrapping_add(1) { "gap" } else { "overlap" }
+                last_applied
             );
         }
         tracing::info!(
@@ -284,7 +294,15 @@ impl Session {
             hello.next_seq
         );
         self.master = hello.master_id;
-        self.expected = hello.next_seq;
+        self.next_hint = hello.next_seq;
+        self.prev = (last_master, last_applied);
+        // Until the first Ops frame says where the master resumes, "applied" is what the state
+        // file says for this master.
+        self.expected = if last_master == hello.master_id {
+            last_applied.saturating_add(1)
+        } else {
+            hello.next_seq
+        };
         self.durable = durable;
         let ack = HelloAck {
             proto,
@@ -303,6 +321,26 @@ impl Session {
         for f in frames {
             match f.kind {
                 FrameType::Ops => {
+                    if !self.started && batches.is_empty() {
+                        if f.seq > self.next_hint {
+                            after = Some(End::Protocol(format!(
+                                "first ops frame carries seq {}, beyond the master's next seq {}",
+                                f.seq, self.next_hint
+                            )));
+                            break;
+                        }
+                        let (pm, pa) = self.prev;
+                        if pm == self.master && f.seq != pa.saturating_add(1) {
+                            tracing::warn!(
+                                "master resumes at seq {} but seq {pa} was applied last: {} (catch-up is not implemented; continuing)",
+                                f.seq,
+                                if f.seq > pa.saturating_add(1) { "gap" } else { "overlap" }
+                            );
+                        }
+                        self.started = true;
+                        self.expected = f.seq;
+                        expected = f.seq;
+                    }
                     if f.seq != expected {
                         after = Some(End::Protocol(format!(
                             "ops frame carries seq {}, expected {expected}",

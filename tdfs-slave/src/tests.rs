@@ -879,8 +879,12 @@ mod session {
         assert!(c.recv().await.is_none());
         assert!(sl.root.path().join("a").exists());
         assert!(!sl.root.path().join("b").exists());
-        let (_c, ha) = session(sl.addr, 2, 11).await;
+        // The master reconnects with its head further on and resends from the failed op.
+        let (mut c, ha) = session(sl.addr, 2, 13).await;
         assert_eq!(ha.last_applied, 10);
+        c.ops(11, &[create("missing"), create("b")]).await;
+        assert_eq!(c.ack().await.applied, 12);
+        assert!(sl.root.path().join("b").exists());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
