@@ -377,6 +377,11 @@ fn data_and_metadata_ops() {
         .unwrap();
     let m = lmeta(&r.join("g"));
     assert_eq!((m.mtime(), m.mtime_nsec(), m.atime()), (42, 7, -58));
+    // Pre-epoch times are exact too (timespec: negative seconds, positive nanoseconds).
+    a.apply(&op(OpKind::SetTimes { path: p("g") }).with_touch(Touch::Own(times(-86_400, 500))))
+        .unwrap();
+    let m = lmeta(&r.join("g"));
+    assert_eq!((m.mtime(), m.mtime_nsec()), (-86_400, 500));
     a.apply(
         &op(OpKind::SetTimes {
             path: WirePath::root(),
