@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::compare::{assert_identical, wait_identical};
+use crate::compare::{compare_trees, format_diffs, try_wait_identical};
 use crate::daemons::{Master, MasterOpts, Slave, SlaveAddr};
 use crate::util::{require_root_and_fuse, set_times, temp_dir};
 
@@ -172,7 +172,9 @@ impl Cluster {
     /// While mounted: polls until every replica equals the backing dir.
     pub fn wait_replicas(&self, timeout: Duration) {
         for s in &self.slaves {
-            wait_identical(&self.backing, &s.dir, timeout);
+            if let Err(e) = try_wait_identical(&self.backing, &s.dir, timeout) {
+                panic!("{e}\n{}", self.logs());
+            }
         }
     }
 
@@ -183,11 +185,21 @@ impl Cluster {
         let st = self.master.unmount_and_wait();
         assert!(
             st.success(),
-            "tdfs exited with {st} after the unmount; log:\n{}",
-            self.master.log_tail()
+            "tdfs exited with {st} after the unmount\n{}",
+            self.logs()
         );
         for s in &self.slaves {
-            assert_identical(&self.backing, &s.dir);
+            let diffs = compare_trees(&self.backing, &s.dir);
+            if !diffs.is_empty() {
+                panic!(
+                    "replica {} differs from {} after the master exited, {} difference(s):\n{}{}",
+                    s.dir.display(),
+                    self.backing.display(),
+                    diffs.len(),
+                    format_diffs(&diffs),
+                    self.logs()
+                );
+            }
         }
     }
 

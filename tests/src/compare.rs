@@ -574,20 +574,27 @@ pub fn assert_same_content(a: &Path, b: &Path) {
 /// differences after `timeout`.
 #[track_caller]
 pub fn wait_identical(a: &Path, b: &Path, timeout: Duration) {
+    if let Err(e) = try_wait_identical(a, b, timeout) {
+        panic!("{e}");
+    }
+}
+
+/// Like [`wait_identical`], returning the remaining differences as an error.
+pub fn try_wait_identical(a: &Path, b: &Path, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         let diffs = compare_trees(a, b);
         if diffs.is_empty() {
-            return;
+            return Ok(());
         }
         if Instant::now() >= deadline {
-            panic!(
+            return Err(format!(
                 "trees still differ after {timeout:?}: {} vs {}, {} difference(s):\n{}",
                 a.display(),
                 b.display(),
                 diffs.len(),
                 format_diffs(&diffs)
-            );
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

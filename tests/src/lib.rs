@@ -14,8 +14,8 @@ pub mod util;
 
 pub use cluster::{Cluster, ClusterOpts, SlaveOpts};
 pub use compare::{
-    assert_identical, assert_same_content, compare_trees, compare_trees_with, wait_identical,
-    CompareOpts, Diff,
+    assert_identical, assert_same_content, compare_trees, compare_trees_with, try_wait_identical,
+    wait_identical, CompareOpts, Diff,
 };
 pub use daemons::{Master, MasterOpts, Slave, SlaveAddr};
 pub use util::{bin, require_root_and_fuse, temp_dir, wait_until};
