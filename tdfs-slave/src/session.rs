@@ -24,6 +24,8 @@ use crate::listener::Shared;
 /// The read buffer never needs more than one whole frame plus what is already parsed out.
 const BUF_MAX: usize = MAX_PAYLOAD + HEADER_LEN;
 
+const READ_CHUNK: usize = 256 * 1024;
+
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why a session ended early (logged once by [`run`]).
@@ -66,6 +68,9 @@ struct Session {
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
     buf: Vec<u8>,
+    /// Socket reads land here first: reading straight into `buf` would mean zero-filling
+    /// its spare room before every read.
+    scratch: Box<[u8]>,
     master: MasterId,
     /// Sequence number the next op must carry.
     expected: u64,
@@ -88,6 +93,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared,
         stop,
         buf: Vec::with_capacity(64 * 1024),
+        scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
         master: [0; 16],
         expected: 0,
         next_hint: 0,
@@ -143,30 +149,19 @@ impl Session {
                 .refuse(RefuseCode::Malformed, "read buffer overflow".into())
                 .await);
         }
-        let want = room.min(1 << 20);
-        let old = self.buf.len();
-        self.buf.resize(old + want, 0);
+        let want = room.min(READ_CHUNK);
         let res = tokio::select! {
-            r = self.stream.read(&mut self.buf[old..]) => Some(r),
+            r = self.stream.read(&mut self.scratch[..want]) => Some(r),
             _ = self.stop.wait_for(|s| *s) => None,
         };
         match res {
-            None => {
-                self.buf.truncate(old);
-                Err(End::Stopping)
-            }
-            Some(Ok(0)) => {
-                self.buf.truncate(old);
-                Err(End::Eof)
-            }
+            None => Err(End::Stopping),
+            Some(Ok(0)) => Err(End::Eof),
             Some(Ok(n)) => {
-                self.buf.truncate(old + n);
+                self.buf.extend_from_slice(&self.scratch[..n]);
                 Ok(())
             }
-            Some(Err(e)) => {
-                self.buf.truncate(old);
-                Err(End::Io(e))
-            }
+            Some(Err(e)) => Err(End::Io(e)),
         }
     }
 
