@@ -82,14 +82,11 @@ fn time_arg(t: Option<TimeOrNow>) -> Option<TimeArg> {
         TimeOrNow::SpecificTime(s) => match s.duration_since(UNIX_EPOCH) {
             Ok(d) => TimeArg::At(d.as_secs() as i64, d.subsec_nanos()),
             Err(e) => {
+                // fuser 0.18 decodes the kernel's (sec < 0, nsec) as EPOCH - (|sec| s + nsec
+                // ns) rather than EPOCH - |sec| s + nsec ns; invert exactly that encoding so
+                // pre-1970 times reach the disk as the caller gave them.
                 let d = e.duration();
-                // Negative: round toward minus infinity with non-negative nanoseconds.
-                let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
-                if nsec > 0 {
-                    sec -= 1;
-                    nsec = 1_000_000_000 - nsec;
-                }
-                TimeArg::At(sec, nsec)
+                TimeArg::At(-(d.as_secs() as i64), d.subsec_nanos())
             }
         },
     })

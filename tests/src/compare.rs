@@ -304,8 +304,16 @@ fn fill(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Streams both files; Ok(None) if equal, Ok(Some(offset)) of the first difference.
 fn first_content_diff(a: &Path, b: &Path) -> io::Result<Option<u64>> {
-    let mut fa = File::open(a)?;
-    let mut fb = File::open(b)?;
+    // O_NOATIME: comparing must not change what it compares (relatime would bump atime).
+    let open = |p: &Path| {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOATIME)
+            .open(p)
+    };
+    let mut fa = open(a)?;
+    let mut fb = open(b)?;
     let mut ba = vec![0u8; 1 << 16];
     let mut bb = vec![0u8; 1 << 16];
     let mut off = 0u64;
