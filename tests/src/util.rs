@@ -13,12 +13,35 @@ pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TDFS_BIN_DIR") {
         return PathBuf::from(d);
     }
+    build_daemons();
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("test executable has a parent dir");
     match deps.parent() {
         Some(p) if deps.file_name().is_some_and(|n| n == "deps") => p.to_path_buf(),
         _ => deps.to_path_buf(),
     }
+}
+
+/// Builds `tdfs` and `tdfs-slave` once per test process, so `cargo test --workspace` never
+/// runs stale daemons (cargo builds a package's binaries only for that package's own
+/// integration tests, and these tests live in another package).
+fn build_daemons() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let Some(cargo) = std::env::var_os("CARGO") else {
+            return; // not run by cargo: rely on what is built
+        };
+        let exe = std::env::current_exe().expect("current_exe");
+        let release = exe.components().any(|c| c.as_os_str() == "release");
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["build", "--quiet", "-p", "tdfs", "-p", "tdfs-slave"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("running cargo build for the daemons");
+        assert!(st.success(), "cargo build of tdfs and tdfs-slave failed");
+    });
 }
 
 /// Path of a workspace binary; panics with instructions when it has not been built.
