@@ -497,17 +497,32 @@ fn apply_blocking(
                 res.stopped = true;
                 break 'outer;
             }
+            let replay = core.state.is_replay(&master, seq);
             if let Err(e) = core.applier.apply(op) {
-                res.failed = Some(Failed {
-                    seq,
-                    errno: e.raw_os_error().unwrap_or(libc::EIO),
-                    op: op.name().to_owned(),
-                    path: op_path(op),
-                    message: strerror(&e),
-                });
-                break 'outer;
+                if replay && already_done(op, &e) {
+                    tracing::info!(
+                        "{} {} (seq {seq}) had already taken effect before the last exit",
+                        op.name(),
+                        op_path(op)
+                    );
+                } else {
+                    res.failed = Some(Failed {
+                        seq,
+                        errno: e.raw_os_error().unwrap_or(libc::EIO),
+                        op: op.name().to_owned(),
+                        path: op_path(op),
+                        message: strerror(&e),
+                    });
+                    break 'outer;
+                }
             }
             res.next = seq + 1;
+            // A store into the mapped state page: an op applied is an op recorded, so a
+            // killed slave replays at most the one op it was in the middle of.
+            if let Err(e) = core.state.record(master, seq) {
+                res.state_error = Some(e);
+                break 'outer;
+            }
             if matches!(op.kind, OpKind::Fsync { .. }) {
                 let r = core
                     .state
@@ -533,6 +548,18 @@ fn apply_blocking(
         }
     }
     res
+}
+
+/// Whether `e` from replaying `op` just means the op had already taken effect.
+fn already_done(op: &Op, e: &std::io::Error) -> bool {
+    let errno = e.raw_os_error();
+    match &op.kind {
+        OpKind::Unlink { .. } | OpKind::Rmdir { .. } => errno == Some(libc::ENOENT),
+        OpKind::Link { .. } => errno == Some(libc::EEXIST),
+        OpKind::Rename { .. } => errno == Some(libc::ENOENT) || errno == Some(libc::EEXIST),
+        OpKind::Mkdir { .. } => errno == Some(libc::EEXIST),
+        _ => false,
+    }
 }
 
 /// The path an apply error is about (both paths for two-path ops).

@@ -21,12 +21,34 @@ pub const RECORD_LEN: usize = 8 + 16 + 8 + 4;
 pub const STATE_FILE: &str = "state";
 pub const LOCK_FILE: &str = "lock";
 
+/// The state record lives in two slots of a page of the state file, mapped shared: recording
+/// the applied sequence number after every op is a memory store (no syscall), survives the
+/// process being killed (the page cache keeps it), and a store torn by a kill corrupts only the
+/// slot being written, leaving the other (one op older) valid.
+const SLOTS: usize = 2;
+const MAP_LEN: usize = 4096;
+
 pub struct State {
     file: File,
     /// Held for the life of the process: the flock on it keeps a second slave out.
     _lock: File,
+    map: *mut u8,
     pub master: MasterId,
     pub applied: u64,
+    /// The op after `applied` may already have taken effect (applied but not yet recorded
+    /// when a previous process ended): replaying it must tolerate "already done" errors.
+    replay: Option<u64>,
+}
+
+// SAFETY: the mapping is owned by State and only touched through &mut self (or &self for
+// msync), so moving State between threads is sound.
+unsafe impl Send for State {}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // SAFETY: map came from a successful mmap of MAP_LEN bytes and is unmapped once.
+        unsafe { libc::munmap(self.map.cast(), MAP_LEN) };
+    }
 }
 
 fn encode(master: &MasterId, applied: u64) -> [u8; RECORD_LEN] {
@@ -146,12 +168,35 @@ impl State {
             .custom_flags(libc::O_CLOEXEC)
             .open(dir.join(STATE_FILE))
             .with_context(|| format!("opening state file in {}", dir.display()))?;
-        let mut buf = [0u8; RECORD_LEN];
+        let mut buf = [0u8; RECORD_LEN * SLOTS];
         let n = file.read_at(&mut buf, 0)?;
-        let (master, applied) = match decode(&buf[..n]) {
+        let best = buf[..n]
+            .chunks(RECORD_LEN)
+            .filter_map(decode)
+            .max_by_key(|(_, applied)| *applied);
+        if file.metadata()?.len() < MAP_LEN as u64 {
+            file.set_len(MAP_LEN as u64)?;
+        }
+        // SAFETY: mapping MAP_LEN bytes of a file at least that long, shared and writable;
+        // the result is checked against MAP_FAILED before use.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MAP_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error()).context("mapping the state file");
+        }
+        let map = map.cast::<u8>();
+        let (master, applied) = match best {
             Some(v) => v,
             None => {
-                if n > 0 {
+                if n > 0 && buf[..n].iter().any(|&b| b != 0) {
                     tracing::warn!(
                         "state file {} is unreadable or corrupt; starting as if nothing was applied",
                         dir.join(STATE_FILE).display()
@@ -163,23 +208,48 @@ impl State {
         Ok(State {
             file,
             _lock: lock,
+            map,
             master,
             applied,
+            replay: (applied > 0).then(|| applied + 1),
         })
     }
 
-    /// Records progress with one small write; durable only after [`State::sync`].
+    /// Records that every op up to `applied` from `master` has taken effect; durable only
+    /// after [`State::sync`], but safe against the process being killed at once.
     pub fn record(&mut self, master: MasterId, applied: u64) -> io::Result<()> {
         if master == self.master && applied == self.applied {
             return Ok(());
         }
-        self.file.write_all_at(&encode(&master, applied), 0)?;
+        let rec = encode(&master, applied);
+        let slot = (applied as usize) % SLOTS;
+        // SAFETY: the slot lies within the MAP_LEN-byte mapping; nothing else aliases it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(rec.as_ptr(), self.map.add(slot * RECORD_LEN), RECORD_LEN)
+        };
+        if master != self.master {
+            self.replay = None;
+        }
         self.master = master;
         self.applied = applied;
         Ok(())
     }
 
+    /// True (once) when `seq` is the op a previous process may have applied without
+    /// recording it.
+    pub fn is_replay(&mut self, master: &MasterId, seq: u64) -> bool {
+        let r = self.replay == Some(seq) && *master == self.master;
+        if self.replay.is_some_and(|s| seq >= s) {
+            self.replay = None;
+        }
+        r
+    }
+
     pub fn sync(&self) -> io::Result<()> {
+        // SAFETY: msync of our own mapping; then the file's data is made durable.
+        if unsafe { libc::msync(self.map.cast(), MAP_LEN, libc::MS_SYNC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         self.file.sync_data()
     }
 }

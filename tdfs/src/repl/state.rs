@@ -7,6 +7,7 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use tdfs_protocol::msg::MasterId;
 
@@ -18,6 +19,8 @@ pub struct MasterState {
     pub dir: PathBuf,
     pub id: MasterId,
     pub next_seq: u64,
+    /// Serialises saves: the periodic saver and the final save share one temp file name.
+    save_lock: Arc<Mutex<()>>,
 }
 
 fn hex(id: &MasterId) -> String {
@@ -68,6 +71,7 @@ impl MasterState {
                     dir: dir.to_path_buf(),
                     id,
                     next_seq,
+                    save_lock: Arc::default(),
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -77,6 +81,7 @@ impl MasterState {
                     dir: dir.to_path_buf(),
                     id,
                     next_seq: 1,
+                    save_lock: Arc::default(),
                 }
             }
             Err(e) => return Err(e),
@@ -88,6 +93,7 @@ impl MasterState {
 
     /// Durably records `next_seq` (write, fsync, rename, fsync dir).
     pub fn save(&self, next_seq: u64, clean: bool) -> io::Result<()> {
+        let _g = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = self.dir.join("master.state.tmp");
         let mut f = fs::File::create(&tmp)?;
         write!(
