@@ -58,7 +58,7 @@ mod wire;
 
 pub use compress::Compression;
 pub use frame::{Frame, FrameError, FrameType, HEADER_LEN, MAX_PAYLOAD};
-pub use op::{Attr, NodeKind, Op, OpKind, Timespec, Times, Touch};
+pub use op::{Attr, NodeKind, Op, OpKind, Times, Timespec, Touch};
 pub use path::{PathError, WirePath};
 pub use wire::DecodeError;
 

@@ -89,23 +89,36 @@ pub const RENAME_EXCHANGE: u32 = 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpKind {
     /// A new, empty regular file (replaces whatever the slave has at `path`).
-    Create { path: WirePath, attr: Attr },
+    Create {
+        path: WirePath,
+        attr: Attr,
+    },
     Mknod {
         path: WirePath,
         kind: NodeKind,
         rdev: u64,
         attr: Attr,
     },
-    Mkdir { path: WirePath, attr: Attr },
+    Mkdir {
+        path: WirePath,
+        attr: Attr,
+    },
     /// `attr.mode` is ignored (symlink permissions are always 0777 on Linux).
     Symlink {
         path: WirePath,
         target: Vec<u8>,
         attr: Attr,
     },
-    Link { existing: WirePath, new: WirePath },
-    Unlink { path: WirePath },
-    Rmdir { path: WirePath },
+    Link {
+        existing: WirePath,
+        new: WirePath,
+    },
+    Unlink {
+        path: WirePath,
+    },
+    Rmdir {
+        path: WirePath,
+    },
     Rename {
         from: WirePath,
         to: WirePath,
@@ -143,7 +156,10 @@ pub enum OpKind {
         value: Vec<u8>,
         flags: i32,
     },
-    RemoveXattr { path: WirePath, name: Vec<u8> },
+    RemoveXattr {
+        path: WirePath,
+        name: Vec<u8>,
+    },
     /// Durability barrier: the slave makes `path` (or, with `None`, its whole tree) durable
     /// before acknowledging this sequence number as durable.
     Fsync {
@@ -151,7 +167,9 @@ pub enum OpKind {
         datasync: bool,
     },
     /// Only timestamps changed (e.g. `utimensat` with no other attribute).
-    SetTimes { path: WirePath },
+    SetTimes {
+        path: WirePath,
+    },
 }
 
 /// A mutation plus the timestamps it produced.

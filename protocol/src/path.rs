@@ -120,9 +120,7 @@ impl WirePath {
     }
 
     pub fn components(&self) -> impl Iterator<Item = &[u8]> {
-        self.joined
-            .split(|&b| b == b'/')
-            .filter(|c| !c.is_empty())
+        self.joined.split(|&b| b == b'/').filter(|c| !c.is_empty())
     }
 
     pub fn depth(&self) -> usize {
@@ -223,7 +221,10 @@ mod tests {
         assert_eq!(validate_name(b".."), Err(PathError::Dot));
         assert_eq!(validate_name(b"a/b"), Err(PathError::Slash));
         assert_eq!(validate_name(b"a\0b"), Err(PathError::Nul));
-        assert_eq!(validate_name(&[b'x'; 256]), Err(PathError::NameTooLong(256)));
+        assert_eq!(
+            validate_name(&[b'x'; 256]),
+            Err(PathError::NameTooLong(256))
+        );
         assert!(validate_name(&[b'x'; 255]).is_ok());
         assert!(validate_name(b"...").is_ok());
         assert!(WirePath::parse(b"/etc/passwd").is_err());

@@ -6,9 +6,8 @@ use crate::Compression;
 use proptest::prelude::*;
 
 fn name() -> impl Strategy<Value = Vec<u8>> {
-    proptest::collection::vec(1u8..=255, 1..20).prop_filter("valid name", |n| {
-        crate::path::validate_name(n).is_ok()
-    })
+    proptest::collection::vec(1u8..=255, 1..20)
+        .prop_filter("valid name", |n| crate::path::validate_name(n).is_ok())
 }
 
 fn path() -> impl Strategy<Value = WirePath> {
@@ -21,12 +20,16 @@ fn attr() -> impl Strategy<Value = Attr> {
 }
 
 fn times() -> impl Strategy<Value = Times> {
-    (any::<i64>(), 0u32..1_000_000_000, any::<i64>(), 0u32..1_000_000_000).prop_map(
-        |(a, an, m, mn)| Times {
+    (
+        any::<i64>(),
+        0u32..1_000_000_000,
+        any::<i64>(),
+        0u32..1_000_000_000,
+    )
+        .prop_map(|(a, an, m, mn)| Times {
             atime: Timespec { sec: a, nsec: an },
             mtime: Timespec { sec: m, nsec: mn },
-        },
-    )
+        })
 }
 
 fn touch() -> impl Strategy<Value = Touch> {
@@ -43,8 +46,13 @@ fn kind() -> impl Strategy<Value = OpKind> {
         (path(), attr()).prop_map(|(path, attr)| OpKind::Create { path, attr }),
         (path(), 1u8..=5, any::<u64>(), attr()).prop_map(|(path, k, rdev, attr)| OpKind::Mknod {
             path,
-            kind: [NodeKind::Fifo, NodeKind::Socket, NodeKind::Char, NodeKind::Block, NodeKind::Regular]
-                [k as usize - 1],
+            kind: [
+                NodeKind::Fifo,
+                NodeKind::Socket,
+                NodeKind::Char,
+                NodeKind::Block,
+                NodeKind::Regular
+            ][k as usize - 1],
             rdev,
             attr
         }),
@@ -189,11 +197,19 @@ fn oversize_lengths_refused_before_allocation() {
 
 #[test]
 fn bad_magic_version_type() {
-    let good = frame::encode_vec(FrameType::Ack, 0, &Ack::default().encode(), Compression::None);
+    let good = frame::encode_vec(
+        FrameType::Ack,
+        0,
+        &Ack::default().encode(),
+        Compression::None,
+    );
     let mut b = good.clone();
     b[0] = b'X';
     assert!(matches!(frame::check(&b), Err(FrameError::BadMagic(_))));
-    assert!(matches!(frame::check(b"GET "), Err(FrameError::BadMagic(_))));
+    assert!(matches!(
+        frame::check(b"GET "),
+        Err(FrameError::BadMagic(_))
+    ));
     let mut b = good.clone();
     b[4] = 99;
     assert_eq!(frame::check(&b), Err(FrameError::BadVersion(99)));
