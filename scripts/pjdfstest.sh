@@ -15,7 +15,8 @@
 # Needs root, /dev/fuse, pjdfstest (cargo install pjdfstest; installed here if missing)
 # and the users/groups nobody:nogroup and tests:tests (created here if missing).
 # Environment: see scripts/lib.sh; also PJDFSTEST_TIMEOUT (seconds per run, default 900),
-# PJDFSTEST_NAPTIME (default 0.02).
+# PJDFSTEST_NAPTIME (default 0.02), PJDFSTEST_RESULTS=DIR (copy the config, logs and
+# per-case results "NAME STATUS" there).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -29,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --tdfs) MODE=tdfs ;;
     --both) MODE=both ;;
     --all-features) ALL_FEATURES=1 ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; PATTERNS=("$@"); break ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
@@ -133,6 +134,12 @@ if [[ "$MODE" != native ]]; then
     STATUS=1
   fi
   tdfs_stop_slave || warn "slave exited non-zero on SIGTERM"
+fi
+
+if [[ -n "${PJDFSTEST_RESULTS:-}" ]]; then
+  mkdir -p "$PJDFSTEST_RESULTS"
+  cp "$CONF" "$TDFS_WORK"/*.log "$TDFS_WORK"/*.results "$TDFS_WORK"/*.counts "$PJDFSTEST_RESULTS"/ 2>/dev/null || true
+  log "per-case results and logs copied to $PJDFSTEST_RESULTS"
 fi
 
 echo
