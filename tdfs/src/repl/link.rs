@@ -8,16 +8,14 @@ use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{self, Ack, ApplyError, Hello, HelloAck, Refuse};
 use tdfs_protocol::{Compression, Frame, FrameError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{debug, error, info, warn};
 
-use super::{BatchResult, Shared, SlaveStatus};
+use super::{transport, BatchResult, Shared, SlaveStatus};
 
 /// Largest batch of ops in one frame (the frame limit is 8 MiB; one write op is ≤ 1 MiB plus
 /// its path, so this always fits).
 const BATCH_BYTES: usize = 2 << 20;
 const BATCH_OPS: usize = 4096;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -127,19 +125,7 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
 
 async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), LinkError> {
     let cfg = &me.config;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(cfg.nodelay)?;
-    let sock = socket2::SockRef::from(&stream);
-    sock.set_keepalive(true)?;
-    sock.set_tcp_keepalive(
-        &socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(10))
-            .with_interval(Duration::from_secs(5))
-            .with_retries(3),
-    )?;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = transport::connect(cfg).await?;
 
     let hello = Hello {
         proto_min: msg::PROTO_MIN,

@@ -12,6 +12,7 @@
 
 mod link;
 mod state;
+mod transport;
 
 use std::collections::VecDeque;
 use std::io;
