@@ -48,6 +48,37 @@ pub enum FrameType {
     ApplyError = 6,
     /// master -> slave: orderly end of the stream, everything has been sent.
     Bye = 7,
+    /// master -> slave: an incremental sync starts; until `SyncEnd`, live ops that fail
+    /// because the replica differs are skipped and reported (`SyncMiss`), since the sync
+    /// rewrites what they touch.
+    SyncBegin = 8,
+    /// master -> slave: the sync is complete; the replica equals the master.
+    SyncEnd = 9,
+    /// master -> slave: ops of a sync (no sequence numbers: they apply at their place in
+    /// the stream and do not advance the applied sequence number).
+    SyncOps = 10,
+    /// master or verifier -> slave: list a directory (header seq = request id; payload a
+    /// path); answered by `Listing` once every op sent before it has been applied.
+    ListDir = 11,
+    /// slave -> requester: a directory listing ([`crate::sync::Listing`]).
+    Listing = 12,
+    /// requester -> slave: checksum a file's content where it lives (payload a path).
+    Checksum = 13,
+    /// slave -> requester: [`crate::sync::Digest`].
+    Digest = 14,
+    /// slave -> master: paths of live ops skipped during a sync ([`crate::sync::Misses`]).
+    SyncMiss = 15,
+    /// verifier -> slave: opens a read-only session (payload like `Hello`); allowed while a
+    /// master is connected, and only `ListDir` and `Checksum` may follow.
+    Inspect = 16,
+    /// master -> slave: start of shared-secret authentication ([`crate::auth::AuthRequest`]).
+    AuthRequest = 20,
+    /// slave -> master: the slave's nonce ([`crate::auth::AuthChallenge`]).
+    AuthChallenge = 21,
+    /// master -> slave: the master's nonce and proof ([`crate::auth::AuthResponse`]).
+    AuthResponse = 22,
+    /// slave -> master: the slave's proof ([`crate::auth::AuthOk`]).
+    AuthOk = 23,
 }
 
 impl FrameType {
@@ -60,6 +91,19 @@ impl FrameType {
             5 => Self::Ack,
             6 => Self::ApplyError,
             7 => Self::Bye,
+            8 => Self::SyncBegin,
+            9 => Self::SyncEnd,
+            10 => Self::SyncOps,
+            11 => Self::ListDir,
+            12 => Self::Listing,
+            13 => Self::Checksum,
+            14 => Self::Digest,
+            15 => Self::SyncMiss,
+            16 => Self::Inspect,
+            20 => Self::AuthRequest,
+            21 => Self::AuthChallenge,
+            22 => Self::AuthResponse,
+            23 => Self::AuthOk,
             _ => return None,
         })
     }

@@ -46,14 +46,38 @@
 //! | 14 | removexattr | path, name bytes |
 //! | 15 | fsync | has-path u8, [path], datasync u8 |
 //! | 16 | settimes | path |
+//! | 17 | remove_tree | path (sync only) |
 //!
 //! `attr` is mode (u32, only the 0o7777 bits), uid u32, gid u32.
+//!
+//! ## Authentication (frame types 20..=23)
+//! When the daemons share a secret (`--secret-file` on both), the master authenticates
+//! before `Hello` with an HMAC-SHA256 challenge-response ([`auth`]), inside TLS when TLS is
+//! configured:
+//!
+//! 1. master -> slave `AuthRequest` (u16 version, 1);
+//! 2. slave -> master `AuthChallenge`: a fresh random 32-byte nonce Ns;
+//! 3. master -> slave `AuthResponse`: its own fresh nonce Nm and
+//!    HMAC(secret, "tdfs-auth-v1 master" || Ns || Nm);
+//! 4. slave -> master `AuthOk`: HMAC(secret, "tdfs-auth-v1 slave" || Nm || Ns), after checking
+//!    the master's MAC in constant time; on a mismatch it sends `Refuse` ("authentication
+//!    failed") instead and closes. The master checks the slave's MAC the same way.
+//!
+//! The secret never crosses the wire; fresh nonces on both sides make a recorded exchange
+//! useless later; distinct labels per direction stop reflection. A slave with a secret
+//! answers a `Hello` that comes without this exchange with `Refuse`. Auth frames are at most
+//! [`auth::MAX_AUTH_PAYLOAD`] bytes and the whole phase is bounded by a timeout, and only an
+//! authenticated master can take the slave's session slot or learn that it is busy. Without
+//! TLS the exchange authenticates the master and slave to each other but does not protect
+//! the frames that follow from an attacker on the network path.
 
+pub mod auth;
 pub mod compress;
 pub mod frame;
 pub mod msg;
 pub mod op;
 pub mod path;
+pub mod sync;
 mod wire;
 
 pub use compress::Compression;

@@ -170,6 +170,10 @@ pub enum OpKind {
     SetTimes {
         path: WirePath,
     },
+    /// Sync only: remove whatever is at `path`, recursively (an entry the master lacks).
+    RemoveTree {
+        path: WirePath,
+    },
 }
 
 /// A mutation plus the timestamps it produced.
@@ -208,7 +212,8 @@ impl Op {
             | CopyRange { path, .. }
             | SetXattr { path, .. }
             | RemoveXattr { path, .. }
-            | SetTimes { path } => Some(path),
+            | SetTimes { path }
+            | RemoveTree { path } => Some(path),
             Link { new, .. } => Some(new),
             Rename { to, .. } => Some(to),
             Fsync { path, .. } => path.as_ref(),
@@ -235,6 +240,7 @@ impl Op {
             RemoveXattr { .. } => "removexattr",
             Fsync { .. } => "fsync",
             SetTimes { .. } => "settimes",
+            RemoveTree { .. } => "remove_tree",
         }
     }
 
@@ -395,6 +401,10 @@ impl Op {
                 w.u8(16);
                 w.path(path);
             }
+            RemoveTree { path } => {
+                w.u8(17);
+                w.path(path);
+            }
         }
         assert!(self.touch.len() <= MAX_TOUCH);
         w.u8(self.touch.len() as u8);
@@ -550,6 +560,7 @@ impl Op {
                 },
             },
             16 => SetTimes { path: r.path()? },
+            17 => RemoveTree { path: r.path()? },
             tag => return Err(DecodeError::BadTag { what: "op", tag }),
         };
         let n = r.u8("touch count")? as usize;

@@ -102,6 +102,7 @@ fn kind() -> impl Strategy<Value = OpKind> {
         (proptest::option::of(path()), any::<bool>())
             .prop_map(|(path, datasync)| OpKind::Fsync { path, datasync }),
         path().prop_map(|path| OpKind::SetTimes { path }),
+        path().prop_map(|path| OpKind::RemoveTree { path }),
     ]
 }
 

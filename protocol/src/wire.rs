@@ -124,6 +124,15 @@ impl<'a> Reader<'a> {
         }
         Ok(self.take(len, what)?.to_vec())
     }
+    /// Exactly `len` bytes (the caller bounded `len`).
+    pub(crate) fn bytes_exact(
+        &mut self,
+        len: usize,
+        what: &'static str,
+    ) -> Result<Vec<u8>, DecodeError> {
+        Ok(self.take(len, what)?.to_vec())
+    }
+
     pub(crate) fn path(&mut self) -> Result<WirePath, DecodeError> {
         let n = self.u16("path depth")? as usize;
         if n > MAX_DEPTH {

@@ -127,6 +127,28 @@ fn unlink_nondir(dir: BorrowedFd<'_>, name: &CString) -> io::Result<()> {
     Ok(())
 }
 
+/// Removes `name` in `dir` and, for a directory, everything beneath it; never follows a
+/// symlink (each level is opened with O_NOFOLLOW relative to its parent's fd).
+fn remove_tree_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<()> {
+    let st = lstatat(dir, name)?;
+    if !is_type(&st, libc::S_IFDIR) {
+        // SAFETY: `name` is NUL-terminated; unlinkat never follows the final component.
+        check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
+        return Ok(());
+    }
+    let d = openat(
+        dir,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+    )?;
+    for child in crate::inspect::read_names(d.as_fd())? {
+        remove_tree_at(d.as_fd(), &cstr(&child)?)?;
+    }
+    // SAFETY: as above, removing the now empty directory.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
+    Ok(())
+}
+
 /// Runs `f` and, when it fails with EEXIST, removes the non-directory in the way and runs it
 /// once more: the master's op succeeded, so whatever the slave still has there is stale.
 fn replacing<T>(
@@ -213,6 +235,11 @@ impl Applier {
             root: confine::open_root(dir)?,
             cache: HashMap::new(),
         })
+    }
+
+    /// The mirrored root (an `O_PATH` directory fd), for inspection.
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
     }
 
     fn target(&self, p: &WirePath) -> io::Result<Target> {
@@ -414,6 +441,16 @@ impl Applier {
             }
             Fsync { path, datasync } => self.fsync(path.as_ref(), *datasync),
             SetTimes { .. } => Ok(()),
+            RemoveTree { path } => {
+                if path.is_root() {
+                    return Err(errno(libc::EINVAL));
+                }
+                let t = self.target(path)?;
+                match remove_tree_at(t.dir.as_fd(), &t.name) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                    r => r,
+                }
+            }
         }
     }
 

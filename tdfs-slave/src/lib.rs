@@ -5,10 +5,12 @@
 //! - [`session`]: framing, handshake, ordering and acknowledgements.
 //! - [`apply`]: one op into syscalls beneath the root.
 //! - [`confine`]: resolving paths without ever leaving the root.
+//! - [`inspect`]: listings and digests for sync and verify (used by the master too).
 //! - [`state`]: which master and sequence number the tree reflects.
 
 pub mod apply;
 pub mod confine;
+pub mod inspect;
 pub mod listener;
 pub mod session;
 pub mod state;

@@ -14,7 +14,7 @@ use tdfs_protocol::frame::{self, Frame, FrameType};
 use tdfs_protocol::msg::{
     Ack, ApplyError, Hello, HelloAck, MasterId, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN,
 };
-use tdfs_protocol::{op, Compression, FrameError, Op, OpKind, HEADER_LEN, MAX_PAYLOAD};
+use tdfs_protocol::{op, Compression, FrameError, Op, OpKind, WirePath, HEADER_LEN, MAX_PAYLOAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -79,6 +79,9 @@ struct Session {
     next_hint: u64,
     /// Whether an Ops frame fixed `expected` yet.
     started: bool,
+    /// Between SyncBegin and SyncEnd: live ops that fail because the replica differs are
+    /// skipped and reported, since the sync rewrites what they touch.
+    syncing: bool,
     /// Master and last applied seq from the state file at handshake.
     prev: (MasterId, u64),
     durable: u64,
@@ -98,6 +101,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         expected: 0,
         next_hint: 0,
         started: false,
+        syncing: false,
         prev: ([0; 16], 0),
         durable: 0,
     };
@@ -310,13 +314,13 @@ impl Session {
 
     /// Applies every Ops frame in `frames` in one blocking round, then acks once.
     async fn handle(&mut self, frames: Vec<Frame>) -> Result<(), End> {
-        let mut batches: Vec<(u64, Vec<Op>)> = Vec::new();
+        let mut batches: Vec<Work> = Vec::new();
         let mut after: Option<End> = None;
         let mut expected = self.expected;
         for f in frames {
             match f.kind {
                 FrameType::Ops => {
-                    if !self.started && batches.is_empty() {
+                    if !self.started && !batches.iter().any(|w| matches!(w, Work::Ops(..))) {
                         if f.seq > self.next_hint {
                             after = Some(End::Protocol(format!(
                                 "first ops frame carries seq {}, beyond the master's next seq {}",
@@ -347,7 +351,7 @@ impl Session {
                         Ok(ops) => match expected.checked_add(ops.len() as u64) {
                             Some(next) => {
                                 expected = next;
-                                batches.push((f.seq, ops));
+                                batches.push(Work::Ops(f.seq, ops));
                             }
                             None => {
                                 after = Some(End::Protocol(format!(
@@ -372,6 +376,31 @@ impl Session {
                 FrameType::Bye => {
                     after = Some(End::Bye);
                     break;
+                }
+                FrameType::SyncBegin => batches.push(Work::Begin),
+                FrameType::SyncEnd => batches.push(Work::End),
+                FrameType::SyncOps => match op::decode_batch(&f.payload) {
+                    Ok(ops) => batches.push(Work::Sync(ops)),
+                    Err(e) => {
+                        after = Some(
+                            self.refuse(
+                                RefuseCode::Malformed,
+                                format!("undecodable sync ops frame: {e}"),
+                            )
+                            .await,
+                        );
+                        break;
+                    }
+                },
+                FrameType::ListDir | FrameType::Checksum => {
+                    match tdfs_protocol::sync::decode_path(&f.payload) {
+                        Ok(p) if f.kind == FrameType::ListDir => batches.push(Work::List(f.seq, p)),
+                        Ok(p) => batches.push(Work::Sum(f.seq, p)),
+                        Err(e) => {
+                            after = Some(self.malformed(e).await);
+                            break;
+                        }
+                    }
                 }
                 other => {
                     after = Some(End::Protocol(format!(
@@ -403,16 +432,29 @@ impl Session {
         }
     }
 
-    async fn apply(&mut self, batches: Vec<(u64, Vec<Op>)>) -> Result<(), End> {
+    async fn apply(&mut self, batches: Vec<Work>) -> Result<(), End> {
         let shared = self.shared.clone();
         let master = self.master;
         let first = self.expected;
-        let res =
-            tokio::task::spawn_blocking(move || apply_blocking(&shared, master, first, batches))
-                .await
-                .map_err(|e| End::Protocol(format!("apply task failed: {e}")))?;
+        let syncing = self.syncing;
+        let res = tokio::task::spawn_blocking(move || {
+            apply_blocking(&shared, master, first, syncing, batches)
+        })
+        .await
+        .map_err(|e| End::Protocol(format!("apply task failed: {e}")))?;
         self.expected = res.next;
         self.durable = res.durable;
+        self.syncing = res.syncing;
+        for chunk in res.misses.chunks(tdfs_protocol::sync::MAX_MISSES) {
+            let m = tdfs_protocol::sync::Misses {
+                paths: chunk.to_vec(),
+            };
+            self.send(FrameType::SyncMiss, &m.encode()).await?;
+        }
+        for (kind, id, payload) in &res.replies {
+            let f = frame::encode_vec(*kind, *id, payload, Compression::None);
+            self.stream.write_all(&f).await.map_err(End::Io)?;
+        }
         if let Some(f) = &res.failed {
             tracing::error!(
                 "applying {} {} (seq {}) failed: errno {} ({})",
@@ -465,6 +507,94 @@ struct BatchResult {
     state_error: Option<io::Error>,
     /// The process is shutting down; ops after `next - 1` were left for the next session.
     stopped: bool,
+    /// Sync mode after this round.
+    syncing: bool,
+    /// Paths of live ops skipped during a sync.
+    misses: Vec<WirePath>,
+    /// Answers to ListDir/Checksum: (frame type, request id, payload).
+    replies: Vec<(FrameType, u64, Vec<u8>)>,
+}
+
+/// One unit of a round, in stream order.
+enum Work {
+    Ops(u64, Vec<Op>),
+    Sync(Vec<Op>),
+    Begin,
+    End,
+    List(u64, WirePath),
+    Sum(u64, WirePath),
+}
+
+/// Errors that mean "the replica differs here", which a running sync will repair.
+fn differs(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::EEXIST | libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY)
+    )
+}
+
+/// Every path an op names (both ends of a rename or link).
+fn op_paths(op: &Op) -> Vec<WirePath> {
+    let mut v: Vec<WirePath> = op.primary_path().cloned().into_iter().collect();
+    match &op.kind {
+        OpKind::Rename { from, .. } => v.push(from.clone()),
+        OpKind::Link { existing, .. } => v.push(existing.clone()),
+        OpKind::CopyRange { src, .. } => v.push(src.clone()),
+        _ => {}
+    }
+    v
+}
+
+/// Answers a ListDir in as many Listing frames as it takes.
+fn listing_replies(
+    root: std::os::fd::BorrowedFd<'_>,
+    id: u64,
+    p: &WirePath,
+) -> Vec<(FrameType, u64, Vec<u8>)> {
+    use tdfs_protocol::sync::{Listing, MAX_ENTRIES};
+    let entries = match crate::inspect::list_dir(root, p) {
+        Ok(e) => e,
+        Err(e) => {
+            let l = Listing {
+                errno: e.raw_os_error().unwrap_or(libc::EIO),
+                more: false,
+                entries: vec![],
+            };
+            return vec![(FrameType::Listing, id, l.encode())];
+        }
+    };
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut bytes = 0;
+    let n = entries.len();
+    for (i, e) in entries.into_iter().enumerate() {
+        bytes += 64
+            + e.name.len()
+            + e.target.len()
+            + e.xattrs
+                .iter()
+                .map(|(a, b)| a.len() + b.len() + 8)
+                .sum::<usize>();
+        cur.push(e);
+        if cur.len() >= MAX_ENTRIES || bytes > (2 << 20) || i + 1 == n {
+            let l = Listing {
+                errno: 0,
+                more: i + 1 < n,
+                entries: std::mem::take(&mut cur),
+            };
+            out.push((FrameType::Listing, id, l.encode()));
+            bytes = 0;
+        }
+    }
+    if out.is_empty() {
+        let l = Listing {
+            errno: 0,
+            more: false,
+            entries: vec![],
+        };
+        out.push((FrameType::Listing, id, l.encode()));
+    }
+    out
 }
 
 fn strerror(e: &io::Error) -> String {
@@ -480,7 +610,8 @@ fn apply_blocking(
     shared: &Shared,
     master: MasterId,
     first: u64,
-    batches: Vec<(u64, Vec<Op>)>,
+    syncing: bool,
+    batches: Vec<Work>,
 ) -> BatchResult {
     let mut core = shared.core();
     let mut res = BatchResult {
@@ -489,8 +620,48 @@ fn apply_blocking(
         failed: None,
         state_error: None,
         stopped: false,
+        syncing,
+        misses: Vec::new(),
+        replies: Vec::new(),
     };
-    'outer: for (seq0, ops) in batches {
+    'outer: for work in batches {
+        let (seq0, ops) = match work {
+            Work::Ops(seq0, ops) => (seq0, ops),
+            Work::Begin => {
+                res.syncing = true;
+                continue;
+            }
+            Work::End => {
+                res.syncing = false;
+                continue;
+            }
+            Work::List(id, p) => {
+                core.applier.clear_cache();
+                let r = listing_replies(core.applier.root(), id, &p);
+                res.replies.extend(r);
+                continue;
+            }
+            Work::Sum(id, p) => {
+                let d = crate::inspect::digest(core.applier.root(), &p);
+                res.replies.push((FrameType::Digest, id, d.encode()));
+                continue;
+            }
+            Work::Sync(ops) => {
+                for op in &ops {
+                    if let Err(e) = core.applier.apply(op) {
+                        res.failed = Some(Failed {
+                            seq: res.next,
+                            errno: e.raw_os_error().unwrap_or(libc::EIO),
+                            op: format!("sync {}", op.name()),
+                            path: op_path(op),
+                            message: strerror(&e),
+                        });
+                        break 'outer;
+                    }
+                }
+                continue;
+            }
+        };
         for (i, op) in ops.iter().enumerate() {
             let seq = seq0 + i as u64;
             if shared.stopping.load(Ordering::SeqCst) {
@@ -499,7 +670,9 @@ fn apply_blocking(
             }
             let replay = core.state.is_replay(&master, seq);
             if let Err(e) = core.applier.apply(op) {
-                if replay && already_done(op, &e) {
+                if res.syncing && differs(&e) {
+                    res.misses.extend(op_paths(op));
+                } else if replay && already_done(op, &e) {
                     tracing::info!(
                         "{} {} (seq {seq}) had already taken effect before the last exit",
                         op.name(),
