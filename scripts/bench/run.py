@@ -1,0 +1,1232 @@
+#!/usr/bin/env python3
+"""tdfs benchmark: native vs tdfs (0/1/2 slaves, -z 0/1) vs bindfs vs libfuse passthrough_hp.
+
+Usage (as root, from anywhere):
+
+    scripts/bench/setup.sh            # once: fio, bindfs, passthrough_hp (built under /opt)
+    scripts/bench/run.py [--quick] [--runs N] [--out FILE] [--targets a,b,...] [--sections ...]
+
+Every target is a directory the workloads run in: a fresh directory on the work filesystem
+(native), a FUSE mount over a fresh backing directory (bindfs, passthrough_hp, tdfs). Targets
+are interleaved run by run (run 1 on every target, then run 2, ...) so drift hits them alike;
+every run mounts afresh and every workload uses a fresh subdirectory. The tables hold medians
+over the runs and the speed relative to native.
+
+The daemons (tdfs master and slaves, bindfs, passthrough_hp) run in their own sessions so a
+Ctrl-C reaches only this script, which then unmounts everything it mounted, stops every
+process it started and removes its work directory (try/finally plus signal handlers).
+Readiness is always a condition polled with a deadline (slave logged "listening on", mount in
+/proc/mounts, master logged "connected; streaming" for every slave), never a fixed sleep.
+
+Needs: python3 (stdlib only), root, /dev/fuse, fusermount3, tar, git, cargo (unless
+--no-build); fio, bindfs and passthrough_hp are optional (a missing one is skipped and noted).
+"""
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+MiB = 1 << 20
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+PTHP_DEFAULT = os.path.join(os.environ.get("TDFS_BENCH_OPT", "/opt/tdfs-bench"), "passthrough_hp")
+
+
+def log(msg):
+    print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+def warn(msg):
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------
+# Process, mount and cleanup bookkeeping
+# ---------------------------------------------------------------------------------------
+
+class Registry:
+    """Everything this script started or mounted, so cleanup can undo it in any case."""
+
+    def __init__(self):
+        self.procs = []  # (name, Popen)
+        self.mounts = []  # mountpoints
+        self.work = None
+
+    def add_proc(self, name, p):
+        self.procs.append((name, p))
+
+    def add_mount(self, mnt):
+        self.mounts.append(mnt)
+
+    def forget_mount(self, mnt):
+        if mnt in self.mounts:
+            self.mounts.remove(mnt)
+
+    def forget_proc(self, p):
+        self.procs = [(n, q) for (n, q) in self.procs if q is not p]
+
+    def cleanup(self, keep=False):
+        for mnt in reversed(list(self.mounts)):
+            if is_mounted(mnt):
+                log(f"cleanup: unmounting {mnt}")
+                if not do_unmount(mnt):
+                    fuse_abort(mnt)
+                    subprocess.run(["umount", "-l", mnt], stderr=subprocess.DEVNULL)
+            self.forget_mount(mnt)
+        for name, p in reversed(list(self.procs)):
+            if p.poll() is None:
+                # A master whose mount is gone exits on its own after draining; give it a
+                # moment, then SIGTERM, then SIGKILL.
+                try:
+                    p.wait(timeout=10 if name.startswith("tdfs master") else 0.2)
+                except subprocess.TimeoutExpired:
+                    p.terminate()
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        warn(f"cleanup: killing {name} (pid {p.pid})")
+                        p.kill()
+                        p.wait()
+            self.forget_proc(p)
+        if self.work and os.path.isdir(self.work):
+            if keep:
+                log(f"keeping {self.work}")
+            elif any(m.startswith(self.work + "/") for m in mounted_points()):
+                warn(f"cleanup: something is still mounted under {self.work}; not removing it")
+            else:
+                shutil.rmtree(self.work, ignore_errors=True)
+            self.work = None
+
+
+REG = Registry()
+
+
+def mounted_points():
+    with open("/proc/mounts") as f:
+        return [line.split()[1].replace("\\040", " ") for line in f]
+
+
+def is_mounted(d):
+    return d in mounted_points()
+
+
+def do_unmount(d):
+    for cmd in (["fusermount3", "-u", d], ["umount", d]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            if subprocess.run(cmd, stderr=subprocess.DEVNULL, timeout=60).returncode == 0:
+                return True
+        except subprocess.TimeoutExpired:
+            pass
+    return not is_mounted(d)
+
+
+def fuse_abort(d):
+    """Abort the FUSE connection behind D (a hung server); same approach as scripts/lib.sh."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == d:
+                minor = parts[2].split(":")[1]
+                path = f"/sys/fs/fuse/connections/{minor}/abort"
+                if os.path.exists(path):
+                    warn(f"aborting FUSE connection {minor} for {d}")
+                    with open(path, "w") as a:
+                        a.write("1")
+                return
+
+
+def wait_for(cond, what, timeout, proc=None, logfile=None):
+    """Poll COND until true; fail at the deadline or when PROC has died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"{what}: process exited with {proc.returncode}{tail(logfile)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not within {timeout}s{tail(logfile)}")
+        time.sleep(0.02)
+
+
+def tail(logfile, n=25):
+    if not logfile or not os.path.exists(logfile):
+        return ""
+    with open(logfile, errors="replace") as f:
+        lines = f.readlines()[-n:]
+    return "\n---- " + logfile + " ----\n" + "".join("    " + ANSI.sub("", x) for x in lines)
+
+
+def spawn(name, argv, logfile):
+    lf = open(logfile, "ab")
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    lf.close()
+    REG.add_proc(name, p)
+    return p
+
+
+def proc_cpu(pid):
+    """utime+stime of PID (all threads) in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        s = f.read()
+    fields = s[s.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drop_caches():
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# A TCP proxy that counts bytes (master -> slave is "up")
+# ---------------------------------------------------------------------------------------
+
+class CountingProxy:
+    def __init__(self, target_port):
+        self.target = ("127.0.0.1", target_port)
+        self.up = 0
+        self.down = 0
+        self.lock = threading.Lock()
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(8)
+        self.port = self.ls.getsockname()[1]
+        self.socks = []
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            try:
+                s = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            for x in (c, s):
+                x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.socks += [c, s]
+            threading.Thread(target=self._pump, args=(c, s, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, "down"), daemon=True).start()
+
+    def _pump(self, a, b, direction):
+        try:
+            while True:
+                data = a.recv(1 << 18)
+                if not data:
+                    break
+                b.sendall(data)
+                with self.lock:
+                    if direction == "up":
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+        except OSError:
+            pass
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def stop(self):
+        self.stopped = True
+        for s in [self.ls] + self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------
+
+class Target:
+    name = ""
+    desc = ""
+    replicated = False
+
+    def start(self, base):
+        """Prepare and return the directory workloads run in."""
+        raise NotImplementedError
+
+    def stop(self):
+        return {}
+
+    # tdfs only
+    def replica_roots(self):
+        return []
+
+    def backing(self):
+        return None
+
+
+class Native(Target):
+    def __init__(self):
+        self.name = "native"
+        self.desc = "a fresh directory on the work filesystem"
+
+    def start(self, base):
+        d = os.path.join(base, "native")
+        os.makedirs(d)
+        return d
+
+
+class SimpleFuse(Target):
+    """bindfs or passthrough_hp over a fresh backing directory, run in the foreground."""
+
+    def __init__(self, name, desc, argv_fn):
+        self.name = name
+        self.desc = desc
+        self.argv_fn = argv_fn
+        self.proc = None
+        self.mnt = None
+
+    def start(self, base):
+        src = os.path.join(base, "src")
+        self.mnt = os.path.join(base, "mnt")
+        os.makedirs(src)
+        os.makedirs(self.mnt)
+        logf = os.path.join(base, "daemon.log")
+        REG.add_mount(self.mnt)
+        self.proc = spawn(self.name, self.argv_fn(src, self.mnt), logf)
+        wait_for(lambda: is_mounted(self.mnt), f"{self.name} mount", 30, self.proc, logf)
+        return self.mnt
+
+    def stop(self):
+        if self.mnt and is_mounted(self.mnt) and not do_unmount(self.mnt):
+            raise BenchError(f"cannot unmount {self.mnt}")
+        REG.forget_mount(self.mnt)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        REG.forget_proc(self.proc)
+        return {}
+
+
+class Tdfs(Target):
+    def __init__(self, name, nslaves, z=0, proxy=False, extra=()):
+        self.name = name
+        self.nslaves = nslaves
+        self.z = z
+        self.proxy = proxy
+        self.extra = list(extra)
+        self.replicated = nslaves > 0
+        self.desc = (f"tdfs, {nslaves} local slave{'s' if nslaves != 1 else ''}"
+                     + (f", -z {z}" if nslaves else "") + ", async (default)")
+        self.master = None
+        self.slaves = []  # (proc, mirror, logfile)
+        self.proxies = []
+
+    def start(self, base):
+        self.base = base
+        self.back = os.path.join(base, "backing")
+        self.mnt = os.path.join(base, "mnt")
+        for d in (self.back, self.mnt):
+            os.makedirs(d)
+        self.slaves, self.proxies = [], []
+        addrs = []
+        for i in range(self.nslaves):
+            mirror = os.path.join(base, f"slave{i}", "mirror")
+            state = os.path.join(base, f"slave{i}", "state")
+            os.makedirs(mirror)
+            logf = os.path.join(base, f"slave{i}.log")
+            p = spawn(f"tdfs slave {i}", [BINS["slave"], "-m", mirror, "-l", "127.0.0.1:0",
+                                          "--state-dir", state], logf)
+            port = [None]
+
+            def listening(logf=logf, port=port):
+                with open(logf, errors="replace") as f:
+                    m = re.search(r"listening on (\S+)", ANSI.sub("", f.read()))
+                if m:
+                    port[0] = int(m.group(1).rsplit(":", 1)[1])
+                return m is not None
+            wait_for(listening, f"slave {i} 'listening on'", 30, p, logf)
+            self.slaves.append((p, mirror, logf))
+            if self.proxy:
+                px = CountingProxy(port[0])
+                self.proxies.append(px)
+                addrs.append(f"127.0.0.1:{px.port}")
+            else:
+                addrs.append(f"127.0.0.1:{port[0]}")
+        argv = [BINS["master"], "-m", self.back]
+        for a in addrs:
+            argv += ["-c", a]
+        argv += ["-z", str(self.z), "--state-dir", os.path.join(base, "mstate")] + self.extra
+        argv.append(self.mnt)
+        self.mlog = os.path.join(base, "master.log")
+        REG.add_mount(self.mnt)
+        self.master = spawn("tdfs master", argv, self.mlog)
+        wait_for(lambda: is_mounted(self.mnt), "tdfs mount", 30, self.master, self.mlog)
+
+        def connected():
+            with open(self.mlog, errors="replace") as f:
+                return f.read().count("connected; streaming") >= self.nslaves
+        wait_for(connected, "master connected to every slave", 30, self.master, self.mlog)
+        return self.mnt
+
+    def replica_roots(self):
+        return [m for (_, m, _) in self.slaves]
+
+    def backing(self):
+        return self.back
+
+    def lost(self):
+        with open(self.mlog, errors="replace") as f:
+            return "out of sync" in f.read()
+
+    def stop(self):
+        t0 = time.monotonic()
+        if is_mounted(self.mnt) and not do_unmount(self.mnt):
+            raise BenchError(f"cannot unmount {self.mnt}")
+        REG.forget_mount(self.mnt)
+        try:
+            rc = self.master.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"tdfs master did not exit after unmount{tail(self.mlog)}")
+        drain = time.monotonic() - t0
+        REG.forget_proc(self.master)
+        lost = self.lost()
+        for p, _, _ in self.slaves:
+            p.terminate()
+        for p, _, logf in self.slaves:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            REG.forget_proc(p)
+        for px in self.proxies:
+            px.stop()
+        if rc != 0:
+            warn(f"{self.name}: master exited {rc} after unmount{tail(self.mlog, 8)}")
+        return {"drain_s": drain, "master_rc": rc, "lost": lost}
+
+
+# ---------------------------------------------------------------------------------------
+# Tree snapshots for "replica identical" (names + types + sizes + mtimes)
+# ---------------------------------------------------------------------------------------
+
+def snapshot(root):
+    out = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            it = os.scandir(os.path.join(root, rel) if rel else root)
+        except FileNotFoundError:
+            return None
+        with it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                r = os.path.join(rel, e.name)
+                isdir = e.is_dir(follow_symlinks=False)
+                out[r] = (st.st_mode >> 12, 0 if isdir else st.st_size, st.st_mtime_ns)
+                if isdir:
+                    stack.append(r)
+    return out
+
+
+def wait_replicas(target, rel, timeout=900):
+    """Seconds until every replica's REL equals the backing's REL (None on timeout)."""
+    if not target.replicated:
+        return None
+    t0 = time.monotonic()
+    want = snapshot(os.path.join(target.backing(), rel))
+    pending = list(target.replica_roots())
+    while pending:
+        pending = [r for r in pending if snapshot(os.path.join(r, rel)) != want]
+        if not pending:
+            break
+        if time.monotonic() - t0 > timeout:
+            warn(f"{target.name}: replicas of {rel} not identical after {timeout}s")
+            return None
+        time.sleep(0.005)
+    return time.monotonic() - t0
+
+
+# ---------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------
+
+def write_file(path, size, buf, fsync=False):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        mv = memoryview(buf)
+        while left > 0:
+            chunk = mv[:min(len(buf), left)]
+            while chunk:
+                n = os.write(fd, chunk)
+                chunk = chunk[n:]
+            left -= min(len(buf), left)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file(path):
+    buf = bytearray(MiB)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            n = os.readv(fd, [buf])
+            if n == 0:
+                break
+            total += n
+    finally:
+        os.close(fd)
+    return total
+
+
+def timed(fn, *a, **kw):
+    t0 = time.monotonic()
+    fn(*a, **kw)
+    return time.monotonic() - t0
+
+
+def cpu_of(target):
+    if not isinstance(target, Tdfs):
+        return None
+    return (proc_cpu(target.master.pid), [proc_cpu(p.pid) for p, _, _ in target.slaves])
+
+
+def fio_run(path, rw, size_mib, runtime):
+    argv = ["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", "--bs=4k",
+            f"--size={size_mib}M", "--ioengine=psync", "--invalidate=0", "--time_based",
+            f"--runtime={runtime}", "--output-format=json", "--numjobs=1"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 300)
+    if r.returncode != 0:
+        raise BenchError(f"fio failed: {r.stderr.strip()[:500]}")
+    j = json.loads(r.stdout[r.stdout.index("{"):])
+    job = j["jobs"][0]
+    return job["read" if rw == "randread" else "write"]["iops"]
+
+
+def py_random_io(path, rw, size_mib, ops):
+    fd = os.open(path, os.O_RDWR)
+    blocks = size_mib * MiB // 4096
+    rnd = random.Random(1)
+    buf = os.urandom(4096)
+    t0 = time.monotonic()
+    try:
+        for _ in range(ops):
+            off = rnd.randrange(blocks) * 4096
+            if rw == "randread":
+                os.pread(fd, 4096, off)
+            else:
+                os.pwrite(fd, buf, off)
+    finally:
+        os.close(fd)
+    return ops / (time.monotonic() - t0)
+
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.res = {}  # target -> metric -> [values]
+        self.notes = []
+        self.buf = os.urandom(MiB) if not args.zero_data else bytes(MiB)
+        self.can_drop = True
+
+    def rec(self, tname, metric, value):
+        if value is not None:
+            self.res.setdefault(tname, {}).setdefault(metric, []).append(value)
+
+    def fresh(self, root, name):
+        d = os.path.join(root, name)
+        os.mkdir(d)
+        return d
+
+    def settle(self, target, root, rel, metric):
+        """After a workload: wait until replicas of REL are identical; record the time."""
+        if target.replicated:
+            self.rec(target.name, "catchup:" + metric, wait_replicas(target, rel))
+            if target.lost():
+                self.rec(target.name, "lost", 1)
+
+    # -- the workloads; each on a fresh subdirectory of ROOT -------------------------------
+
+    def w_seqwrite(self, t, root, run):
+        a = self.a
+        size = a.size_mib * MiB
+        for fs in (False, True):
+            key = "seqwrite_fsync" if fs else "seqwrite"
+            d = self.fresh(root, f"{key}-{run}")
+            os.sync()
+            c0 = cpu_of(t)
+            t0 = time.monotonic()
+            write_file(os.path.join(d, "big"), size, self.buf, fsync=fs)
+            el = time.monotonic() - t0
+            c1 = cpu_of(t)
+            self.rec(t.name, key, size / MiB / el)
+            self.settle(t, root, os.path.basename(d), key)
+            if c0 is not None and t.replicated and not fs:
+                c2 = cpu_of(t)
+                gib = size / (1 << 30)
+                self.rec(t.name, "cpu_master_per_gib", (c1[0] - c0[0]) / gib)
+                self.rec(t.name, "cpu_slave_per_gib",
+                         statistics.mean(x - y for x, y in zip(c2[1], c0[1])) / gib)
+            if fs:
+                # read the fsynced file back: cold, then warm
+                p = os.path.join(d, "big")
+                if drop_caches():
+                    self.rec(t.name, "seqread_cold", size / MiB / timed(read_file, p))
+                else:
+                    self.can_drop = False
+                    read_file(p)
+                self.rec(t.name, "seqread_warm", size / MiB / timed(read_file, p))
+            # leave no GiB files behind (a single unlink is cheap)
+            os.unlink(os.path.join(d, "big"))
+            self.settle(t, root, os.path.basename(d), "unlink")
+
+    def w_random(self, t, root, run):
+        a = self.a
+        d = self.fresh(root, f"random-{run}")
+        p = os.path.join(d, "rnd")
+        write_file(p, a.rand_mib * MiB, self.buf)
+        self.settle(t, root, os.path.basename(d), "layout")
+        read_file(p)  # warm
+        os.sync()
+        for rw in ("randread", "randwrite"):
+            if shutil.which("fio") and not a.no_fio:
+                iops = fio_run(p, rw, a.rand_mib, a.fio_runtime)
+            else:
+                iops = py_random_io(p, rw, a.rand_mib, a.py_ops)
+            self.rec(t.name, rw, iops)
+        self.settle(t, root, os.path.basename(d), "randwrite")
+        os.unlink(p)
+
+    def w_smallfiles(self, t, root, run):
+        n = self.a.files
+        d = self.fresh(root, f"small-{run}")
+        data = self.buf[:4096]
+        per_dir = 1000
+        paths = []
+        for i in range(n):
+            paths.append(os.path.join(d, f"d{i // per_dir:03d}", f"f{i:06d}"))
+        os.sync()
+        t0 = time.monotonic()
+        for i, p in enumerate(paths):
+            if i % per_dir == 0:
+                os.mkdir(os.path.dirname(p))
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, data)
+            os.close(fd)
+        self.rec(t.name, "create", n / (time.monotonic() - t0))
+        self.settle(t, root, os.path.basename(d), "create")
+        t0 = time.monotonic()
+        for p in paths:
+            os.stat(p)
+        self.rec(t.name, "stat", n / (time.monotonic() - t0))
+        t0 = time.monotonic()
+        for p in paths:
+            os.unlink(p)
+        self.rec(t.name, "delete", n / (time.monotonic() - t0))
+        self.settle(t, root, os.path.basename(d), "delete")
+
+    def w_untar(self, t, root, run):
+        d = self.fresh(root, f"untar-{run}")
+        os.sync()
+        t0 = time.monotonic()
+        r = subprocess.run(["tar", "-xf", self.tarball, "-C", d], stderr=subprocess.PIPE,
+                           text=True, errors="replace")
+        self.rec(t.name, "untar", time.monotonic() - t0)
+        self.check(t, r, "tar -xf")
+        self.settle(t, root, os.path.basename(d), "untar")
+
+    def w_clone(self, t, root, run):
+        dest = os.path.join(root, f"clone-{run}")
+        os.sync()
+        t0 = time.monotonic()
+        r = subprocess.run(["git", "clone", "-q", "--no-hardlinks", REPO, dest],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           errors="replace")
+        self.rec(t.name, "clone", time.monotonic() - t0)
+        self.check(t, r, "git clone")
+        self.settle(t, root, os.path.basename(dest), "clone")
+
+    def check(self, t, r, what):
+        """A failing command still yields a time, but the table says so."""
+        if r.returncode != 0:
+            lines = r.stderr.strip().splitlines()
+            note = (f"{t.name}: `{what}` exited {r.returncode} ({len(lines)} error lines; first: "
+                    f"`{lines[0].strip() if lines else ''}`); its time is still listed")
+            if not any(n.startswith(note.split(" (")[0]) for n in self.notes):
+                self.notes.append(note)
+            warn(note)
+
+    WORKLOADS = ("seqwrite", "random", "smallfiles", "untar", "clone")
+
+    def run_target(self, t, run):
+        base = os.path.join(self.work, f"{t.name}-{run}")
+        os.makedirs(base)
+        log(f"run {run}: {t.name}")
+        root = t.start(base)
+        try:
+            for w in self.WORKLOADS:
+                if w in self.a.skip:
+                    continue
+                getattr(self, "w_" + w)(t, root, run)
+        finally:
+            info = t.stop()
+        if info.get("drain_s") is not None and t.replicated:
+            self.rec(t.name, "drain", info["drain_s"])
+        if info.get("master_rc"):
+            self.notes.append(f"{t.name} run {run}: master exited {info['master_rc']} after unmount")
+        if info.get("lost"):
+            self.notes.append(f"{t.name} run {run}: a slave fell behind the master's in-memory "
+                              "queue and was marked out of sync (its numbers after that point "
+                              "do not include replication)")
+        shutil.rmtree(base, ignore_errors=True)
+
+    # -- replication metrics (tdfs, 1 slave) --------------------------------------------------
+
+    def repl_lag(self, run):
+        a = self.a
+        t = Tdfs("tdfs-1", 1)
+        base = os.path.join(self.work, f"lag-{run}")
+        os.makedirs(base)
+        root = t.start(base)
+        try:
+            n = int(a.lag_rate * a.lag_secs)
+            rel = "lag"
+            os.mkdir(os.path.join(root, rel))
+            wait_replicas(t, rel)
+            mirror = os.path.join(t.replica_roots()[0], rel)
+            contents = [(b"%08d" % i) + self.buf[8:4096] for i in range(n)]
+            ctx = multiprocessing.get_context("fork")
+            parent, child = ctx.Pipe()
+            poller = ctx.Process(target=lag_poller, args=(child, mirror, contents, 120))
+            poller.start()
+            try:
+                parent.recv()  # poller ready
+                closes = []
+                t0 = time.monotonic()
+                for i in range(n):
+                    due = t0 + i / a.lag_rate
+                    while True:
+                        now = time.monotonic()
+                        if now >= due:
+                            break
+                        time.sleep(min(due - now, 0.01))
+                    fd = os.open(os.path.join(root, rel, f"f{i:06d}"),
+                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    os.write(fd, contents[i])
+                    os.close(fd)
+                    closes.append(time.monotonic())
+                achieved = n / (time.monotonic() - t0)
+                seen = parent.recv()
+            finally:
+                poller.join(timeout=150)
+                if poller.is_alive():
+                    poller.kill()
+                    poller.join()
+            lags = [(s - c) * 1000 for s, c in zip(seen, closes) if s is not None]
+            missing = sum(1 for s in seen if s is None)
+            self.lag_samples.extend(lags)
+            self.rec("repl", "lag_rate", achieved)
+            if missing:
+                self.notes.append(f"lag run {run}: {missing} files never became visible on the slave")
+
+            # burst: 1,000 files as fast as possible, then time until the replica is identical
+            rel = "burst"
+            d = os.path.join(root, rel)
+            os.mkdir(d)
+            wait_replicas(t, rel)
+            data = self.buf[:4096]
+            t0 = time.monotonic()
+            for i in range(a.burst):
+                fd = os.open(os.path.join(d, f"b{i:05d}"), os.O_WRONLY | os.O_CREAT, 0o644)
+                os.write(fd, data)
+                os.close(fd)
+            t1 = time.monotonic()
+            self.rec("repl", "burst_write", a.burst / (t1 - t0))
+            self.rec("repl", "burst_catchup", wait_replicas(t, rel))
+        finally:
+            t.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+    def repl_wire(self, run):
+        """Bytes master->slave through a counting proxy, -z 0 vs -z 1."""
+        a = self.a
+        for z in (0, 1):
+            t = Tdfs(f"wire-z{z}", 1, z=z, proxy=True)
+            base = os.path.join(self.work, f"wire{z}-{run}")
+            os.makedirs(base)
+            root = t.start(base)
+            try:
+                px = t.proxies[0]
+                d = self.fresh(root, "src")
+                wait_replicas(t, "src")
+                u0 = px.up
+                subprocess.run(["tar", "-xf", self.tarball, "-C", d], check=True)
+                wait_replicas(t, "src")
+                self.rec("repl", f"wire_src_z{z}", px.up - u0)
+                d = self.fresh(root, "rnd")
+                wait_replicas(t, "rnd")
+                u0 = px.up
+                write_file(os.path.join(d, "big"), a.wire_mib * MiB, self.buf)
+                wait_replicas(t, "rnd")
+                self.rec("repl", f"wire_rnd_z{z}", px.up - u0)
+            finally:
+                t.stop()
+            shutil.rmtree(base, ignore_errors=True)
+
+    def scale(self, run):
+        a = self.a
+        size = a.scale_mib * MiB
+        for n in a.scale_slaves:
+            t = Tdfs(f"scale-{n}", n)
+            base = os.path.join(self.work, f"scale{n}-{run}")
+            os.makedirs(base)
+            log(f"run {run}: scale, {n} slave(s)")
+            root = t.start(base)
+            try:
+                d = self.fresh(root, "w")
+                wait_replicas(t, "w")
+                os.sync()
+                t0 = time.monotonic()
+                write_file(os.path.join(d, "big"), size, self.buf)
+                el = time.monotonic() - t0
+                self.rec("scale", f"master_{n}", size / MiB / el)
+                if n:
+                    c = wait_replicas(t, "w")
+                    if c is not None:
+                        self.rec("scale", f"repl_{n}", size / MiB / (el + c))
+                    if t.lost():
+                        self.rec("scale", f"lost_{n}", 1)
+            finally:
+                info = t.stop()
+            if info.get("lost"):
+                self.notes.append(f"scale {n} slaves run {run}: a slave was marked out of sync")
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def lag_poller(conn, mirror, contents, timeout):
+    """Busy-polls the slave's copies in order (slaves apply in the master's total order, so
+    a file not yet complete means later ones are not either); 0.1 ms naps keep it from
+    starving the daemons on a small machine."""
+    n = len(contents)
+    seen = [None] * n
+    conn.send("ready")
+    i = 0
+    deadline = time.monotonic() + timeout
+    while i < n and time.monotonic() < deadline:
+        p = os.path.join(mirror, f"f{i:06d}")
+        try:
+            if os.stat(p).st_size == len(contents[i]):
+                with open(p, "rb") as f:
+                    if f.read() == contents[i]:
+                        seen[i] = time.monotonic()
+                        i += 1
+                        continue
+        except FileNotFoundError:
+            pass
+        time.sleep(0.0001)
+    conn.send(seen)
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+def med(v):
+    return statistics.median(v) if v else None
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return "–"
+    if unit == "s":
+        return f"{x:.2f}" if x < 100 else f"{x:.0f}"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def pct(v, q):
+    v = sorted(v)
+    if not v:
+        return None
+    k = (len(v) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def report(b, targets, skipped, env):
+    a = b.a
+    R = b.res
+    out = []
+    P = out.append
+    P(f"# tdfs benchmark — {env['date']}\n")
+    P(f"Command: `{env['cmd']}`  ")
+    P(f"Machine: {env['machine']}  ")
+    P(f"tdfs: {env['rev']} (release build); medians of {a.runs} run(s); data "
+      f"{'zeros' if a.zero_data else 'incompressible (one random 1 MiB buffer reused per block)'}.\n")
+    P("Targets:\n")
+    for t in targets:
+        P(f"- **{t.name}**: {t.desc}")
+    for name, why in skipped:
+        P(f"- **{name}**: skipped — {why}")
+    P("")
+    names = [t.name for t in targets]
+    rows = [
+        ("seqwrite", f"seq write {a.size_mib} MiB, 1 MiB blocks", "MiB/s", True),
+        ("seqwrite_fsync", f"seq write {a.size_mib} MiB + fsync", "MiB/s", True),
+        ("seqread_cold", f"seq read {a.size_mib} MiB, cold", "MiB/s", True),
+        ("seqread_warm", f"seq read {a.size_mib} MiB, warm", "MiB/s", True),
+        ("randread", f"4 KiB random read, {a.rand_mib} MiB file (warm)", "IOPS", True),
+        ("randwrite", f"4 KiB random write, {a.rand_mib} MiB file", "IOPS", True),
+        ("create", f"create {a.files:,} × 4 KiB files", "files/s", True),
+        ("stat", f"stat {a.files:,} files", "files/s", True),
+        ("delete", f"delete {a.files:,} files", "files/s", True),
+        ("untar", f"untar {b.tar_files:,} files ({b.tar_mib:.0f} MiB)", "s", False),
+        ("clone", "git clone --no-hardlinks (this repo)", "s", False),
+    ]
+    P(f"## Workloads (median; in parentheses: speed relative to native, >1 = faster)\n")
+    P("| workload | unit | " + " | ".join(names) + " |")
+    P("|---|---|" + "---|" * len(names))
+    for key, label, unit, higher in rows:
+        nat = med(R.get("native", {}).get(key, []))
+        cells = []
+        for n in names:
+            v = med(R.get(n, {}).get(key, []))
+            c = fmt(v, unit)
+            if v is not None and nat and n != "native":
+                rel = v / nat if higher else nat / v
+                c += f" ({rel:.2f}×)"
+            cells.append(c)
+        P(f"| {label} | {unit} | " + " | ".join(cells) + " |")
+    P("")
+    if not b.can_drop:
+        P("Cold reads: could not write /proc/sys/vm/drop_caches; cold numbers are missing.\n")
+
+    reps = [t for t in targets if t.replicated]
+    if reps:
+        P("## Replication catch-up (tdfs; seconds from the end of a workload until every "
+          "replica's tree is identical — names, types, sizes, mtimes)\n")
+        rn = [t.name for t in reps]
+        P("| after | " + " | ".join(rn) + " |")
+        P("|---|" + "---|" * len(rn))
+        for key, label in (("seqwrite", "seq write"), ("seqwrite_fsync", "seq write + fsync"),
+                           ("randwrite", "random write"), ("create", "create files"),
+                           ("delete", "delete files"), ("untar", "untar"), ("clone", "git clone")):
+            P(f"| {label} | " + " | ".join(fmt(med(R.get(n, {}).get("catchup:" + key, [])), "s")
+                                         for n in rn) + " |")
+        P("| unmount → master drained and exited | "
+          + " | ".join(fmt(med(R.get(n, {}).get("drain", [])), "s") for n in rn) + " |")
+        P("")
+        P("| CPU seconds per GiB written (seq write, no fsync) | " + " | ".join(rn) + " |")
+        P("|---|" + "---|" * len(rn))
+        P("| master (all threads, during the write) | "
+          + " | ".join(fmt(med(R.get(n, {}).get("cpu_master_per_gib", []))) for n in rn) + " |")
+        P("| slave (mean per slave, write + catch-up) | "
+          + " | ".join(fmt(med(R.get(n, {}).get("cpu_slave_per_gib", []))) for n in rn) + " |")
+        P("")
+
+    rp = R.get("repl", {})
+    if rp:
+        P("## Replication (tdfs, 1 local slave, -z 0 unless noted)\n")
+        P("| metric | value |")
+        P("|---|---|")
+        if b.lag_samples:
+            s = b.lag_samples
+            P(f"| close() on master → content visible on slave, 4 KiB files at "
+              f"{a.lag_rate}/s for {a.lag_secs} s (achieved {fmt(med(rp.get('lag_rate', [])))} /s; "
+              f"{len(s)} samples) | p50 {pct(s, .5):.2f} ms, p99 {pct(s, .99):.2f} ms, "
+              f"max {max(s):.2f} ms |")
+        if rp.get("burst_catchup"):
+            P(f"| burst of {a.burst:,} × 4 KiB files (written at "
+              f"{fmt(med(rp.get('burst_write', [])))} files/s): end of burst → replica identical "
+              f"| {fmt(med(rp['burst_catchup']) * 1000)} ms |")
+        for kind, label in (("src", f"untar of {b.tar_files:,} source files "
+                                    f"({b.tar_bytes / MiB:.1f} MiB of file data)"),
+                            ("rnd", f"{a.wire_mib} MiB of incompressible data")):
+            z0 = med(rp.get(f"wire_{kind}_z0", []))
+            z1 = med(rp.get(f"wire_{kind}_z1", []))
+            if z0 and z1:
+                payload = b.tar_bytes if kind == "src" else a.wire_mib * MiB
+                P(f"| bytes master→slave, {label} | -z 0: {z0 / MiB:.1f} MiB "
+                  f"({z0 / payload:.2f}× data), -z 1: {z1 / MiB:.1f} MiB ({z1 / payload:.2f}× data); "
+                  f"-z 1 / -z 0 = {z1 / z0:.2f} |")
+        P("")
+
+    sc = R.get("scale", {})
+    if sc:
+        P(f"## Scale: master seq write {a.scale_mib} MiB with N local slaves (median)\n")
+        P("| slaves | master MiB/s | vs 0 slaves | cost per added slave (vs previous row) | "
+          "replicated MiB/s (until every replica identical) | slave marked out of sync |")
+        P("|---|---|---|---|---|---|")
+        base = med(sc.get("master_0", []))
+        prev_n, prev = None, None
+        for n in a.scale_slaves:
+            v = med(sc.get(f"master_{n}", []))
+            if v is None:
+                continue
+            vs0 = f"{(v / base - 1) * 100:+.0f}%" if base and n else "–"
+            per = "–"
+            if prev is not None and n != prev_n:
+                per = f"{(1 - v / prev) / (n - prev_n) * 100:.1f}%"
+            lost = len(sc.get(f"lost_{n}", []))
+            P(f"| {n} | {fmt(v)} | {vs0} | {per} | {fmt(med(sc.get(f'repl_{n}', [])))} | "
+              f"{f'{lost} of {a.runs} runs' if lost else 'no'} |")
+            prev_n, prev = n, v
+        P("")
+
+    P("## Notes\n")
+    P("- Everything shares one machine: a local slave writes the same data to the same disk "
+      "and page cache, on the same cores, as the master and the workload. Writes without "
+      "fsync land in the page cache (the 1 GiB file fits in RAM many times), so they measure "
+      "the data path, not the disk; `sync` runs (untimed) before each workload so dirty pages "
+      "of the previous one are not flushed inside it.")
+    P("- Cold reads: `sync; echo 3 > /proc/sys/vm/drop_caches` before the read; it also drops "
+      "the backing file's cache under a FUSE target. Warm: the same file read again at once.")
+    P("- tdfs is asynchronous: its write numbers are the master's speed; the catch-up table "
+      "shows how far the replicas were behind when the workload ended.")
+    if not shutil.which("fio") or a.no_fio:
+        P(f"- Random I/O: python os.pread/os.pwrite loop of {a.py_ops:,} ops (fio not used).")
+    else:
+        P(f"- Random I/O: fio, psync engine, 1 job, 4 KiB, {a.fio_runtime} s time-based, "
+          "--invalidate=0 on a file just read in full (warm).")
+    for n in b.notes:
+        P(f"- {n}")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+BINS = {}
+
+
+def make_tarball(work, nfiles, src="/usr/include"):
+    """A tarball of the first NFILES regular files under SRC (sorted), made at bench time."""
+    files = []
+    for dp, dns, fns in os.walk(src):
+        dns.sort()
+        for fn in sorted(fns):
+            p = os.path.join(dp, fn)
+            if os.path.isfile(p) and not os.path.islink(p):
+                files.append(p)
+    files.sort()
+    files = files[:nfiles]
+    path = os.path.join(work, "source.tar")
+    total = 0
+    with tarfile.open(path, "w") as tf:
+        for p in files:
+            tf.add(p, arcname=os.path.relpath(p, os.path.dirname(src)), recursive=False)
+            total += os.path.getsize(p)
+    return path, len(files), total
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="runs per target (median; default 3)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke version: 64 MiB, 2,000 files, 1 run, short fio, fewer scale points")
+    ap.add_argument("--out", help="markdown file for the tables (default /tmp/tdfs-bench-<time>.md; "
+                                  "raw numbers go next to it as .json)")
+    ap.add_argument("--targets", help="comma-separated subset of: native,bindfs,passthrough_hp,"
+                                      "passthrough_hp-nocache,tdfs-0,tdfs-1,tdfs-1-z1,tdfs-2")
+    ap.add_argument("--sections", default="workloads,repl,scale",
+                    help="comma-separated subset of workloads,repl,scale")
+    ap.add_argument("--skip", default="", help="workloads to skip: seqwrite,random,smallfiles,untar,clone")
+    ap.add_argument("--size-mib", type=int, help="sequential write/read size (default 1024)")
+    ap.add_argument("--rand-mib", type=int, help="random I/O file size (default 256)")
+    ap.add_argument("--files", type=int, help="small files (default 20000)")
+    ap.add_argument("--tar-files", type=int, help="files in the source tarball (default 3000)")
+    ap.add_argument("--scale-mib", type=int, help="scale write size (default 512)")
+    ap.add_argument("--scale-slaves", help="slave counts for the scale table (default 0,1,2,4,8)")
+    ap.add_argument("--fio-runtime", type=int, help="seconds per fio job (default 8)")
+    ap.add_argument("--zero-data", action="store_true", help="write zeros instead of random data")
+    ap.add_argument("--no-fio", action="store_true", help="python random I/O loop instead of fio")
+    ap.add_argument("--py-ops", type=int, default=20000, help="ops of the python random I/O loop")
+    ap.add_argument("--passthrough-hp", default=PTHP_DEFAULT, help="passthrough_hp binary")
+    ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
+    ap.add_argument("--bin-dir", help="directory with tdfs and tdfs-slave (implies --no-build)")
+    ap.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp"),
+                    help="where the fresh work directory is made (default $TMPDIR or /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    a = ap.parse_args()
+    q = a.quick
+    a.size_mib = a.size_mib or (64 if q else 1024)
+    a.rand_mib = a.rand_mib or (32 if q else 256)
+    a.files = a.files or (2000 if q else 20000)
+    a.tar_files = a.tar_files or (500 if q else 3000)
+    a.scale_mib = a.scale_mib or (64 if q else 512)
+    a.scale_slaves = [int(x) for x in (a.scale_slaves or ("0,1,2" if q else "0,1,2,4,8")).split(",")]
+    a.fio_runtime = a.fio_runtime or (2 if q else 8)
+    if q and "--runs" not in sys.argv:
+        a.runs = 1
+    a.lag_rate = 500
+    a.lag_secs = 2 if q else 5
+    a.burst = 1000
+    a.wire_mib = 16 if q else 128
+    a.skip = set(x for x in a.skip.split(",") if x)
+    a.sections = set(a.sections.split(","))
+    return a
+
+
+def build_targets(a):
+    pthp = a.passthrough_hp
+    all_t = [Native()]
+    skipped = []
+    if shutil.which("bindfs"):
+        all_t.append(SimpleFuse("bindfs", "bindfs --multithreaded -o big_writes (fuse2), foreground",
+                                lambda s, m: ["bindfs", "-f", "--multithreaded", "-o", "big_writes",
+                                              s, m]))
+    else:
+        skipped.append(("bindfs", "not installed (scripts/bench/setup.sh or apt-get install bindfs)"))
+    if os.access(pthp, os.X_OK):
+        all_t.append(SimpleFuse("passthrough_hp", "libfuse example/passthrough_hp, default options "
+                                "(writeback cache, keep_cache, 1-day attr/entry timeouts, splice)",
+                                lambda s, m: [pthp, "--foreground", s, m]))
+        all_t.append(SimpleFuse("passthrough_hp-nocache", "passthrough_hp --nocache (no writeback "
+                                "cache, no keep_cache, zero timeouts; closer to tdfs' settings)",
+                                lambda s, m: [pthp, "--foreground", "--nocache", s, m]))
+    else:
+        skipped.append(("passthrough_hp", f"{pthp} not built (run scripts/bench/setup.sh)"))
+    all_t += [Tdfs("tdfs-0", 0), Tdfs("tdfs-1", 1, 0), Tdfs("tdfs-1-z1", 1, 1), Tdfs("tdfs-2", 2)]
+    if a.targets:
+        want = a.targets.split(",")
+        unknown = set(want) - {t.name for t in all_t} - {n for n, _ in skipped}
+        if unknown:
+            raise SystemExit(f"unknown targets: {','.join(sorted(unknown))}")
+        all_t = [t for t in all_t if t.name in want]
+        skipped = [(n, w) for n, w in skipped if n in want]
+    return all_t, skipped
+
+
+def main():
+    a = parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (FUSE mounts with allow_other, drop_caches)")
+    if not os.path.exists("/dev/fuse"):
+        raise SystemExit("/dev/fuse is missing")
+    if a.bin_dir:
+        bindir = a.bin_dir
+    else:
+        bindir = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")),
+                              "release")
+        if not a.no_build:
+            log("cargo build --release -p tdfs -p tdfs-slave")
+            subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "tdfs", "-p",
+                            "tdfs-slave"], cwd=REPO, check=True)
+    BINS["master"] = os.path.join(bindir, "tdfs")
+    BINS["slave"] = os.path.join(bindir, "tdfs-slave")
+    for b in BINS.values():
+        if not os.access(b, os.X_OK):
+            raise SystemExit(f"missing binary {b}")
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = a.out or os.path.join("/tmp", f"tdfs-bench-{stamp}.md")
+
+    def on_signal(sig, _frame):
+        raise KeyboardInterrupt(f"signal {sig}")
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+    targets, skipped = build_targets(a)
+    b = Bench(a)
+    b.lag_samples = []
+    REG.work = tempfile.mkdtemp(prefix="tdfs-bench.", dir=a.workdir)
+    os.chmod(REG.work, 0o755)
+    b.work = REG.work
+    ok = False
+    try:
+        b.tarball, b.tar_files, b.tar_bytes = make_tarball(REG.work, a.tar_files)
+        b.tar_mib = b.tar_bytes / MiB
+        log(f"source tarball: {b.tar_files} files, {b.tar_mib:.1f} MiB from /usr/include")
+        t_start = time.monotonic()
+        for run in range(1, a.runs + 1):
+            if "workloads" in a.sections:
+                for t in targets:
+                    b.run_target(t, run)
+            if "repl" in a.sections:
+                log(f"run {run}: replication metrics")
+                b.repl_lag(run)
+                b.repl_wire(run)
+            if "scale" in a.sections:
+                b.scale(run)
+        rev = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
+                             capture_output=True, text=True).stdout.strip()
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+        fstype = next((l.split()[2] for l in open("/proc/mounts")
+                       if l.split()[1] == subprocess.run(["findmnt", "-no", "TARGET", "-T", a.workdir],
+                                                         capture_output=True, text=True).stdout.strip()),
+                      "?")
+        env = {
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "cmd": " ".join(["scripts/bench/run.py"] + sys.argv[1:]),
+            "machine": f"{platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs, "
+                       f"{mem:.0f} GiB RAM, work dir on {fstype} ({a.workdir})",
+            "rev": rev or "?",
+        }
+        text = report(b, targets, skipped, env)
+        text += f"\nTotal time: {(time.monotonic() - t_start) / 60:.1f} min.\n"
+        with open(out, "w") as f:
+            f.write(text)
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            json.dump({"results": b.res, "lag_ms": b.lag_samples, "notes": b.notes,
+                       "env": env}, f, indent=1)
+        print(text)
+        log(f"tables written to {out} (raw numbers: {os.path.splitext(out)[0]}.json)")
+        ok = True
+    except KeyboardInterrupt as e:
+        warn(f"interrupted ({e}); cleaning up")
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        REG.cleanup(keep=a.keep)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
