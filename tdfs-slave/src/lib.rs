@@ -6,6 +6,7 @@
 //! - [`apply`]: one op into syscalls beneath the root.
 //! - [`confine`]: resolving paths without ever leaving the root.
 //! - [`inspect`]: listings and digests for sync and verify (used by the master too).
+//! - [`transport`]: `--allow`, TLS and shared-secret authentication before a session.
 //! - [`state`]: which master and sequence number the tree reflects.
 
 pub mod apply;
@@ -14,6 +15,7 @@ pub mod inspect;
 pub mod listener;
 pub mod session;
 pub mod state;
+pub mod transport;
 
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::apply::Applier;
 use crate::session;
 use crate::state::State;
+use crate::transport::{self, BoxWrite, Security};
 
 /// What the apply side owns; only one session holds it at a time.
 pub struct Core {
@@ -41,6 +42,7 @@ pub struct Shared {
     pub stopping: AtomicBool,
     stop_tx: watch::Sender<bool>,
     nodelay: bool,
+    security: OnceLock<Security>,
 }
 
 /// Poisoning only means a thread panicked while holding the lock; the data it guards is
@@ -58,7 +60,19 @@ impl Shared {
             stopping: AtomicBool::new(false),
             stop_tx,
             nodelay,
+            security: OnceLock::new(),
         })
+    }
+
+    /// Sets `--allow`, TLS and the shared secret; call before [`serve`]. Unset: all off.
+    pub fn set_security(&self, sec: Security) {
+        if self.security.set(sec).is_err() {
+            panic!("security settings set twice");
+        }
+    }
+
+    fn security(&self) -> &Security {
+        self.security.get_or_init(Security::default)
     }
 
     pub fn core(&self) -> MutexGuard<'_, Core> {
@@ -143,30 +157,39 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        if !shared.security().admit(&peer) {
+            drop(stream);
+            continue;
+        }
         if let Err(e) = configure(&stream, shared.nodelay) {
             tracing::warn!("configuring socket from {peer}: {e}");
         }
-        match shared.claim(peer) {
-            Ok(guard) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    session::run(stream, peer, shared).await;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            // TLS and authentication come first: a peer that fails them never takes the
+            // slot nor learns whether a master is connected.
+            let Some((rd, wr)) = transport::accept(stream, peer, shared.security()).await else {
+                return;
+            };
+            match shared.claim(peer) {
+                Ok(guard) => {
+                    session::run(rd, wr, peer, shared).await;
                     drop(guard);
-                });
+                }
+                Err(cur) => {
+                    let message = format!(
+                        "another master ({} from {}) is already connected",
+                        cur.label, cur.peer
+                    );
+                    tracing::warn!("refusing connection from {peer}: {message}");
+                    refuse(wr, RefuseCode::Busy, message).await;
+                }
             }
-            Err(cur) => {
-                let message = format!(
-                    "another master ({} from {}) is already connected",
-                    cur.label, cur.peer
-                );
-                tracing::warn!("refusing connection from {peer}: {message}");
-                tokio::spawn(refuse(stream, RefuseCode::Busy, message));
-            }
-        }
+        });
     }
 }
 
-async fn refuse(mut stream: TcpStream, code: RefuseCode, message: String) {
+async fn refuse(mut stream: BoxWrite, code: RefuseCode, message: String) {
     let payload = Refuse { code, message }.encode();
     let f = frame::encode_vec(FrameType::Refuse, 0, &payload, Compression::None);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use tdfs_protocol::DEFAULT_PORT;
+use tdfs_security::{AllowList, Secret, TlsFiles};
 use tdfs_slave::apply::Applier;
 use tdfs_slave::listener::{self, Core, Shared};
 use tdfs_slave::state::{self, State};
+use tdfs_slave::transport::Security;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Receive a tdfs master's stream of filesystem mutations and apply them to DIR.
@@ -48,6 +50,91 @@ struct Cli {
     /// /var/lib/tdfs-slave/<canonical path of DIR with '/' replaced by '_'>.
     #[arg(long = "state-dir", value_name = "STATE_DIR")]
     state_dir: Option<PathBuf>,
+
+    /// File holding the secret shared with the master (mode 0600 or stricter; at least 16
+    /// bytes). A master must prove it before anything it sends is applied, and this slave
+    /// proves it back.
+    #[arg(long = "secret-file", value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+
+    /// Accept connections only from this address, network (ADDR/PREFIX) or host name.
+    /// Repeat for more. Others are closed right after accept.
+    #[arg(long = "allow", value_name = "HOST/CIDR")]
+    allow: Vec<String>,
+
+    /// TLS: this slave's certificate chain (PEM). It must name the host (or IP address) the
+    /// master uses in -c as a subjectAltName.
+    #[arg(long = "tls-cert", value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+
+    /// TLS: the private key (PEM) of --tls-cert.
+    #[arg(long = "tls-key", value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+
+    /// TLS: the CA certificate(s) (PEM) that must have signed the master's client
+    /// certificate (required with TLS).
+    #[arg(long = "tls-ca", value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+
+    /// Allow listening beyond loopback with no authentication at all (no --secret-file and
+    /// no TLS): anyone who can reach the port can then change DIR. For trusted networks only.
+    #[arg(long = "insecure")]
+    insecure: bool,
+}
+
+/// Loads the security settings, refusing an unauthenticated listener beyond loopback.
+fn security(cli: &Cli) -> anyhow::Result<Security> {
+    let secret = cli
+        .secret_file
+        .as_deref()
+        .map(Secret::load)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let tls = TlsFiles::from_args(
+        cli.tls_cert.clone(),
+        cli.tls_key.clone(),
+        cli.tls_ca.clone(),
+    )
+    .map_err(anyhow::Error::msg)?
+    .map(|f| tdfs_security::tls::acceptor(&f))
+    .transpose()
+    .map_err(anyhow::Error::msg)?;
+    let allow = AllowList::parse(&cli.allow).map_err(anyhow::Error::msg)?;
+    let authenticated = secret.is_some() || tls.is_some();
+    if !authenticated {
+        if !cli.listen.ip().is_loopback() && !cli.insecure {
+            bail!(
+                "refusing to listen on {} without authentication: anyone who can reach it could \
+                 rewrite the mirror. Give --secret-file FILE (the same secret as the master's \
+                 --secret-file; mode 0600), and/or TLS (--tls-cert, --tls-key, --tls-ca), or \
+                 listen on loopback only (-l 127.0.0.1:PORT), or pass --insecure on a trusted \
+                 network",
+                cli.listen
+            );
+        }
+        if !cli.listen.ip().is_loopback() {
+            tracing::warn!(
+                "--insecure: accepting unauthenticated masters on {}; anyone who can reach it \
+                 can change the mirror",
+                cli.listen
+            );
+        }
+    }
+    tracing::info!(
+        "master connections: shared-secret authentication {}, TLS {}, --allow {}",
+        if secret.is_some() { "on" } else { "off" },
+        if tls.is_some() {
+            "on (client certificate required)"
+        } else {
+            "off"
+        },
+        if allow.is_empty() {
+            "any address".to_string()
+        } else {
+            cli.allow.join(", ")
+        }
+    );
+    Ok(Security::new(secret, tls, allow))
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -90,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Modes from the master must come out exactly, not masked.
     // SAFETY: umask cannot fail and has no memory-safety preconditions.
     unsafe { libc::umask(0) };
+    let security = security(&cli)?;
     let root = cli
         .mirror
         .canonicalize()
@@ -115,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             durable: 0,
         };
         let shared = Shared::new(core, !cli.no_nodelay);
+        shared.set_security(security);
         let l =
             listener::bind(cli.listen).with_context(|| format!("listening on {}", cli.listen))?;
         let addr = l.local_addr()?;

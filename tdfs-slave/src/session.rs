@@ -16,10 +16,10 @@ use tdfs_protocol::msg::{
 };
 use tdfs_protocol::{op, Compression, FrameError, Op, OpKind, WirePath, HEADER_LEN, MAX_PAYLOAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::listener::Shared;
+use crate::transport::{BoxRead, BoxWrite};
 
 /// The read buffer never needs more than one whole frame plus what is already parsed out.
 const BUF_MAX: usize = MAX_PAYLOAD + HEADER_LEN;
@@ -63,7 +63,8 @@ impl fmt::Display for End {
 }
 
 struct Session {
-    stream: TcpStream,
+    rd: BoxRead,
+    wr: BoxWrite,
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
@@ -88,10 +89,11 @@ struct Session {
 }
 
 /// Runs a session to its end; never returns an error, only logs it.
-pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared>) {
     let stop = shared.stop_rx();
     let mut s = Session {
-        stream,
+        rd,
+        wr,
         peer,
         shared,
         stop,
@@ -121,13 +123,13 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             tracing::info!("session with {peer} ended: {end}")
         }
     }
-    let _ = s.stream.shutdown().await;
+    let _ = s.wr.shutdown().await;
 }
 
 impl Session {
     async fn send(&mut self, kind: FrameType, payload: &[u8]) -> io::Result<()> {
         let f = frame::encode_vec(kind, 0, payload, Compression::None);
-        self.stream.write_all(&f).await
+        self.wr.write_all(&f).await
     }
 
     async fn refuse(&mut self, code: RefuseCode, message: String) -> End {
@@ -155,7 +157,7 @@ impl Session {
         }
         let want = room.min(READ_CHUNK);
         let res = tokio::select! {
-            r = self.stream.read(&mut self.scratch[..want]) => Some(r),
+            r = self.rd.read(&mut self.scratch[..want]) => Some(r),
             _ = self.stop.wait_for(|s| *s) => None,
         };
         match res {
@@ -453,7 +455,7 @@ impl Session {
         }
         for (kind, id, payload) in &res.replies {
             let f = frame::encode_vec(*kind, *id, payload, Compression::None);
-            self.stream.write_all(&f).await.map_err(End::Io)?;
+            self.wr.write_all(&f).await.map_err(End::Io)?;
         }
         if let Some(f) = &res.failed {
             tracing::error!(

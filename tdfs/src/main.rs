@@ -6,6 +6,7 @@ mod fs;
 mod inode;
 mod ops;
 mod repl;
+mod security;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -62,6 +63,24 @@ struct Cli {
     /// How long to wait at shutdown for connected slaves to acknowledge every op, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     drain_timeout: u64,
+
+    /// File holding the secret shared with the slaves (mode 0600 or stricter; at least 16
+    /// bytes). The master proves it to each slave and requires each slave to prove it back.
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+
+    /// TLS to the slaves: this master's certificate chain (PEM), presented to every slave.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+
+    /// TLS: the private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+
+    /// TLS: the CA certificate(s) (PEM) that must have signed every slave's certificate. A
+    /// slave's certificate must name the host part of its -c address in a subjectAltName.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
 
     /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short = 'v', action = clap::ArgAction::Count)]
@@ -170,6 +189,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         .iter()
         .map(|s| parse_slave(s, default_z, !cli.no_nodelay))
         .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let tls = tdfs_security::TlsFiles::from_args(
+        cli.tls_cert.clone(),
+        cli.tls_key.clone(),
+        cli.tls_ca.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    security::init(cli.secret_file.as_deref(), tls)?;
 
     // Modes must reach the backing tree exactly as the caller asked (the kernel already
     // applied the caller's umask).

@@ -1,11 +1,12 @@
 //! How the master reaches a slave: the byte stream under the protocol. Everything that
-//! wraps the connection (socket options today; authentication and TLS belong here too)
-//! stays in this module so the link logic only sees a reader and a writer.
+//! wraps the connection (socket options, TLS, shared-secret authentication) stays in this
+//! module so the link logic only sees a reader and a writer.
 
 use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
+use tdfs_security::{handshake, AuthError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -15,8 +16,11 @@ pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
 pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TLS handshake plus the shared-secret exchange.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects to a slave and returns the two halves of a ready-to-use stream.
+/// Connects to a slave and returns the two halves of a ready-to-use stream: TLS-wrapped
+/// and authenticated when so configured ([`crate::security`]).
 pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.addr))
         .await
@@ -30,6 +34,69 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
             .with_interval(Duration::from_secs(5))
             .with_retries(3),
     )?;
-    let (rd, wr) = stream.into_split();
-    Ok((Box::pin(rd), Box::pin(wr)))
+    let sec = crate::security::get();
+    match &sec.tls {
+        None => {
+            let mut stream = stream;
+            authenticate(&mut stream, cfg).await?;
+            let (rd, wr) = stream.into_split();
+            Ok((Box::pin(rd), Box::pin(wr)))
+        }
+        Some(tls) => {
+            let name = tdfs_security::tls::server_name(&cfg.addr)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let mut stream = tokio::time::timeout(AUTH_TIMEOUT, tls.connect(name, stream))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+                .map_err(|e| {
+                    tracing::error!(slave = %cfg.addr, "TLS handshake with slave {} failed: {e}", cfg.addr);
+                    io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))
+                })?;
+            authenticate(&mut stream, cfg).await?;
+            let (rd, wr) = tokio::io::split(stream);
+            Ok((Box::pin(rd), tdfs_security::tls::flushing(wr)))
+        }
+    }
+}
+
+/// The shared-secret exchange, when a secret is configured; failures are logged here (the
+/// link retries with backoff).
+async fn authenticate<S>(stream: &mut S, cfg: &SlaveConfig) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(secret) = &crate::security::get().secret else {
+        return Ok(());
+    };
+    let res = tokio::time::timeout(AUTH_TIMEOUT, handshake::connect(stream, secret))
+        .await
+        .unwrap_or_else(|_| {
+            Err(AuthError::Protocol(
+                "no answer within the authentication timeout".into(),
+            ))
+        });
+    match res {
+        Ok(()) => {
+            tracing::debug!(slave = %cfg.addr, "authenticated");
+            Ok(())
+        }
+        Err(e) => {
+            match &e {
+                AuthError::Refused(m) => tracing::error!(
+                    slave = %cfg.addr,
+                    "slave {} refused authentication: {m}",
+                    cfg.addr
+                ),
+                e => tracing::error!(
+                    slave = %cfg.addr,
+                    "authentication with slave {} failed: {e}",
+                    cfg.addr
+                ),
+            }
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("authentication failed: {e}"),
+            ))
+        }
+    }
 }

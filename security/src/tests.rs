@@ -1,0 +1,148 @@
+use std::net::IpAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::handshake::{self, AuthError};
+use crate::{AllowList, Secret};
+
+fn secret(s: &str) -> Secret {
+    Secret::from_bytes(s.as_bytes().to_vec()).unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs both sides over an in-memory pipe; returns (master result, slave result).
+fn exchange(m: Secret, s: Secret) -> (Result<(), AuthError>, Result<(), AuthError>) {
+    rt().block_on(async move {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let master = async move {
+            let r = handshake::connect(&mut a, &m).await;
+            drop(a);
+            r
+        };
+        let slave = async move {
+            let r = handshake::accept(&mut b, &s).await;
+            drop(b);
+            r
+        };
+        tokio::join!(master, slave)
+    })
+}
+
+#[test]
+fn same_secret_authenticates_both_ways() {
+    let (m, s) = exchange(
+        secret("0123456789abcdef-one"),
+        secret("0123456789abcdef-one\n"),
+    );
+    m.unwrap();
+    s.unwrap();
+}
+
+#[test]
+fn wrong_secret_is_refused_on_both_sides() {
+    let (m, s) = exchange(
+        secret("0123456789abcdef-one"),
+        secret("0123456789abcdef-two"),
+    );
+    assert!(
+        matches!(&m, Err(AuthError::Refused(msg)) if msg == handshake::FAILED_MESSAGE),
+        "{m:?}"
+    );
+    assert!(matches!(s, Err(AuthError::Failed(_))), "{s:?}");
+}
+
+#[test]
+fn hello_without_auth_is_refused() {
+    rt().block_on(async {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let hello = tdfs_protocol::msg::Hello {
+            proto_min: 1,
+            proto_max: 1,
+            master_id: [1; 16],
+            next_seq: 1,
+            label: "x".repeat(1000),
+        };
+        let f = tdfs_protocol::frame::encode_vec(
+            tdfs_protocol::FrameType::Hello,
+            0,
+            &hello.encode(),
+            tdfs_protocol::Compression::None,
+        );
+        a.write_all(&f).await.unwrap();
+        let r = handshake::accept(&mut b, &secret("0123456789abcdef")).await;
+        assert!(matches!(r, Err(AuthError::Failed(_))), "{r:?}");
+        drop(b);
+        let mut got = Vec::new();
+        a.read_to_end(&mut got).await.unwrap();
+        let f = tdfs_protocol::frame::parse(&got).unwrap();
+        assert_eq!(f.kind, tdfs_protocol::FrameType::Refuse);
+        let r = tdfs_protocol::msg::Refuse::decode(&f.payload).unwrap();
+        assert!(r.message.contains("--secret-file"), "{}", r.message);
+    });
+}
+
+#[test]
+fn secret_rules() {
+    assert!(Secret::from_bytes(b"short\n".to_vec()).is_err());
+    assert_eq!(
+        Secret::from_bytes(b"0123456789abcdef\r\n".to_vec())
+            .unwrap()
+            .bytes(),
+        b"0123456789abcdef"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s");
+    std::fs::write(&p, "0123456789abcdef0123\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Secret::load(&p).unwrap_err();
+    assert!(e.contains("chmod 600"), "{e}");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(Secret::load(&p).is_err());
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(Secret::load(&p).is_ok());
+    assert!(format!("{:?}", Secret::load(&p).unwrap()).contains("20 bytes"));
+}
+
+#[test]
+fn allow_lists() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let l =
+        AllowList::parse(&["10.0.0.0/8".into(), "192.168.1.7".into(), "fd00::/8".into()]).unwrap();
+    assert!(l.allows(ip("10.1.2.3")));
+    assert!(l.allows(ip("::ffff:10.1.2.3")));
+    assert!(l.allows(ip("192.168.1.7")));
+    assert!(!l.allows(ip("192.168.1.8")));
+    assert!(!l.allows(ip("127.0.0.1")));
+    assert!(l.allows(ip("fd12::1")));
+    assert!(!l.allows(ip("fe80::1")));
+    let all = AllowList::parse(&["0.0.0.0/0".into()]).unwrap();
+    assert!(all.allows(ip("8.8.8.8")));
+    assert!(!all.allows(ip("::1")));
+    assert!(AllowList::parse(&[]).unwrap().allows(ip("1.2.3.4")));
+    assert!(AllowList::parse(&["10.0.0.0/33".into()]).is_err());
+    assert!(AllowList::parse(&["10.0.0.0/x".into()]).is_err());
+    assert!(AllowList::parse(&["localhost".into()])
+        .unwrap()
+        .allows(ip("127.0.0.1")));
+}
+
+#[test]
+fn server_names() {
+    use crate::tls::server_name;
+    assert_eq!(
+        format!("{:?}", server_name("localhost:4731").unwrap()),
+        format!(
+            "{:?}",
+            rustls_pki_types::ServerName::try_from("localhost").unwrap()
+        )
+    );
+    assert!(server_name("127.0.0.1:1").is_ok());
+    assert!(server_name("[::1]:1").is_ok());
+}
