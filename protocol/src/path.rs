@@ -56,7 +56,7 @@ pub fn validate_name(name: &[u8]) -> Result<(), PathError> {
 
 /// A validated path relative to the mirrored root, stored joined with `/` so that it can be
 /// handed to `openat2` without rebuilding it.
-#[derive(Clone, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct WirePath {
     joined: Vec<u8>,
 }

@@ -323,20 +323,21 @@ impl Session {
             match f.kind {
                 FrameType::Ops => {
                     if !self.started && !batches.iter().any(|w| matches!(w, Work::Ops(..))) {
-                        if f.seq > self.next_hint {
+                        // Without a sync first, the stream must continue exactly where this
+                        // tree stopped: anything else would skip or repeat ops.
+                        let (pm, pa) = self.prev;
+                        let synced =
+                            self.syncing || batches.iter().any(|w| matches!(w, Work::Begin));
+                        let fresh = pm == [0; 16] && pa == 0;
+                        if !synced && !fresh && (pm != self.master || f.seq != pa.saturating_add(1))
+                        {
                             after = Some(End::Protocol(format!(
-                                "first ops frame carries seq {}, beyond the master's next seq {}",
-                                f.seq, self.next_hint
+                                "first ops frame carries seq {} but this tree is at seq {pa} of {}: \
+                                 the master must sync it first",
+                                f.seq,
+                                if pm == self.master { "this master" } else { "another master" }
                             )));
                             break;
-                        }
-                        let (pm, pa) = self.prev;
-                        if pm == self.master && f.seq != pa.saturating_add(1) {
-                            tracing::warn!(
-                                "master resumes at seq {} but seq {pa} was applied last: {} (catch-up is not implemented; continuing)",
-                                f.seq,
-                                if f.seq > pa.saturating_add(1) { "gap" } else { "overlap" }
-                            );
                         }
                         self.started = true;
                         self.expected = f.seq;
@@ -380,7 +381,22 @@ impl Session {
                     break;
                 }
                 FrameType::SyncBegin => batches.push(Work::Begin),
-                FrameType::SyncEnd => batches.push(Work::End),
+                FrameType::SyncEnd => {
+                    // The sync leaves the replica at the master's state just before seq
+                    // f.seq; live ops continue from there.
+                    if !self.started {
+                        self.started = true;
+                        self.expected = f.seq;
+                        expected = f.seq;
+                    } else if f.seq != expected {
+                        after = Some(End::Protocol(format!(
+                            "sync ends at seq {}, expected {expected}",
+                            f.seq
+                        )));
+                        break;
+                    }
+                    batches.push(Work::End(f.seq));
+                }
                 FrameType::SyncOps => match op::decode_batch(&f.payload) {
                     Ok(ops) => batches.push(Work::Sync(ops)),
                     Err(e) => {
@@ -522,7 +538,7 @@ enum Work {
     Ops(u64, Vec<Op>),
     Sync(Vec<Op>),
     Begin,
-    End,
+    End(u64),
     List(u64, WirePath),
     Sum(u64, WirePath),
 }
@@ -633,8 +649,15 @@ fn apply_blocking(
                 res.syncing = true;
                 continue;
             }
-            Work::End => {
+            Work::End(seq) => {
                 res.syncing = false;
+                if seq > 0 {
+                    res.next = res.next.max(seq);
+                    if let Err(e) = core.state.record(master, seq - 1) {
+                        res.state_error = Some(e);
+                        break 'outer;
+                    }
+                }
                 continue;
             }
             Work::List(id, p) => {
@@ -651,6 +674,11 @@ fn apply_blocking(
             Work::Sync(ops) => {
                 for op in &ops {
                     if let Err(e) = core.applier.apply(op) {
+                        if differs(&e) {
+                            // A live op moved or removed what this fix was for.
+                            res.misses.extend(op_paths(op));
+                            continue;
+                        }
                         res.failed = Some(Failed {
                             seq: res.next,
                             errno: e.raw_os_error().unwrap_or(libc::EIO),

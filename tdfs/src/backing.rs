@@ -85,6 +85,11 @@ impl Backing {
         })
     }
 
+    /// Another fd on the root, for the replication layer's syncs.
+    pub fn dup_root(&self) -> io::Result<OwnedFd> {
+        self.root.try_clone()
+    }
+
     pub fn root_fd(&self) -> RawFd {
         self.root.as_raw_fd()
     }

@@ -20,7 +20,7 @@ use fuser::{Config, MountOption, SessionACL};
 use tdfs_protocol::{Compression, DEFAULT_PORT};
 use tracing::{error, info};
 
-use crate::repl::{MasterState, Replicator, SlaveConfig};
+use crate::repl::{MasterState, ReplConfig, Replicator, SlaveConfig};
 
 /// A mirroring FUSE filesystem: mounts MOUNTPOINT over DIR and replicates every change, in
 /// order, to tdfs-slave daemons.
@@ -59,6 +59,11 @@ struct Cli {
     /// behind is marked out of sync instead of growing the master's memory.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     queue_size: usize,
+
+    /// Disk for ops a lagging or absent slave still needs, in MiB (in the state directory).
+    /// A slave further behind is brought back by an incremental sync instead.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    journal_size: u64,
 
     /// How long to wait at shutdown for connected slaves to acknowledge every op, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
@@ -218,9 +223,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         rt.handle(),
         slaves,
         &state,
-        label,
-        cli.queue_size.max(1) << 20,
-    );
+        ReplConfig {
+            label,
+            mem_cap: cli.queue_size.max(1) << 20,
+            journal_bytes: cli.journal_size.max(1) << 20,
+            root: backing.dup_root()?,
+        },
+    )
+    .with_context(|| format!("opening the journal in {}", state_dir.display()))?;
     info!(
         master = %state.id_hex(),
         next_seq = state.next_seq,

@@ -553,7 +553,11 @@ impl Ops {
             });
             // A directory moved to another parent has its ".." rewritten; carry its times
             // (and the other side's, for an exchange) so nothing is left to the slave's clock.
-            op = op.with_touch(Touch::Own(times_of(&self.backing.lstat(&to)?)));
+            let moved = self.backing.lstat(&to)?;
+            if moved.st_mode & libc::S_IFMT == libc::S_IFDIR || flags & RENAME_EXCHANGE != 0 {
+                self.repl.note_dir_rename();
+            }
+            op = op.with_touch(Touch::Own(times_of(&moved)));
             if flags & RENAME_EXCHANGE != 0 {
                 op = op.with_touch(Touch::Path(
                     from.clone(),

@@ -1,4 +1,5 @@
-//! One slave's link: connect (with backoff), handshake, stream ops from the log, read acks.
+//! One slave's link: connect (with backoff), handshake, sync when needed, stream ops from the
+//! log or the journal, and read acknowledgements.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -6,22 +7,26 @@ use std::time::Duration;
 
 use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{self, Ack, ApplyError, Hello, HelloAck, Refuse};
-use tdfs_protocol::{Compression, Frame, FrameError};
+use tdfs_protocol::sync::{Digest, Listing, Misses};
+use tdfs_protocol::{Compression, Frame, FrameError, WirePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use super::{transport, BatchResult, Shared, SlaveStatus};
+use super::journal;
+use super::transport::{self, BoxRead, BoxWrite};
+use super::{BatchResult, LinkState, Shared, SlaveStatus};
 
 /// Largest batch of ops in one frame (the frame limit is 8 MiB; one write op is ≤ 1 MiB plus
 /// its path, so this always fits).
-const BATCH_BYTES: usize = 2 << 20;
+pub(super) const BATCH_BYTES: usize = 2 << 20;
 const BATCH_OPS: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-enum LinkError {
+pub(super) enum LinkError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("bad frame: {0}")]
@@ -34,12 +39,20 @@ enum LinkError {
     Protocol(String),
     #[error("slave failed to apply an op")]
     ApplyFailed,
-    #[error("slave needs ops the log no longer holds")]
+    #[error("slave needs ops the master no longer holds")]
     Lost,
 }
 
+/// What the read half reports to the link.
+pub(super) enum Event {
+    Listing(u64, Listing),
+    Digest(u64, Digest),
+    Misses(Vec<WirePath>),
+    Closed(LinkError),
+}
+
 /// Reads one whole frame, keeping what follows it in `buf`.
-async fn read_frame<R: AsyncRead + Unpin>(
+async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<Frame>, LinkError> {
@@ -77,56 +90,265 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
         if shared.closing.load(Ordering::Acquire) {
             return;
         }
-        if me.lost.load(Ordering::Acquire) {
-            // Without the ops it missed, streaming would apply later ops to a tree that lacks
-            // earlier ones. Stay away until a resync exists for it.
-            return;
-        }
-        match session(&shared, &me).await {
+        let r = session(&shared, &me).await;
+        let was = me.connected.swap(false, Ordering::AcqRel);
+        me.set_state(LinkState::Disconnected);
+        shared.note_ack();
+        match r {
             Ok(()) => {
                 info!(slave = %addr, "session ended: every op acknowledged");
-                me.connected.store(false, Ordering::Release);
-                shared.note_ack();
                 return;
             }
-            Err(e) => {
-                let was = me.connected.swap(false, Ordering::AcqRel);
-                shared.note_ack();
-                match e {
-                    LinkError::Lost => {
-                        me.lost.store(true, Ordering::Release);
-                        error!(slave = %addr, "slave is out of sync: it needs ops this master no longer holds");
-                        return;
-                    }
-                    LinkError::ApplyFailed => {
-                        // Logged where the error arrived; retry from what it applied.
-                    }
-                    e if was => warn!(slave = %addr, "link lost: {e}; reconnecting"),
-                    e if !quiet => {
-                        warn!(slave = %addr, "cannot reach slave: {e}; retrying with backoff");
-                        quiet = true;
-                    }
-                    e => debug!(slave = %addr, "still cannot reach slave: {e}"),
+            Err(LinkError::Lost) => {
+                shared.require_sync(&me, "it needs ops this master no longer holds");
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            Err(LinkError::ApplyFailed) => {
+                // Logged where the error arrived; retried from what the slave applied.
+            }
+            Err(e) if was => warn!(slave = %addr, "link lost: {e}; reconnecting"),
+            Err(e) if !quiet => {
+                warn!(slave = %addr, "cannot reach slave: {e}; retrying with backoff");
+                quiet = true;
+            }
+            Err(e) => debug!(slave = %addr, "still cannot reach slave: {e}"),
+        }
+        if was {
+            backoff = BACKOFF_MIN;
+            quiet = false;
+        }
+        // Wake early when closing so shutdown is not held by a sleeping link.
+        let notified = shared.wake.notified();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = notified, if shared.closing.load(Ordering::Acquire) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A connected, handshaken link.
+pub(super) struct Link {
+    pub(super) shared: Arc<Shared>,
+    pub(super) me: Arc<SlaveStatus>,
+    wr: BoxWrite,
+    /// Sequence number of the next live op to send.
+    pub(super) cursor: u64,
+    jreader: journal::Reader,
+    pub(super) events: mpsc::UnboundedReceiver<Event>,
+    payload: Vec<u8>,
+    out: Vec<u8>,
+    pub(super) next_request: u64,
+}
+
+impl Link {
+    pub(super) async fn send_frame(
+        &mut self,
+        kind: FrameType,
+        seq: u64,
+        payload: &[u8],
+    ) -> Result<(), LinkError> {
+        self.out.clear();
+        frame::encode(
+            kind,
+            seq,
+            payload,
+            self.me.config.compression,
+            &mut self.out,
+        );
+        self.wr.write_all(&self.out).await?;
+        self.me
+            .bytes_sent
+            .fetch_add(self.out.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn send_ops(
+        &mut self,
+        kind: FrameType,
+        seq: u64,
+        ops: &[Arc<[u8]>],
+    ) -> Result<(), LinkError> {
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.clear();
+        payload.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+        for o in ops {
+            payload.extend_from_slice(o);
+        }
+        let r = self.send_frame(kind, seq, &payload).await;
+        self.payload = payload;
+        r
+    }
+
+    /// Sends sync ops (already encoded), in frames of bounded size.
+    pub(super) async fn send_sync(&mut self, ops: Vec<Arc<[u8]>>) -> Result<(), LinkError> {
+        let mut start = 0;
+        while start < ops.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < ops.len() && (end == start || bytes + ops[end].len() <= BATCH_BYTES) {
+                bytes += ops[end].len();
+                end += 1;
+            }
+            self.send_ops(FrameType::SyncOps, 0, &ops[start..end])
+                .await?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Sends live ops from the cursor up to (not including) `stop`.
+    pub(super) async fn send_live(&mut self, stop: u64) -> Result<(), LinkError> {
+        while self.cursor < stop {
+            match self.shared.batch_from(self.cursor, BATCH_BYTES, BATCH_OPS) {
+                BatchResult::Lost => return Err(LinkError::Lost),
+                BatchResult::Empty => break,
+                BatchResult::Ops(first, mut ops) => {
+                    ops.truncate((stop - first) as usize);
+                    self.send_ops(FrameType::Ops, first, &ops).await?;
+                    self.cursor = first + ops.len() as u64;
+                    self.me
+                        .ops_sent
+                        .fetch_add(ops.len() as u64, Ordering::Relaxed);
                 }
-                if was {
-                    backoff = BACKOFF_MIN;
+                BatchResult::Journal(view, mem_front) => {
+                    let from = self.cursor;
+                    let until = stop.min(mem_front);
+                    let mut reader = std::mem::take(&mut self.jreader);
+                    let r = tokio::task::spawn_blocking(move || {
+                        let r = reader.read(&view, from, until, BATCH_BYTES);
+                        (reader, r)
+                    })
+                    .await
+                    .map_err(|e| LinkError::Protocol(format!("journal reader: {e}")))?;
+                    self.jreader = r.0;
+                    let ops = match r.1? {
+                        None => return Err(LinkError::Lost),
+                        Some(ops) if ops.is_empty() => {
+                            // Being appended right now; the memory log has moved on. Retry.
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        Some(ops) => ops,
+                    };
+                    self.send_ops(FrameType::Ops, from, &ops).await?;
+                    self.cursor = from + ops.len() as u64;
+                    self.me
+                        .ops_sent
+                        .fetch_add(ops.len() as u64, Ordering::Relaxed);
                 }
-                // Wake early when closing so shutdown is not held by a sleeping link.
-                let notified = shared.wake.notified();
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = notified, if shared.closing.load(Ordering::Acquire) => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+        Ok(())
+    }
+
+    /// Waits for the next event from the slave.
+    pub(super) async fn event(&mut self) -> Result<Event, LinkError> {
+        match self.events.recv().await {
+            Some(Event::Closed(e)) => Err(e),
+            Some(ev) => Ok(ev),
+            None => Err(LinkError::Protocol("reader ended".into())),
+        }
+    }
+
+    /// Streams live ops until the master closes and the slave has everything.
+    async fn stream(&mut self) -> Result<(), LinkError> {
+        let shared = self.shared.clone();
+        loop {
+            let notified = shared.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let head = self.shared.head();
+            if self.cursor < head {
+                self.send_live(head).await?;
+                continue;
+            }
+            if self.shared.closing.load(Ordering::Acquire)
+                && self.me.applied.load(Ordering::Acquire) + 1 >= head
+            {
+                self.send_frame(FrameType::Bye, 0, &[]).await?;
+                self.wr.shutdown().await.ok();
+                return Ok(());
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                ev = self.events.recv() => match ev {
+                    Some(Event::Closed(e)) => return Err(e),
+                    None => return Err(LinkError::Protocol("reader ended".into())),
+                    // Late replies or misses after a sync: nothing to do.
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+}
+
+/// Reads acks, errors and replies; updates the slave's status; forwards the rest.
+async fn reader(
+    mut rd: BoxRead,
+    mut rbuf: Vec<u8>,
+    shared: Arc<Shared>,
+    me: Arc<SlaveStatus>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let r: Result<(), LinkError> = async {
+        loop {
+            let Some(f) = read_frame(&mut rd, &mut rbuf).await? else {
+                return Err(LinkError::Protocol("slave closed the connection".into()));
+            };
+            match f.kind {
+                FrameType::Ack => {
+                    let a = Ack::decode(&f.payload)?;
+                    me.applied.fetch_max(a.applied, Ordering::AcqRel);
+                    me.durable.fetch_max(a.durable, Ordering::AcqRel);
+                    if me.state() == LinkState::Streaming {
+                        shared.set_need(&me, a.applied + 1);
+                    }
+                    shared.note_ack();
+                    if shared.closing.load(Ordering::Acquire) {
+                        shared.wake.notify_waiters();
+                    }
+                }
+                FrameType::ApplyError => {
+                    let e = ApplyError::decode(&f.payload)?;
+                    error!(
+                        slave = %me.config.addr,
+                        seq = e.seq,
+                        op = %e.op,
+                        path = %e.path,
+                        errno = e.errno,
+                        "slave failed to apply: {}; it is out of sync until the op applies",
+                        e.message
+                    );
+                    return Err(LinkError::ApplyFailed);
+                }
+                FrameType::Refuse => {
+                    let r = Refuse::decode(&f.payload)?;
+                    return Err(LinkError::Refused(r.message));
+                }
+                FrameType::Listing => {
+                    let _ = tx.send(Event::Listing(f.seq, Listing::decode(&f.payload)?));
+                }
+                FrameType::Digest => {
+                    let _ = tx.send(Event::Digest(f.seq, Digest::decode(&f.payload)?));
+                }
+                FrameType::SyncMiss => {
+                    let _ = tx.send(Event::Misses(Misses::decode(&f.payload)?.paths));
+                }
+                k => return Err(LinkError::Protocol(format!("unexpected {k:?} from slave"))),
+            }
+        }
+    }
+    .await;
+    if let Err(e) = r {
+        let _ = tx.send(Event::Closed(e));
     }
 }
 
 async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), LinkError> {
     let cfg = &me.config;
     let (mut rd, mut wr) = transport::connect(cfg).await?;
-
     let hello = Hello {
         proto_min: msg::PROTO_MIN,
         proto_max: msg::PROTO_MAX,
@@ -154,121 +376,52 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
         }
         k => return Err(LinkError::Protocol(format!("expected HelloAck, got {k:?}"))),
     };
-    let front = shared.front();
-    let head = shared.head();
-    let mut cursor = if ack.last_master == shared.master_id && ack.last_applied + 1 >= front {
-        ack.last_applied + 1
-    } else if ack.last_master == [0; 16] && ack.last_applied == 0 {
-        // A fresh slave: it gets everything this master still holds.
-        front
-    } else if ack.last_master == shared.master_id {
-        return Err(LinkError::Lost);
-    } else {
-        warn!(
-            slave = %cfg.addr,
-            "slave last applied seq {} from another master; streaming from seq {front} \
-             (it must already hold this master's tree)",
-            ack.last_applied
-        );
-        front
+
+    let (tx, events) = mpsc::unbounded_channel();
+    tokio::spawn(reader(rd, rbuf, shared.clone(), me.clone(), tx));
+    let mut link = Link {
+        shared: shared.clone(),
+        me: me.clone(),
+        wr,
+        cursor: 0,
+        jreader: journal::Reader::default(),
+        events,
+        payload: Vec::new(),
+        out: Vec::new(),
+        next_request: 1,
     };
-    if cursor > head {
-        warn!(slave = %cfg.addr, "slave claims seq {} beyond this master's head {head}; streaming from {head}", ack.last_applied);
-        cursor = head;
-    }
-    me.applied.store(cursor - 1, Ordering::Release);
-    me.durable.fetch_max(0, Ordering::Release);
     me.connected.store(true, Ordering::Release);
-    info!(slave = %cfg.addr, from = cursor, head, "connected; streaming");
 
-    // Acks and errors come back on the read half.
-    let reader = {
-        let me = me.clone();
-        let shared = shared.clone();
-        async move {
-            loop {
-                let Some(f) = read_frame(&mut rd, &mut rbuf).await? else {
-                    return Err::<(), LinkError>(LinkError::Protocol(
-                        "slave closed the connection".into(),
-                    ));
-                };
-                match f.kind {
-                    FrameType::Ack => {
-                        let a = Ack::decode(&f.payload)?;
-                        me.applied.fetch_max(a.applied, Ordering::AcqRel);
-                        me.durable.fetch_max(a.durable, Ordering::AcqRel);
-                        shared.note_ack();
-                        if shared.closing.load(Ordering::Acquire) {
-                            shared.wake.notify_waiters();
-                        }
-                    }
-                    FrameType::ApplyError => {
-                        let e = ApplyError::decode(&f.payload)?;
-                        error!(
-                            slave = %me.config.addr,
-                            seq = e.seq,
-                            op = %e.op,
-                            path = %e.path,
-                            errno = e.errno,
-                            "slave failed to apply: {}; it is out of sync until the op applies",
-                            e.message
-                        );
-                        return Err(LinkError::ApplyFailed);
-                    }
-                    FrameType::Refuse => {
-                        let r = Refuse::decode(&f.payload)?;
-                        return Err(LinkError::Refused(r.message));
-                    }
-                    k => return Err(LinkError::Protocol(format!("unexpected {k:?} from slave"))),
-                }
-            }
-        }
+    // Resume where the slave stopped if this master still holds everything after that;
+    // otherwise bring it back by a sync.
+    let (front, head) = {
+        let log = shared.lock();
+        (log.front(), log.next_seq)
     };
-    tokio::pin!(reader);
-
-    let mut payload = Vec::new();
-    let mut out = Vec::new();
-    loop {
-        let notified = shared.wake.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        match shared.batch_from(cursor, BATCH_BYTES, BATCH_OPS) {
-            BatchResult::Lost => return Err(LinkError::Lost),
-            BatchResult::Ops(first, ops) => {
-                payload.clear();
-                payload.extend_from_slice(&(ops.len() as u32).to_le_bytes());
-                for o in &ops {
-                    payload.extend_from_slice(o);
-                }
-                out.clear();
-                frame::encode(FrameType::Ops, first, &payload, cfg.compression, &mut out);
-                tokio::select! {
-                    r = wr.write_all(&out) => r?,
-                    r = &mut reader => return r,
-                }
-                cursor = first + ops.len() as u64;
-                me.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
-                me.ops_sent.fetch_add(ops.len() as u64, Ordering::Relaxed);
-                continue;
-            }
-            BatchResult::Empty => {}
-        }
-        if shared.closing.load(Ordering::Acquire)
-            && me.applied.load(Ordering::Acquire) + 1 >= shared.head()
-        {
-            wr.write_all(&frame::encode_vec(
-                FrameType::Bye,
-                0,
-                &[],
-                Compression::None,
-            ))
-            .await?;
-            wr.shutdown().await.ok();
-            return Ok(());
-        }
-        tokio::select! {
-            _ = &mut notified => {}
-            r = &mut reader => return r,
-        }
+    let resumable = !me.needs_sync.load(Ordering::Acquire)
+        && ack.last_master == shared.master_id
+        && ack.last_applied + 1 >= front
+        && ack.last_applied < head;
+    if resumable {
+        link.cursor = ack.last_applied + 1;
+        me.applied.store(ack.last_applied, Ordering::Release);
+        shared.set_need(me, link.cursor);
+        me.set_state(LinkState::Streaming);
+        info!(slave = %cfg.addr, from = link.cursor, head, "connected; streaming");
+    } else {
+        let why = if ack.last_master == [0; 16] {
+            "new or empty slave".to_string()
+        } else if ack.last_master != shared.master_id {
+            "slave was last fed by another master".to_string()
+        } else if me.needs_sync.load(Ordering::Acquire) {
+            "slave missed ops this master no longer holds".to_string()
+        } else {
+            format!(
+                "slave applied seq {} but this master holds {front}..{head}",
+                ack.last_applied
+            )
+        };
+        link.sync(&why, false).await?;
     }
+    link.stream().await
 }

@@ -5,19 +5,27 @@
 //! are exactly the order in which the mutations took effect on the master, whatever the number
 //! of FUSE threads: a write and a rename can never be reordered on a slave.
 //!
-//! The log keeps encoded ops until every slave has acknowledged them, so a slave that drops its
-//! connection is resent what it missed when it comes back. Its size is capped: a slave that
-//! falls further behind than the cap is marked as needing a full resync instead of making the
-//! master's memory grow, and the master's writers never wait for a slow or dead slave.
+//! The log keeps encoded ops in memory until every slave has them. When it reaches its cap
+//! and a slave still needs its oldest ops (it is slow, frozen or away), they spill to the
+//! on-disk journal ([`journal`]), bounded by `--journal-size`. A slave whose next op is no
+//! longer held anywhere, a new slave, and every slave after an unclean restart of the master
+//! are brought back by an incremental sync ([`sync`]) instead. Memory and disk stay bounded
+//! whatever the lag, and the master's writers never wait for a slow or dead slave.
+//!
+//! Lock order: the log (order) lock, then the inode table's lock; the ack lock is never held
+//! with either.
 
+mod journal;
 mod link;
 mod state;
+mod sync;
 mod transport;
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tdfs_protocol::msg::MasterId;
@@ -25,6 +33,7 @@ use tdfs_protocol::{Compression, Op};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
+use journal::{Journal, SegmentView};
 pub use state::MasterState;
 
 /// A slave as configured on the command line.
@@ -36,6 +45,18 @@ pub struct SlaveConfig {
     pub nodelay: bool,
 }
 
+/// What a link is doing, for logs and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LinkState {
+    Disconnected = 0,
+    Streaming = 1,
+    Syncing = 2,
+}
+
+/// `need_from` of a slave that needs nothing old: it will be synced from the head.
+const NEEDS_NOTHING: u64 = u64::MAX;
+
 /// Live state of one slave, shared between its link task and the rest of the master.
 #[derive(Debug)]
 pub struct SlaveStatus {
@@ -45,10 +66,28 @@ pub struct SlaveStatus {
     /// Highest sequence number durable on the slave.
     pub durable: AtomicU64,
     pub connected: AtomicBool,
-    /// Set when the slave missed ops the log no longer holds: it needs a full resync.
-    pub lost: AtomicBool,
+    /// The oldest op this slave may still need; the log and journal keep everything from
+    /// here on. [`NEEDS_NOTHING`] when the slave will be synced instead.
+    need_from: AtomicU64,
+    /// The slave must be brought back by a sync before it can stream again.
+    pub needs_sync: AtomicBool,
+    state: AtomicU8,
     pub bytes_sent: AtomicU64,
     pub ops_sent: AtomicU64,
+}
+
+impl SlaveStatus {
+    pub fn state(&self) -> LinkState {
+        match self.state.load(Ordering::Acquire) {
+            1 => LinkState::Streaming,
+            2 => LinkState::Syncing,
+            _ => LinkState::Disconnected,
+        }
+    }
+
+    fn set_state(&self, s: LinkState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
 }
 
 struct Entry {
@@ -56,16 +95,26 @@ struct Entry {
     data: Arc<[u8]>,
 }
 
-struct Log {
+pub(crate) struct Log {
     /// Sequence number the next mutation gets.
     next_seq: u64,
     entries: VecDeque<Entry>,
     bytes: usize,
+    journal: Journal,
 }
 
 impl Log {
-    fn front_seq(&self) -> u64 {
+    fn mem_front(&self) -> u64 {
         self.entries.front().map_or(self.next_seq, |e| e.seq)
+    }
+
+    /// The oldest op still held, in memory or in the journal.
+    fn front(&self) -> u64 {
+        match (self.journal.front(), self.journal.end()) {
+            // The journal counts only while it joins up with memory.
+            (Some(f), Some(e)) if e >= self.mem_front() => f.min(self.mem_front()),
+            _ => self.mem_front(),
+        }
     }
 }
 
@@ -74,20 +123,46 @@ pub(crate) struct Shared {
     /// Wakes link tasks when the log grows, a slave acknowledges, or the master closes.
     wake: Notify,
     pub slaves: Vec<Arc<SlaveStatus>>,
-    cap: usize,
+    mem_cap: usize,
     master_id: MasterId,
     label: String,
     closing: AtomicBool,
     /// Signalled on every acknowledgement, for [`Replicator::drain`].
     acked: (Mutex<()>, Condvar),
+    /// The backing tree, for syncs to read (O_PATH directory fd).
+    root: OwnedFd,
+    /// Directory renames so far: a sync pass during which one happened walks again, since a
+    /// directory may have moved from where the walk had yet to go to where it had been.
+    dir_renames: AtomicU64,
+}
+
+/// What a link should send next.
+pub(crate) enum BatchResult {
+    Empty,
+    /// Encoded ops from the given sequence number, from memory.
+    Ops(u64, Vec<Arc<[u8]>>),
+    /// The next ops are in the journal (read them without the lock), up to `stop`.
+    Journal(Vec<SegmentView>, u64),
+    /// The slave needs ops that are held nowhere any more.
+    Lost,
 }
 
 impl Shared {
-    /// Entries with `seq >= from`, at most about `max_bytes` (at least one entry).
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().expect("log poisoned")
+    }
+
+    /// What comes next for a link whose next op is `from`.
     fn batch_from(&self, from: u64, max_bytes: usize, max_ops: usize) -> BatchResult {
-        let log = self.log.lock().expect("log poisoned");
-        if from < log.front_seq() {
-            return BatchResult::Lost;
+        let log = self.lock();
+        let mem_front = log.mem_front();
+        if from < mem_front {
+            return match (log.journal.front(), log.journal.end()) {
+                (Some(f), Some(e)) if f <= from && e >= mem_front => {
+                    BatchResult::Journal(log.journal.view(), mem_front)
+                }
+                _ => BatchResult::Lost,
+            };
         }
         let Some(first) = log.entries.front() else {
             return BatchResult::Empty;
@@ -110,24 +185,68 @@ impl Shared {
     }
 
     fn head(&self) -> u64 {
-        self.log.lock().expect("log poisoned").next_seq
-    }
-
-    fn front(&self) -> u64 {
-        self.log.lock().expect("log poisoned").front_seq()
+        self.lock().next_seq
     }
 
     fn note_ack(&self) {
         let _g = self.acked.0.lock().expect("ack lock poisoned");
         self.acked.1.notify_all();
     }
-}
 
-enum BatchResult {
-    Empty,
-    Ops(u64, Vec<Arc<[u8]>>),
-    /// The slave needs ops from before this sequence number, which the log dropped.
-    Lost,
+    /// Moves a slave's need point (ops before it may be dropped).
+    fn set_need(&self, s: &SlaveStatus, from: u64) {
+        s.need_from.store(from, Ordering::Release);
+    }
+
+    /// Marks a slave as needing a sync (its missing ops are not held any more).
+    fn require_sync(&self, s: &SlaveStatus, why: &str) {
+        if !s.needs_sync.swap(true, Ordering::AcqRel) {
+            warn!(slave = %s.config.addr, "slave will be brought back by an incremental sync: {why}");
+        }
+        s.need_from.store(NEEDS_NOTHING, Ordering::Release);
+    }
+
+    /// Drops what no slave needs, spills to the journal what does not fit in memory.
+    fn trim(&self, log: &mut Log) {
+        let need = self
+            .slaves
+            .iter()
+            .map(|s| s.need_from.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(NEEDS_NOTHING);
+        while let Some(e) = log.entries.front() {
+            if e.seq < need {
+                log.bytes -= e.data.len();
+                log.entries.pop_front();
+            } else if log.bytes > self.mem_cap {
+                let e = log.entries.pop_front().expect("front exists");
+                log.bytes -= e.data.len();
+                match log.journal.append(e.seq, &e.data) {
+                    Ok(Some(below)) => {
+                        for s in &self.slaves {
+                            if s.need_from.load(Ordering::Acquire) < below {
+                                self.require_sync(s, "it is further behind than --journal-size");
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        error!(
+                            "writing the journal: {err}; slaves that need these ops will be synced"
+                        );
+                        let _ = log.journal.clear();
+                        for s in &self.slaves {
+                            if s.need_from.load(Ordering::Acquire) <= e.seq {
+                                self.require_sync(s, "the journal could not be written");
+                            }
+                        }
+                    }
+                }
+            } else {
+                break;
+            }
+        }
+    }
 }
 
 /// The handle the filesystem uses.
@@ -136,15 +255,42 @@ pub struct Replicator {
     shared: Arc<Shared>,
 }
 
+/// Sizes and files of the replication layer.
+pub struct ReplConfig {
+    pub label: String,
+    /// In-memory log cap, bytes.
+    pub mem_cap: usize,
+    /// On-disk journal bound, bytes.
+    pub journal_bytes: u64,
+    /// The backing tree's root (O_PATH directory fd), for syncs.
+    pub root: OwnedFd,
+}
+
 impl Replicator {
-    /// Starts one link task per slave on `rt`.
+    /// Opens the journal and starts one link task per slave on `rt`.
     pub fn start(
         rt: &tokio::runtime::Handle,
         slaves: Vec<SlaveConfig>,
         state: &MasterState,
-        label: String,
-        cap: usize,
-    ) -> Self {
+        cfg: ReplConfig,
+    ) -> io::Result<Self> {
+        let mut journal = Journal::open(&state.dir.join("journal"), cfg.journal_bytes)?;
+        let mut next_seq = state.next_seq;
+        let sync_all = state.was_unclean;
+        if sync_all {
+            // Ops issued just before the crash may be in no journal and on no slave; only
+            // comparing trees can tell what the slaves lack.
+            if journal.front().is_some() {
+                info!("previous run ended uncleanly: dropping the journal; every slave will be synced");
+            }
+            journal.clear()?;
+        } else if let Some(end) = journal.end() {
+            next_seq = next_seq.max(end);
+        }
+        let front = journal
+            .front()
+            .filter(|_| journal.end() == Some(next_seq))
+            .unwrap_or(next_seq);
         let slaves: Vec<_> = slaves
             .into_iter()
             .map(|config| {
@@ -153,7 +299,10 @@ impl Replicator {
                     applied: AtomicU64::new(0),
                     durable: AtomicU64::new(0),
                     connected: AtomicBool::new(false),
-                    lost: AtomicBool::new(false),
+                    // Until a slave says where it is, keep everything the journal has.
+                    need_from: AtomicU64::new(if sync_all { NEEDS_NOTHING } else { front }),
+                    needs_sync: AtomicBool::new(sync_all),
+                    state: AtomicU8::new(LinkState::Disconnected as u8),
                     bytes_sent: AtomicU64::new(0),
                     ops_sent: AtomicU64::new(0),
                 })
@@ -161,28 +310,31 @@ impl Replicator {
             .collect();
         let shared = Arc::new(Shared {
             log: Mutex::new(Log {
-                next_seq: state.next_seq,
+                next_seq,
                 entries: VecDeque::new(),
                 bytes: 0,
+                journal,
             }),
             wake: Notify::new(),
             slaves,
-            cap,
+            mem_cap: cfg.mem_cap,
             master_id: state.id,
-            label,
+            label: cfg.label,
             closing: AtomicBool::new(false),
             acked: (Mutex::new(()), Condvar::new()),
+            root: cfg.root,
+            dir_renames: AtomicU64::new(0),
         });
         for (i, _) in shared.slaves.iter().enumerate() {
             rt.spawn(link::run(shared.clone(), i));
         }
-        Replicator { shared }
+        Ok(Replicator { shared })
     }
 
     /// Runs `f` (a mutation of the backing tree) under the order lock; if it succeeds and
     /// yields an op, the op gets the next sequence number and goes to every slave.
     pub fn mutate<T>(&self, f: impl FnOnce() -> io::Result<(T, Option<Op>)>) -> io::Result<T> {
-        let mut log = self.shared.log.lock().expect("log poisoned");
+        let mut log = self.shared.lock();
         let (value, op) = f()?;
         if let Some(op) = op {
             let mut buf = Vec::with_capacity(64 + op.data_len());
@@ -194,48 +346,16 @@ impl Replicator {
                 seq,
                 data: buf.into(),
             });
-            self.trim(&mut log);
+            self.shared.trim(&mut log);
             drop(log);
             self.shared.wake.notify_waiters();
         }
         Ok(value)
     }
 
-    /// Drops what every slave has applied, then (over the cap) what a lagging slave still
-    /// needs, marking that slave lost rather than growing without bound.
-    fn trim(&self, log: &mut Log) {
-        let min_applied = self
-            .shared
-            .slaves
-            .iter()
-            .filter(|s| !s.lost.load(Ordering::Relaxed))
-            .map(|s| s.applied.load(Ordering::Acquire))
-            .min()
-            .unwrap_or(u64::MAX);
-        while let Some(e) = log.entries.front() {
-            if e.seq <= min_applied || log.bytes > self.shared.cap {
-                let seq = e.seq;
-                log.bytes -= e.data.len();
-                log.entries.pop_front();
-                if seq > min_applied {
-                    for s in &self.shared.slaves {
-                        if s.applied.load(Ordering::Acquire) < seq
-                            && !s.lost.swap(true, Ordering::AcqRel)
-                        {
-                            error!(
-                                slave = %s.config.addr,
-                                "slave fell more than {} MiB behind (needs seq {}, log now starts after it); \
-                                 it is out of sync and needs a full resync",
-                                self.shared.cap >> 20,
-                                s.applied.load(Ordering::Acquire) + 1
-                            );
-                        }
-                    }
-                }
-            } else {
-                break;
-            }
-        }
+    /// Called (under the order lock, from a mutation) when a directory was renamed.
+    pub fn note_dir_rename(&self) {
+        self.shared.dir_renames.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Sequence number of the last op issued (0 when none).
@@ -247,9 +367,9 @@ impl Replicator {
         self.shared.head()
     }
 
-    /// Stops accepting the idea of more ops, waits until every connected slave has applied
-    /// everything (or `timeout` passes), and ends the sessions. Returns the slaves that could
-    /// not finish.
+    /// Waits until every connected slave has applied everything (or `timeout` passes), ends
+    /// the sessions, and keeps on disk what absent slaves still need. Returns the slaves that
+    /// could not finish.
     pub fn drain(&self, timeout: Duration) -> Vec<String> {
         let last = self.last_seq();
         let deadline = Instant::now() + timeout;
@@ -257,15 +377,10 @@ impl Replicator {
         self.shared.wake.notify_waiters();
         let pending = |s: &SlaveStatus| {
             s.connected.load(Ordering::Acquire)
-                && !s.lost.load(Ordering::Acquire)
-                && s.applied.load(Ordering::Acquire) < last
+                && (s.state() == LinkState::Syncing || s.applied.load(Ordering::Acquire) < last)
         };
         let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
-        loop {
-            let waiting: Vec<_> = self.shared.slaves.iter().filter(|s| pending(s)).collect();
-            if waiting.is_empty() {
-                break;
-            }
+        while self.shared.slaves.iter().any(|s| pending(s)) {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -282,18 +397,35 @@ impl Replicator {
         let mut failed = Vec::new();
         for s in &self.shared.slaves {
             let applied = s.applied.load(Ordering::Acquire);
-            if s.lost.load(Ordering::Acquire) {
-                error!(slave = %s.config.addr, "slave is out of sync (missed ops the log no longer holds)");
-                failed.push(s.config.addr.clone());
-            } else if !s.connected.load(Ordering::Acquire) {
-                if applied < last {
-                    warn!(slave = %s.config.addr, applied, last, "slave is disconnected and has not applied every op");
-                }
-            } else if applied < last {
+            if pending(s) {
                 error!(slave = %s.config.addr, applied, last, "slave did not acknowledge every op before the deadline");
                 failed.push(s.config.addr.clone());
-            } else {
+            } else if !s.connected.load(Ordering::Acquire) && applied < last {
+                warn!(slave = %s.config.addr, applied, last, "slave is away; it will catch up when the master runs again");
+            } else if applied >= last {
                 info!(slave = %s.config.addr, applied, "slave has applied every op");
+            }
+        }
+        // What absent slaves still need goes to the journal, so a restart resumes them.
+        {
+            let mut log = self.shared.lock();
+            let need = self
+                .shared
+                .slaves
+                .iter()
+                .map(|s| s.need_from.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(NEEDS_NOTHING);
+            let entries: Vec<Entry> = log.entries.drain(..).collect();
+            log.bytes = 0;
+            for e in entries.into_iter().filter(|e| e.seq >= need) {
+                if let Err(err) = log.journal.append(e.seq, &e.data) {
+                    error!("writing the journal at exit: {err}");
+                    break;
+                }
+            }
+            if let Err(err) = log.journal.sync() {
+                error!("syncing the journal at exit: {err}");
             }
         }
         // Give the links a moment to say Bye so the slaves log an orderly end.

@@ -19,6 +19,8 @@ pub struct MasterState {
     pub dir: PathBuf,
     pub id: MasterId,
     pub next_seq: u64,
+    /// The previous run did not exit cleanly (crash, kill -9, power loss).
+    pub was_unclean: bool,
     /// Serialises saves: the periodic saver and the final save share one temp file name.
     save_lock: Arc<Mutex<()>>,
 }
@@ -71,6 +73,7 @@ impl MasterState {
                     dir: dir.to_path_buf(),
                     id,
                     next_seq,
+                    was_unclean: !clean,
                     save_lock: Arc::default(),
                 }
             }
@@ -81,6 +84,7 @@ impl MasterState {
                     dir: dir.to_path_buf(),
                     id,
                     next_seq: 1,
+                    was_unclean: false,
                     save_lock: Arc::default(),
                 }
             }
