@@ -702,13 +702,12 @@ class Bench:
         os.makedirs(base)
         log(f"run {run}: {t.name}")
         root = t.start(base)
-        try:
-            for w in self.WORKLOADS:
-                if w in self.a.skip:
-                    continue
-                getattr(self, "w_" + w)(t, root, run)
-        finally:
-            info = t.stop()
+        # On an exception (Ctrl-C included) the registry's cleanup unmounts and stops it.
+        for w in self.WORKLOADS:
+            if w in self.a.skip:
+                continue
+            getattr(self, "w_" + w)(t, root, run)
+        info = t.stop()
         if info.get("drain_s") is not None and t.replicated:
             self.rec(t.name, "drain", info["drain_s"])
         if info.get("master_rc"):
@@ -727,63 +726,61 @@ class Bench:
         base = os.path.join(self.work, f"lag-{run}")
         os.makedirs(base)
         root = t.start(base)
+        n = int(a.lag_rate * a.lag_secs)
+        rel = "lag"
+        os.mkdir(os.path.join(root, rel))
+        wait_replicas(t, rel)
+        mirror = os.path.join(t.replica_roots()[0], rel)
+        contents = [(b"%08d" % i) + self.buf[8:4096] for i in range(n)]
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe()
+        poller = ctx.Process(target=lag_poller, args=(child, mirror, contents, 120))
+        poller.start()
         try:
-            n = int(a.lag_rate * a.lag_secs)
-            rel = "lag"
-            os.mkdir(os.path.join(root, rel))
-            wait_replicas(t, rel)
-            mirror = os.path.join(t.replica_roots()[0], rel)
-            contents = [(b"%08d" % i) + self.buf[8:4096] for i in range(n)]
-            ctx = multiprocessing.get_context("fork")
-            parent, child = ctx.Pipe()
-            poller = ctx.Process(target=lag_poller, args=(child, mirror, contents, 120))
-            poller.start()
-            try:
-                parent.recv()  # poller ready
-                closes = []
-                t0 = time.monotonic()
-                for i in range(n):
-                    due = t0 + i / a.lag_rate
-                    while True:
-                        now = time.monotonic()
-                        if now >= due:
-                            break
-                        time.sleep(min(due - now, 0.01))
-                    fd = os.open(os.path.join(root, rel, f"f{i:06d}"),
-                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    os.write(fd, contents[i])
-                    os.close(fd)
-                    closes.append(time.monotonic())
-                achieved = n / (time.monotonic() - t0)
-                seen = parent.recv()
-            finally:
-                poller.join(timeout=150)
-                if poller.is_alive():
-                    poller.kill()
-                    poller.join()
-            lags = [(s - c) * 1000 for s, c in zip(seen, closes) if s is not None]
-            missing = sum(1 for s in seen if s is None)
-            self.lag_samples.extend(lags)
-            self.rec("repl", "lag_rate", achieved)
-            if missing:
-                self.notes.append(f"lag run {run}: {missing} files never became visible on the slave")
-
-            # burst: 1,000 files as fast as possible, then time until the replica is identical
-            rel = "burst"
-            d = os.path.join(root, rel)
-            os.mkdir(d)
-            wait_replicas(t, rel)
-            data = self.buf[:4096]
+            parent.recv()  # poller ready
+            closes = []
             t0 = time.monotonic()
-            for i in range(a.burst):
-                fd = os.open(os.path.join(d, f"b{i:05d}"), os.O_WRONLY | os.O_CREAT, 0o644)
-                os.write(fd, data)
+            for i in range(n):
+                due = t0 + i / a.lag_rate
+                while True:
+                    now = time.monotonic()
+                    if now >= due:
+                        break
+                    time.sleep(min(due - now, 0.01))
+                fd = os.open(os.path.join(root, rel, f"f{i:06d}"),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.write(fd, contents[i])
                 os.close(fd)
-            t1 = time.monotonic()
-            self.rec("repl", "burst_write", a.burst / (t1 - t0))
-            self.rec("repl", "burst_catchup", wait_replicas(t, rel))
+                closes.append(time.monotonic())
+            achieved = n / (time.monotonic() - t0)
+            seen = parent.recv()
+            poller.join(timeout=30)
         finally:
-            t.stop()
+            if poller.is_alive():
+                poller.kill()
+            poller.join()
+        lags = [(s - c) * 1000 for s, c in zip(seen, closes) if s is not None]
+        missing = sum(1 for s in seen if s is None)
+        self.lag_samples.extend(lags)
+        self.rec("repl", "lag_rate", achieved)
+        if missing:
+            self.notes.append(f"lag run {run}: {missing} files never became visible on the slave")
+
+        # burst: 1,000 files as fast as possible, then time until the replica is identical
+        rel = "burst"
+        d = os.path.join(root, rel)
+        os.mkdir(d)
+        wait_replicas(t, rel)
+        data = self.buf[:4096]
+        t0 = time.monotonic()
+        for i in range(a.burst):
+            fd = os.open(os.path.join(d, f"b{i:05d}"), os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, data)
+            os.close(fd)
+        t1 = time.monotonic()
+        self.rec("repl", "burst_write", a.burst / (t1 - t0))
+        self.rec("repl", "burst_catchup", wait_replicas(t, rel))
+        t.stop()
         shutil.rmtree(base, ignore_errors=True)
 
     def repl_wire(self, run):
@@ -794,22 +791,20 @@ class Bench:
             base = os.path.join(self.work, f"wire{z}-{run}")
             os.makedirs(base)
             root = t.start(base)
-            try:
-                px = t.proxies[0]
-                d = self.fresh(root, "src")
-                wait_replicas(t, "src")
-                u0 = px.up
-                subprocess.run(["tar", "-xf", self.tarball, "-C", d], check=True)
-                wait_replicas(t, "src")
-                self.rec("repl", f"wire_src_z{z}", px.up - u0)
-                d = self.fresh(root, "rnd")
-                wait_replicas(t, "rnd")
-                u0 = px.up
-                write_file(os.path.join(d, "big"), a.wire_mib * MiB, self.buf)
-                wait_replicas(t, "rnd")
-                self.rec("repl", f"wire_rnd_z{z}", px.up - u0)
-            finally:
-                t.stop()
+            px = t.proxies[0]
+            d = self.fresh(root, "src")
+            wait_replicas(t, "src")
+            u0 = px.up
+            subprocess.run(["tar", "-xf", self.tarball, "-C", d], check=True)
+            wait_replicas(t, "src")
+            self.rec("repl", f"wire_src_z{z}", px.up - u0)
+            d = self.fresh(root, "rnd")
+            wait_replicas(t, "rnd")
+            u0 = px.up
+            write_file(os.path.join(d, "big"), a.wire_mib * MiB, self.buf)
+            wait_replicas(t, "rnd")
+            self.rec("repl", f"wire_rnd_z{z}", px.up - u0)
+            t.stop()
             shutil.rmtree(base, ignore_errors=True)
 
     def scale(self, run):
@@ -821,22 +816,20 @@ class Bench:
             os.makedirs(base)
             log(f"run {run}: scale, {n} slave(s)")
             root = t.start(base)
-            try:
-                d = self.fresh(root, "w")
-                wait_replicas(t, "w")
-                os.sync()
-                t0 = time.monotonic()
-                write_file(os.path.join(d, "big"), size, self.buf)
-                el = time.monotonic() - t0
-                self.rec("scale", f"master_{n}", size / MiB / el)
-                if n:
-                    c = wait_replicas(t, "w")
-                    if c is not None:
-                        self.rec("scale", f"repl_{n}", size / MiB / (el + c))
-                    if t.lost():
-                        self.rec("scale", f"lost_{n}", 1)
-            finally:
-                info = t.stop()
+            d = self.fresh(root, "w")
+            wait_replicas(t, "w")
+            os.sync()
+            t0 = time.monotonic()
+            write_file(os.path.join(d, "big"), size, self.buf)
+            el = time.monotonic() - t0
+            self.rec("scale", f"master_{n}", size / MiB / el)
+            if n:
+                c = wait_replicas(t, "w")
+                if c is not None:
+                    self.rec("scale", f"repl_{n}", size / MiB / (el + c))
+                if t.lost():
+                    self.rec("scale", f"lost_{n}", 1)
+            info = t.stop()
             if info.get("lost"):
                 self.notes.append(f"scale {n} slaves run {run}: a slave was marked out of sync")
             shutil.rmtree(base, ignore_errors=True)
@@ -1219,6 +1212,8 @@ def main():
         ok = True
     except KeyboardInterrupt as e:
         warn(f"interrupted ({e}); cleaning up")
+    except (BenchError, subprocess.CalledProcessError) as e:
+        warn(f"benchmark failed: {e}; cleaning up")
     finally:
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, signal.SIG_IGN)
