@@ -110,12 +110,25 @@ pub struct Slave {
     logs: Vec<PathBuf>,
     port: u16,
     nodelay_off: bool,
+    /// More arguments for every run (e.g. `--secret-file F`).
+    extra_args: Vec<String>,
 }
 
 impl Slave {
     /// Starts a slave on `dir` listening on an ephemeral loopback port; logs go to files in
     /// `log_dir`.
     pub fn start(dir: &Path, state_dir: &Path, log_dir: &Path, nodelay_off: bool) -> Slave {
+        Self::start_with_args(dir, state_dir, log_dir, nodelay_off, &[])
+    }
+
+    /// [`Slave::start`] with more command-line arguments.
+    pub fn start_with_args(
+        dir: &Path,
+        state_dir: &Path,
+        log_dir: &Path,
+        nodelay_off: bool,
+        extra_args: &[String],
+    ) -> Slave {
         let mut s = Slave {
             child: None,
             dir: dir.to_path_buf(),
@@ -124,6 +137,7 @@ impl Slave {
             logs: Vec::new(),
             port: 0,
             nodelay_off,
+            extra_args: extra_args.to_vec(),
         };
         if let Err(msg) = s.spawn(0) {
             panic!("{msg}");
@@ -148,6 +162,7 @@ impl Slave {
         if self.nodelay_off {
             cmd.arg("-n");
         }
+        cmd.args(&self.extra_args);
         cmd.arg("--state-dir")
             .arg(&self.state_dir)
             .env("NO_COLOR", "1")
