@@ -25,6 +25,14 @@ pub struct ClusterOpts {
     /// Master `-n`.
     pub nodelay_off: bool,
     pub extra_master_args: Vec<String>,
+    /// Fills the backing directory before the master starts (a pre-existing tree).
+    pub populate: Option<fn(&Path)>,
+    /// Stop every slave before the master starts (they are started again with
+    /// `Slave::restart`, on the same port).
+    pub slaves_down: bool,
+    /// Runs on each replica directory before its slave starts (e.g. to mount a small tmpfs
+    /// there); the root's mode and times are set after it.
+    pub replica_setup: Option<fn(&Path)>,
 }
 
 impl Default for ClusterOpts {
@@ -34,6 +42,9 @@ impl Default for ClusterOpts {
             global_z: None,
             nodelay_off: false,
             extra_master_args: Vec::new(),
+            populate: None,
+            slaves_down: false,
+            replica_setup: None,
         }
     }
 }
@@ -47,6 +58,8 @@ const ROOT_TIME: (i64, i64) = (1_600_000_000, 123_456_789);
 /// first, then the slaves, then the temp dir.
 pub struct Cluster {
     pub master: Master,
+    /// How the master was started, to start it again.
+    pub mopts: MasterOpts,
     pub slaves: Vec<Slave>,
     /// The master's backing directory (`-m`).
     pub backing: PathBuf,
@@ -100,9 +113,21 @@ impl Cluster {
         for (i, so) in opts.slaves.iter().enumerate() {
             let dir = base.join(format!("replica{i}"));
             let state = base.join(format!("replica{i}-state"));
+            mkdir(&dir);
+            if let Some(f) = opts.replica_setup {
+                f(&dir);
+            }
             init_root(&dir);
             mkdir(&state);
             slaves.push(Slave::start(&dir, &state, &logs, so.nodelay_off));
+        }
+        if let Some(f) = opts.populate {
+            f(&backing);
+        }
+        if opts.slaves_down {
+            for s in &mut slaves {
+                s.stop();
+            }
         }
         let mopts = MasterOpts {
             backing: backing.clone(),
@@ -122,9 +147,11 @@ impl Cluster {
             extra_args: opts.extra_master_args.clone(),
         };
         let master = Master::start(&mopts);
+        let mopts_kept = mopts;
         let keep = std::env::var_os("TDFS_KEEP").is_some();
         Cluster {
             master,
+            mopts: mopts_kept,
             slaves,
             backing,
             mnt,
@@ -139,6 +166,11 @@ impl Cluster {
                 Some(tmp)
             },
         }
+    }
+
+    /// Starts the master again on the same directory, state and slaves.
+    pub fn restart_master(&mut self) {
+        self.master = Master::start(&self.mopts);
     }
 
     /// The mountpoint.

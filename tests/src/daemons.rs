@@ -486,6 +486,23 @@ impl Master {
         self.wait_exit(env_secs("TDFS_TEST_EXIT_SECS", EXIT_TIMEOUT))
     }
 
+    /// SIGKILL: the master dies without draining; its dead mount is detached so the same
+    /// mountpoint can be used again.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, libc::SIGKILL);
+            let _ = c.wait();
+        }
+        self.watchdog_done.store(true, Ordering::SeqCst);
+        lazy_unmount(&self.mountpoint);
+        let gone = wait_until(Duration::from_secs(30), || !self.is_mounted());
+        assert!(
+            gone,
+            "dead mount {} did not go away",
+            self.mountpoint.display()
+        );
+    }
+
     /// SIGTERM instead of unmounting, then wait like [`Master::unmount_and_wait`].
     pub fn terminate_and_wait(&mut self) -> ExitStatus {
         if let Some(st) = self.status {

@@ -86,9 +86,17 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
     let addr = me.config.addr.clone();
     let mut backoff = BACKOFF_MIN;
     let mut quiet = false;
+    // At shutdown every link makes one more attempt at once, so a slave that came back
+    // while its link was backing off still gets everything before the master exits.
+    let mut last_try = false;
     loop {
         if shared.closing.load(Ordering::Acquire) {
-            return;
+            if last_try {
+                me.settled.store(true, Ordering::Release);
+                shared.note_ack();
+                return;
+            }
+            last_try = true;
         }
         let r = session(&shared, &me).await;
         let was = me.connected.swap(false, Ordering::AcqRel);
@@ -97,6 +105,8 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
         match r {
             Ok(()) => {
                 info!(slave = %addr, "session ended: every op acknowledged");
+                me.settled.store(true, Ordering::Release);
+                shared.note_ack();
                 return;
             }
             Err(LinkError::Lost) => {
@@ -118,11 +128,18 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
             backoff = BACKOFF_MIN;
             quiet = false;
         }
-        // Wake early when closing so shutdown is not held by a sleeping link.
-        let notified = shared.wake.notified();
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = notified, if shared.closing.load(Ordering::Acquire) => {}
+        // Sleep out the backoff, but wake at once when the master starts closing.
+        let sleep = tokio::time::sleep(backoff);
+        tokio::pin!(sleep);
+        loop {
+            let notified = shared.wake.notified();
+            if shared.closing.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = notified => {}
+            }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }

@@ -72,6 +72,8 @@ pub struct SlaveStatus {
     /// The slave must be brought back by a sync before it can stream again.
     pub needs_sync: AtomicBool,
     state: AtomicU8,
+    /// The link task has ended (after the master began closing).
+    settled: AtomicBool,
     pub bytes_sent: AtomicU64,
     pub ops_sent: AtomicU64,
 }
@@ -303,6 +305,7 @@ impl Replicator {
                     need_from: AtomicU64::new(if sync_all { NEEDS_NOTHING } else { front }),
                     needs_sync: AtomicBool::new(sync_all),
                     state: AtomicU8::new(LinkState::Disconnected as u8),
+                    settled: AtomicBool::new(false),
                     bytes_sent: AtomicU64::new(0),
                     ops_sent: AtomicU64::new(0),
                 })
@@ -376,8 +379,12 @@ impl Replicator {
         self.shared.closing.store(true, Ordering::Release);
         self.shared.wake.notify_waiters();
         let pending = |s: &SlaveStatus| {
-            s.connected.load(Ordering::Acquire)
-                && (s.state() == LinkState::Syncing || s.applied.load(Ordering::Acquire) < last)
+            if s.connected.load(Ordering::Acquire) {
+                s.state() == LinkState::Syncing || s.applied.load(Ordering::Acquire) < last
+            } else {
+                // Its last connection attempt is still under way.
+                !s.settled.load(Ordering::Acquire)
+            }
         };
         let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
         while self.shared.slaves.iter().any(|s| pending(s)) {
