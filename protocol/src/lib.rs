@@ -74,6 +74,7 @@
 pub mod auth;
 pub mod compress;
 pub mod frame;
+pub mod fuzzing;
 pub mod msg;
 pub mod op;
 pub mod path;
