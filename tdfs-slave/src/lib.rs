@@ -2,6 +2,7 @@
 //! beneath its own mirrored directory.
 //!
 //! - [`listener`]: accepting connections, one master at a time.
+//! - [`readonly`]: read-only sessions of `tdfs verify` (listings and digests).
 //! - [`session`]: framing, handshake, ordering and acknowledgements.
 //! - [`apply`]: one op into syscalls beneath the root.
 //! - [`confine`]: resolving paths without ever leaving the root.
@@ -13,6 +14,7 @@ pub mod apply;
 pub mod confine;
 pub mod inspect;
 pub mod listener;
+pub mod readonly;
 pub mod session;
 pub mod state;
 pub mod transport;

@@ -171,9 +171,22 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let Some((rd, wr)) = transport::accept(stream, peer, shared.security()).await else {
                 return;
             };
+            let mut rd = rd;
+            // A verifier's read-only session never takes the master's slot.
+            let first = match crate::readonly::first_frame(&mut rd).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("connection from {peer}: {e}");
+                    return;
+                }
+            };
+            if first.get(5) == Some(&(FrameType::Inspect as u8)) {
+                crate::readonly::serve(rd, wr, peer, shared, first).await;
+                return;
+            }
             match shared.claim(peer) {
                 Ok(guard) => {
-                    session::run(rd, wr, peer, shared).await;
+                    session::run(rd, wr, peer, shared, first).await;
                     drop(guard);
                 }
                 Err(cur) => {

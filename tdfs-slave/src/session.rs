@@ -89,7 +89,7 @@ struct Session {
 }
 
 /// Runs a session to its end; never returns an error, only logs it.
-pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared>) {
+pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared>, first: Vec<u8>) {
     let stop = shared.stop_rx();
     let mut s = Session {
         rd,
@@ -97,7 +97,7 @@ pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared
         peer,
         shared,
         stop,
-        buf: Vec::with_capacity(64 * 1024),
+        buf: first,
         scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
         master: [0; 16],
         expected: 0,
@@ -564,7 +564,7 @@ fn op_paths(op: &Op) -> Vec<WirePath> {
 }
 
 /// Answers a ListDir in as many Listing frames as it takes.
-fn listing_replies(
+pub(crate) fn listing_replies(
     root: std::os::fd::BorrowedFd<'_>,
     id: u64,
     p: &WirePath,

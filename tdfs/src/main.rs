@@ -7,6 +7,7 @@ mod inode;
 mod ops;
 mod repl;
 mod security;
+mod verify;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -228,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             mem_cap: cli.queue_size.max(1) << 20,
             journal_bytes: cli.journal_size.max(1) << 20,
             root: backing.dup_root()?,
+            checksum_sync: false,
         },
     )
     .with_context(|| format!("opening the journal in {}", state_dir.display()))?;
@@ -313,9 +315,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let level = match cli.verbose {
+/// Logs to stderr: info by default (warn for `verify`), more with -v; RUST_LOG overrides.
+fn init_logging(verbose: u8) {
+    let level = match verbose {
         0 => "info",
         1 => "debug",
         _ => "trace",
@@ -325,8 +327,19 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("verify") {
+        init_logging(0);
+        return verify::main(args[1..].to_vec());
+    }
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),

@@ -438,7 +438,7 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
                 ack.last_applied
             )
         };
-        link.sync(&why, false).await?;
+        link.sync(&why, shared.checksum_sync).await?;
     }
     link.stream().await
 }

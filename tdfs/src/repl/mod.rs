@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 
 use journal::{Journal, SegmentView};
 pub use state::MasterState;
+pub use transport::{connect, BoxRead, BoxWrite};
 
 /// A slave as configured on the command line.
 #[derive(Debug, Clone)]
@@ -136,6 +137,7 @@ pub(crate) struct Shared {
     /// Directory renames so far: a sync pass during which one happened walks again, since a
     /// directory may have moved from where the walk had yet to go to where it had been.
     dir_renames: AtomicU64,
+    checksum_sync: bool,
 }
 
 /// What a link should send next.
@@ -266,6 +268,8 @@ pub struct ReplConfig {
     pub journal_bytes: u64,
     /// The backing tree's root (O_PATH directory fd), for syncs.
     pub root: OwnedFd,
+    /// Syncs compare content checksums even where metadata agree (`tdfs verify --repair`).
+    pub checksum_sync: bool,
 }
 
 impl Replicator {
@@ -327,6 +331,7 @@ impl Replicator {
             acked: (Mutex::new(()), Condvar::new()),
             root: cfg.root,
             dir_renames: AtomicU64::new(0),
+            checksum_sync: cfg.checksum_sync,
         });
         for (i, _) in shared.slaves.iter().enumerate() {
             rt.spawn(link::run(shared.clone(), i));
@@ -359,6 +364,11 @@ impl Replicator {
     /// Called (under the order lock, from a mutation) when a directory was renamed.
     pub fn note_dir_rename(&self) {
         self.shared.dir_renames.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The status of the `i`th slave.
+    pub fn slave(&self, i: usize) -> Arc<SlaveStatus> {
+        self.shared.slaves[i].clone()
     }
 
     /// Sequence number of the last op issued (0 when none).

@@ -1,0 +1,154 @@
+//! Read-only sessions for `tdfs verify`: directory listings and content digests of the
+//! replica, computed here where the data lives. They may run while a master is connected
+//! (they never take its slot) and can change nothing.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tdfs_protocol::frame::{self, FrameType};
+use tdfs_protocol::msg::{Hello, HelloAck, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN};
+use tdfs_protocol::{Compression, FrameError, HEADER_LEN, MAX_PAYLOAD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::listener::Shared;
+use crate::transport::{BoxRead, BoxWrite};
+
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads until the buffer holds one whole, valid frame (which stays in the buffer).
+pub async fn first_frame(rd: &mut BoxRead) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let r = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
+        loop {
+            match frame::check(&buf) {
+                Ok(_) => return Ok(()),
+                Err(FrameError::Incomplete) => {}
+                Err(e) => return Err(format!("bad first frame: {e}")),
+            }
+            if buf.len() > MAX_PAYLOAD + HEADER_LEN {
+                return Err("first frame too large".into());
+            }
+            let n = rd.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before the first frame".into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => Ok(buf),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no first frame within the timeout".into()),
+    }
+}
+
+async fn send(wr: &mut BoxWrite, kind: FrameType, seq: u64, payload: &[u8]) -> std::io::Result<()> {
+    wr.write_all(&frame::encode_vec(kind, seq, payload, Compression::None))
+        .await
+}
+
+/// Serves one verifier until it disconnects.
+pub async fn serve(
+    mut rd: BoxRead,
+    mut wr: BoxWrite,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut buf: Vec<u8>,
+) {
+    let root: OwnedFd = match shared.core().applier.root().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!("verifier from {peer}: cannot open the mirror root: {e}");
+            return;
+        }
+    };
+    let root = Arc::new(root);
+    let r: Result<(), String> = async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut greeted = false;
+        loop {
+            let f = loop {
+                match frame::parse(&buf) {
+                    Ok(f) => {
+                        buf.drain(..f.wire_len);
+                        break f;
+                    }
+                    Err(FrameError::Incomplete) => {}
+                    Err(e) => return Err(format!("bad frame: {e}")),
+                }
+                let n = rd.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            match (greeted, f.kind) {
+                (false, FrameType::Inspect) => {
+                    let h = Hello::decode(&f.payload).map_err(|e| e.to_string())?;
+                    if h.proto_max < PROTO_MIN || h.proto_min > PROTO_MAX {
+                        let r = Refuse {
+                            code: RefuseCode::Version,
+                            message: "no common protocol version".into(),
+                        };
+                        let _ = send(&mut wr, FrameType::Refuse, 0, &r.encode()).await;
+                        return Err("no common protocol version".into());
+                    }
+                    tracing::info!("verifier {} from {peer} connected", h.label);
+                    let (m, a) = {
+                        let c = shared.core();
+                        (c.state.master, c.state.applied)
+                    };
+                    let ack = HelloAck {
+                        proto: h.proto_max.min(PROTO_MAX),
+                        last_master: m,
+                        last_applied: a,
+                    };
+                    send(&mut wr, FrameType::HelloAck, 0, &ack.encode())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    greeted = true;
+                }
+                (true, FrameType::ListDir) | (true, FrameType::Checksum) => {
+                    let p =
+                        tdfs_protocol::sync::decode_path(&f.payload).map_err(|e| e.to_string())?;
+                    let root = root.clone();
+                    let list = f.kind == FrameType::ListDir;
+                    let id = f.seq;
+                    let replies = tokio::task::spawn_blocking(move || {
+                        if list {
+                            crate::session::listing_replies(root.as_fd(), id, &p)
+                        } else {
+                            let d = crate::inspect::digest(root.as_fd(), &p);
+                            vec![(FrameType::Digest, id, d.encode())]
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    for (k, id, payload) in replies {
+                        send(&mut wr, k, id, &payload)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                (_, k) => {
+                    let r = Refuse {
+                        code: RefuseCode::Malformed,
+                        message: format!("{k:?} is not allowed in a read-only session"),
+                    };
+                    let _ = send(&mut wr, FrameType::Refuse, 0, &r.encode()).await;
+                    return Err(format!("{k:?} in a read-only session"));
+                }
+            }
+        }
+    }
+    .await;
+    match r {
+        Ok(()) => tracing::info!("verifier from {peer} done"),
+        Err(e) => tracing::warn!("verifier from {peer}: {e}"),
+    }
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,541 @@
+//! `tdfs verify`: proves a replica identical to a directory, or says exactly where not.
+//!
+//! Walks DIR and each slave's tree side by side (the slave answers listings and content
+//! digests in a read-only session, so no file crosses the network and a running master is
+//! not disturbed), compares every attribute a mirror must keep, prints each difference with
+//! its path and kind, and exits 1 when anything differs. `--repair` then brings the slave to
+//! identical with a checksumming sync (which needs the slave's master slot: stop the master
+//! first, or let the master's own sync do it).
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tdfs_protocol::frame::{self, FrameType};
+use tdfs_protocol::msg::{Hello, HelloAck, Refuse, PROTO_MAX, PROTO_MIN};
+use tdfs_protocol::sync::{encode_path, Digest, Entry, Listing};
+use tdfs_protocol::{Compression, FrameError, WirePath};
+use tdfs_slave::inspect;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::repl::{self, MasterState, ReplConfig, Replicator, SlaveConfig};
+
+/// Compare a directory with its replicas on every attribute a mirror keeps (type, content,
+/// size, mode, owner, mtime in ns, symlink target, hard links, xattrs, device numbers).
+/// Content checksums are computed on each side, where the data lives. Exits 0 when every
+/// replica is identical, 1 when anything differs, 2 on errors.
+#[derive(Parser, Debug)]
+#[command(name = "tdfs verify", version)]
+pub struct VerifyCli {
+    /// The directory to compare against (a master's backing directory).
+    #[arg(short = 'm', value_name = "DIR")]
+    dir: PathBuf,
+
+    /// A slave, as HOST[:PORT]; repeat for several.
+    #[arg(short = 'c', value_name = "HOST[:PORT]", required = true)]
+    slaves: Vec<String>,
+
+    /// Make the slaves identical: an incremental sync that compares content checksums. The
+    /// slave must not be connected to a running master meanwhile.
+    #[arg(long)]
+    repair: bool,
+
+    /// Shared secret for authenticating to the slaves (as for the master).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+
+    /// TLS client certificate (PEM), as for the master.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+
+    /// TLS client key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificate (PEM) that signed the slaves' certificates.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+
+    /// Print nothing but differences and errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+}
+
+/// One difference, for printing.
+struct Diff {
+    path: WirePath,
+    kind: &'static str,
+    detail: String,
+}
+
+struct Progress {
+    tty: bool,
+    files: u64,
+    bytes: u64,
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn tick(&mut self, force: bool) {
+        if !self.tty || (!force && self.last.elapsed() < Duration::from_millis(500)) {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        eprint!(
+            "\r{} files, {:.1} MiB checksummed, {:.1} MiB/s   ",
+            self.files,
+            self.bytes as f64 / 1048576.0,
+            self.bytes as f64 / 1048576.0 / secs
+        );
+        let _ = std::io::stderr().flush();
+    }
+}
+
+/// A read-only session with one slave.
+struct Remote {
+    rd: repl::BoxRead,
+    wr: repl::BoxWrite,
+    buf: Vec<u8>,
+    next: u64,
+}
+
+impl Remote {
+    async fn connect(cfg: &SlaveConfig) -> anyhow::Result<Remote> {
+        let (rd, wr) = repl::connect(cfg)
+            .await
+            .with_context(|| format!("connecting to {}", cfg.addr))?;
+        let mut r = Remote {
+            rd,
+            wr,
+            buf: Vec::new(),
+            next: 1,
+        };
+        let h = Hello {
+            proto_min: PROTO_MIN,
+            proto_max: PROTO_MAX,
+            master_id: [0; 16],
+            next_seq: 0,
+            label: format!("tdfs verify on {}", crate::hostname()),
+        };
+        r.send(FrameType::Inspect, 0, &h.encode()).await?;
+        let f = r.recv().await?;
+        match f.kind {
+            FrameType::HelloAck => {
+                HelloAck::decode(&f.payload)?;
+            }
+            FrameType::Refuse => bail!(
+                "slave {} refused: {}",
+                cfg.addr,
+                Refuse::decode(&f.payload)?.message
+            ),
+            k => bail!("slave {} answered {k:?}", cfg.addr),
+        }
+        Ok(r)
+    }
+
+    async fn send(&mut self, kind: FrameType, seq: u64, payload: &[u8]) -> anyhow::Result<()> {
+        self.wr
+            .write_all(&frame::encode_vec(kind, seq, payload, Compression::None))
+            .await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<tdfs_protocol::Frame> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match frame::parse(&self.buf) {
+                Ok(f) => {
+                    self.buf.drain(..f.wire_len);
+                    return Ok(f);
+                }
+                Err(FrameError::Incomplete) => {}
+                Err(e) => bail!("bad frame from slave: {e}"),
+            }
+            let n = self.rd.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("slave closed the connection");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn listing(&mut self, dir: &WirePath) -> anyhow::Result<Result<Vec<Entry>, i32>> {
+        let id = self.next;
+        self.next += 1;
+        self.send(FrameType::ListDir, id, &encode_path(dir)).await?;
+        let mut out = Vec::new();
+        loop {
+            let f = self.recv().await?;
+            if f.kind != FrameType::Listing || f.seq != id {
+                bail!("unexpected {:?} from slave", f.kind);
+            }
+            let l = Listing::decode(&f.payload)?;
+            if l.errno != 0 {
+                return Ok(Err(l.errno));
+            }
+            out.extend(l.entries);
+            if !l.more {
+                return Ok(Ok(out));
+            }
+        }
+    }
+
+    async fn digest(&mut self, p: &WirePath) -> anyhow::Result<Digest> {
+        let id = self.next;
+        self.next += 1;
+        self.send(FrameType::Checksum, id, &encode_path(p)).await?;
+        let f = self.recv().await?;
+        if f.kind != FrameType::Digest || f.seq != id {
+            bail!("unexpected {:?} from slave", f.kind);
+        }
+        Ok(Digest::decode(&f.payload)?)
+    }
+}
+
+fn errstr(e: i32) -> String {
+    std::io::Error::from_raw_os_error(e).to_string()
+}
+
+fn type_name(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => "directory",
+        libc::S_IFREG => "file",
+        libc::S_IFLNK => "symlink",
+        libc::S_IFIFO => "fifo",
+        libc::S_IFSOCK => "socket",
+        libc::S_IFCHR => "char device",
+        libc::S_IFBLK => "block device",
+        _ => "unknown",
+    }
+}
+
+/// Compares the trees; returns the differences.
+async fn compare(
+    root: &OwnedFd,
+    remote: &mut Remote,
+    prog: &mut Progress,
+) -> anyhow::Result<Vec<Diff>> {
+    let mut diffs = Vec::new();
+    // Hard-link groups: inode -> first path, on each side.
+    let mut mine_links: HashMap<u64, WirePath> = HashMap::new();
+    let mut their_links: HashMap<u64, WirePath> = HashMap::new();
+    let mut stack = vec![WirePath::root()];
+    while let Some(dir) = stack.pop() {
+        let mine = inspect::list_dir(root.as_fd(), &dir)
+            .with_context(|| format!("listing {dir} locally"))?;
+        let theirs = match remote.listing(&dir).await? {
+            Ok(t) => t,
+            Err(e) => {
+                diffs.push(Diff {
+                    path: dir.clone(),
+                    kind: "missing",
+                    detail: format!("cannot list on replica: {}", errstr(e)),
+                });
+                continue;
+            }
+        };
+        let theirs: HashMap<&[u8], &Entry> =
+            theirs.iter().map(|e| (e.name.as_slice(), e)).collect();
+        for m in &mine {
+            let p = dir.join(&m.name)?;
+            prog.files += 1;
+            prog.tick(false);
+            let Some(s) = theirs.get(m.name.as_slice()) else {
+                diffs.push(Diff {
+                    path: p,
+                    kind: "missing",
+                    detail: format!("{} absent on replica", type_name(m.mode)),
+                });
+                continue;
+            };
+            let mut d = |kind, detail: String| {
+                diffs.push(Diff {
+                    path: p.clone(),
+                    kind,
+                    detail,
+                })
+            };
+            if m.kind() != s.kind() {
+                d(
+                    "type",
+                    format!(
+                        "{} here, {} on replica",
+                        type_name(m.mode),
+                        type_name(s.mode)
+                    ),
+                );
+                continue;
+            }
+            if m.mode & 0o7777 != s.mode & 0o7777 && m.kind() != libc::S_IFLNK {
+                d(
+                    "mode",
+                    format!(
+                        "{:04o} here, {:04o} on replica",
+                        m.mode & 0o7777,
+                        s.mode & 0o7777
+                    ),
+                );
+            }
+            if (m.uid, m.gid) != (s.uid, s.gid) {
+                d(
+                    "owner",
+                    format!("{}:{} here, {}:{} on replica", m.uid, m.gid, s.uid, s.gid),
+                );
+            }
+            if m.mtime != s.mtime {
+                d(
+                    "mtime",
+                    format!(
+                        "{}.{:09} here, {}.{:09} on replica",
+                        m.mtime.sec, m.mtime.nsec, s.mtime.sec, s.mtime.nsec
+                    ),
+                );
+            }
+            if m.xattrs != s.xattrs {
+                d("xattr", "extended attributes differ".into());
+            }
+            if m.target != s.target {
+                d(
+                    "link",
+                    format!(
+                        "symlink to {:?} here, to {:?} on replica",
+                        String::from_utf8_lossy(&m.target),
+                        String::from_utf8_lossy(&s.target)
+                    ),
+                );
+            }
+            if m.rdev != s.rdev {
+                d(
+                    "device",
+                    format!("device {:#x} here, {:#x} on replica", m.rdev, s.rdev),
+                );
+            }
+            if m.kind() == libc::S_IFREG {
+                if m.size != s.size {
+                    d(
+                        "content",
+                        format!("{} bytes here, {} on replica", m.size, s.size),
+                    );
+                } else {
+                    let theirs = remote.digest(&p).await?;
+                    let mine = {
+                        let p = p.clone();
+                        let fd = root.try_clone()?;
+                        tokio::task::spawn_blocking(move || inspect::digest(fd.as_fd(), &p)).await?
+                    };
+                    prog.bytes += m.size;
+                    if theirs.errno != 0 {
+                        d(
+                            "content",
+                            format!("cannot read on replica: {}", errstr(theirs.errno)),
+                        );
+                    } else if mine.sha256 != theirs.sha256 {
+                        d(
+                            "content",
+                            "same size, different bytes (sha256 differs)".into(),
+                        );
+                    }
+                }
+                // Hard links: the same group leader on both sides.
+                if m.nlink > 1 || s.nlink > 1 {
+                    let lm = mine_links.entry(m.ino).or_insert_with(|| p.clone()).clone();
+                    let ls = their_links
+                        .entry(s.ino)
+                        .or_insert_with(|| p.clone())
+                        .clone();
+                    if lm != ls {
+                        d(
+                            "link",
+                            format!("hard link of {lm} here, of {ls} on replica"),
+                        );
+                    }
+                }
+            }
+            if m.kind() == libc::S_IFDIR {
+                stack.push(p);
+            }
+        }
+        let names: std::collections::HashSet<&[u8]> =
+            mine.iter().map(|e| e.name.as_slice()).collect();
+        for (name, s) in &theirs {
+            if !names.contains(name) {
+                diffs.push(Diff {
+                    path: dir.join(name)?,
+                    kind: "extra",
+                    detail: format!("{} only on replica", type_name(s.mode)),
+                });
+            }
+        }
+    }
+    Ok(diffs)
+}
+
+fn open_dir(dir: &std::path::Path) -> anyhow::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: valid C string; the fd is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening {}", dir.display()));
+    }
+    // SAFETY: fresh fd from open.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Repairs one slave with a checksumming sync driven from DIR.
+fn repair(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    cfg: SlaveConfig,
+) -> anyhow::Result<()> {
+    let state_dir = tempfile::Builder::new().prefix("tdfs-verify-").tempdir()?;
+    let state = MasterState::open(state_dir.path())?;
+    let r = Replicator::start(
+        rt.handle(),
+        vec![cfg.clone()],
+        &state,
+        ReplConfig {
+            label: format!(
+                "{}:{} (tdfs verify --repair)",
+                crate::hostname(),
+                dir.display()
+            ),
+            mem_cap: 64 << 20,
+            journal_bytes: 64 << 20,
+            root: open_dir(dir)?,
+            checksum_sync: true,
+        },
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let s = r.slave(0);
+    let mut refused_since: Option<Instant> = None;
+    loop {
+        if s.state() == repl::LinkState::Streaming && !s.needs_sync.load(Ordering::Acquire) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("repair of {} did not finish within an hour", cfg.addr);
+        }
+        // A slave busy with its master never lets the repair in.
+        if !s.connected.load(Ordering::Acquire) {
+            let t = *refused_since.get_or_insert_with(Instant::now);
+            if t.elapsed() > Duration::from_secs(15) {
+                bail!(
+                    "cannot open a session with {} (is a master connected to it? stop the master, \
+                     or restart it: its own sync repairs the slave)",
+                    cfg.addr
+                );
+            }
+        } else {
+            refused_since = None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let failed = r.drain(Duration::from_secs(60));
+    if !failed.is_empty() {
+        bail!("repair of {} did not complete", cfg.addr);
+    }
+    Ok(())
+}
+
+pub fn main(args: Vec<String>) -> ExitCode {
+    let cli = VerifyCli::parse_from(args);
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tdfs verify: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: VerifyCli) -> anyhow::Result<bool> {
+    let dir = cli
+        .dir
+        .canonicalize()
+        .with_context(|| format!("directory {}", cli.dir.display()))?;
+    let tls = tdfs_security::TlsFiles::from_args(
+        cli.tls_cert.clone(),
+        cli.tls_key.clone(),
+        cli.tls_ca.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    crate::security::init(cli.secret_file.as_deref(), tls)?;
+    let root = open_dir(&dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut all_identical = true;
+    for spec in &cli.slaves {
+        let cfg = crate::parse_slave(spec, Compression::None, true)?;
+        let mut prog = Progress {
+            tty: std::io::stderr().is_terminal() && !cli.quiet,
+            files: 0,
+            bytes: 0,
+            started: Instant::now(),
+            last: Instant::now(),
+        };
+        let diffs = rt.block_on(async {
+            let mut remote = Remote::connect(&cfg).await?;
+            compare(&root, &mut remote, &mut prog).await
+        })?;
+        prog.tick(true);
+        if prog.tty {
+            eprintln!();
+        }
+        for d in &diffs {
+            println!("{}\t{}\t{}\t{}", cfg.addr, d.kind, d.path, d.detail);
+        }
+        if diffs.is_empty() {
+            if !cli.quiet {
+                eprintln!(
+                    "{}: identical ({} entries, {} bytes checksummed)",
+                    cfg.addr, prog.files, prog.bytes
+                );
+            }
+            continue;
+        }
+        eprintln!("{}: {} difference(s)", cfg.addr, diffs.len());
+        if !cli.repair {
+            all_identical = false;
+        } else {
+            repair(&rt, &dir, cfg.clone())?;
+            let after = rt.block_on(async {
+                let mut remote = Remote::connect(&cfg).await?;
+                let mut p = Progress {
+                    tty: false,
+                    files: 0,
+                    bytes: 0,
+                    started: Instant::now(),
+                    last: Instant::now(),
+                };
+                compare(&root, &mut remote, &mut p).await
+            })?;
+            if after.is_empty() {
+                eprintln!("{}: repaired; now identical", cfg.addr);
+            } else {
+                for d in &after {
+                    println!("{}\t{}\t{}\t{}", cfg.addr, d.kind, d.path, d.detail);
+                }
+                bail!("{} still differs after the repair", cfg.addr);
+            }
+        }
+    }
+    Ok(all_identical)
+}
