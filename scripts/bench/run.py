@@ -178,10 +178,23 @@ def tail(logfile, n=25):
     return "\n---- " + logfile + " ----\n" + "".join("    " + ANSI.sub("", x) for x in lines)
 
 
+def raise_nofile():
+    """Daemons get the highest open-file limit allowed: passthrough_hp keeps an O_PATH fd per
+    inode the kernel remembers, and runs out near the hard limit (needs CAP_SYS_RESOURCE to
+    raise it; silently left as is without)."""
+    import resource
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            n = int(f.read())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    except (OSError, ValueError):
+        pass
+
+
 def spawn(name, argv, logfile):
     lf = open(logfile, "ab")
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=raise_nofile)
     lf.close()
     REG.add_proc(name, p)
     return p
@@ -706,7 +719,12 @@ class Bench:
         for w in self.WORKLOADS:
             if w in self.a.skip:
                 continue
-            getattr(self, "w_" + w)(t, root, run)
+            try:
+                getattr(self, "w_" + w)(t, root, run)
+            except (OSError, subprocess.SubprocessError, BenchError) as e:
+                note = f"{t.name} run {run}: workload {w} failed: {e}"
+                warn(note)
+                self.notes.append(note)
         info = t.stop()
         if info.get("drain_s") is not None and t.replicated:
             self.rec(t.name, "drain", info["drain_s"])
