@@ -66,6 +66,9 @@ pub struct Ack {
     pub applied: u64,
     /// Every op up to and including this one is durable on the slave's disk.
     pub durable: u64,
+    /// Every op up to and including this one has reached the slave (it may not be applied
+    /// yet); sent as soon as frames arrive, before they are applied.
+    pub received: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,10 +162,11 @@ impl Refuse {
 
 impl Ack {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16);
+        let mut out = Vec::with_capacity(24);
         let mut w = Writer { out: &mut out };
         w.u64(self.applied);
         w.u64(self.durable);
+        w.u64(self.received);
         out
     }
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
@@ -170,6 +174,7 @@ impl Ack {
         let a = Ack {
             applied: r.u64("applied")?,
             durable: r.u64("durable")?,
+            received: r.u64("received")?,
         };
         r.finish()?;
         Ok(a)

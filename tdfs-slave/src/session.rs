@@ -75,14 +75,13 @@ struct Session {
     master: MasterId,
     /// Sequence number the next op must carry.
     expected: u64,
-    /// `Hello.next_seq`: the master's next new op. It may resend older ones first
-    /// (catch-up from its journal), so the first Ops frame may start anywhere up to here.
-    next_hint: u64,
     /// Whether an Ops frame fixed `expected` yet.
     started: bool,
     /// Between SyncBegin and SyncEnd: live ops that fail because the replica differs are
     /// skipped and reported, since the sync rewrites what they touch.
     syncing: bool,
+    /// Highest sequence number received (acknowledged before it is applied).
+    received: u64,
     /// Master and last applied seq from the state file at handshake.
     prev: (MasterId, u64),
     durable: u64,
@@ -101,9 +100,9 @@ pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared
         scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
         master: [0; 16],
         expected: 0,
-        next_hint: 0,
         started: false,
         syncing: false,
+        received: 0,
         prev: ([0; 16], 0),
         durable: 0,
     };
@@ -295,7 +294,6 @@ impl Session {
             hello.next_seq
         );
         self.master = hello.master_id;
-        self.next_hint = hello.next_seq;
         self.prev = (last_master, last_applied);
         // Until the first Ops frame says where the master resumes, "applied" is what the state
         // file says for this master.
@@ -429,6 +427,16 @@ impl Session {
             }
         }
         if !batches.is_empty() {
+            // Say what arrived before applying it: masters in `received` mode wait for this.
+            if self.started && expected > self.expected {
+                self.received = expected - 1;
+                let ack = Ack {
+                    applied: self.expected.saturating_sub(1),
+                    durable: self.durable,
+                    received: self.received,
+                };
+                self.send(FrameType::Ack, &ack.encode()).await?;
+            }
             self.apply(batches).await?;
         }
         match after {
@@ -436,6 +444,7 @@ impl Session {
                 let ack = Ack {
                     applied: self.expected.saturating_sub(1),
                     durable: self.durable,
+                    received: self.expected.saturating_sub(1),
                 };
                 self.send(FrameType::Ack, &ack.encode()).await?;
                 let shared = self.shared.clone();
@@ -494,6 +503,8 @@ impl Session {
         let ack = Ack {
             applied: res.next.saturating_sub(1),
             durable: res.durable,
+            // Receipt was acknowledged before applying; the master keeps the maximum.
+            received: res.next.saturating_sub(1),
         };
         self.send(FrameType::Ack, &ack.encode()).await?;
         if res.failed.is_some() {

@@ -21,7 +21,7 @@ use fuser::{Config, MountOption, SessionACL};
 use tdfs_protocol::{Compression, DEFAULT_PORT};
 use tracing::{error, info};
 
-use crate::repl::{MasterState, ReplConfig, Replicator, SlaveConfig};
+use crate::repl::{MasterState, Policy, ReplConfig, Replicator, SlaveConfig, SyncMode};
 
 /// A mirroring FUSE filesystem: mounts MOUNTPOINT over DIR and replicates every change, in
 /// order, to tdfs-slave daemons.
@@ -58,13 +58,34 @@ struct Cli {
 
     /// Memory for ops not yet acknowledged by every slave, in MiB. A slave that falls further
     /// behind is marked out of sync instead of growing the master's memory.
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
     queue_size: usize,
 
     /// Disk for ops a lagging or absent slave still needs, in MiB (in the state directory).
     /// A slave further behind is brought back by an incremental sync instead.
     #[arg(long, default_value_t = 1024, value_name = "MIB")]
     journal_size: u64,
+
+    /// When a mutation returns: async (applied locally), received (every in-sync slave has
+    /// received it) or applied (every in-sync slave has applied it).
+    #[arg(long = "sync", value_enum, default_value_t = SyncMode::Async)]
+    sync_mode: SyncMode,
+
+    /// fsync/fdatasync return once durable locally, without waiting for the slaves to make
+    /// the data durable too (TDFS r3 behaviour).
+    #[arg(long)]
+    fsync_local: bool,
+
+    /// How long a writer waits for a slave, in seconds (fractions allowed), before that
+    /// slave drops out of sync and writers stop waiting for it. Also how long mutations wait
+    /// for --min-replicas.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    sync_timeout: f64,
+
+    /// Fail mutations (and fsync) with EIO when fewer than N slaves are in sync after
+    /// --sync-timeout.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    min_replicas: usize,
 
     /// How long to wait at shutdown for connected slaves to acknowledge every op, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
@@ -190,6 +211,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         );
     }
     let default_z = Compression::from_level(cli.compression).expect("validated by clap");
+    if cli.min_replicas > cli.slaves.len() {
+        bail!(
+            "--min-replicas {} but only {} slave(s) given with -c",
+            cli.min_replicas,
+            cli.slaves.len()
+        );
+    }
     let slaves = cli
         .slaves
         .iter()
@@ -230,6 +258,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             journal_bytes: cli.journal_size.max(1) << 20,
             root: backing.dup_root()?,
             checksum_sync: false,
+            policy: Policy {
+                mode: cli.sync_mode,
+                fsync_local: cli.fsync_local,
+                timeout: Duration::from_secs_f64(cli.sync_timeout.clamp(0.001, 86400.0)),
+                min_replicas: cli.min_replicas,
+            },
         },
     )
     .with_context(|| format!("opening the journal in {}", state_dir.display()))?;

@@ -827,7 +827,7 @@ impl Ops {
             }
         }
         let path = self.inodes.path(ino)?;
-        self.repl.mutate(|| {
+        let ((), seq) = self.repl.mutate_seq(|| {
             Ok((
                 (),
                 Some(Op::new(OpKind::Fsync {
@@ -835,7 +835,11 @@ impl Ops {
                     datasync,
                 })),
             ))
-        })
+        })?;
+        match seq {
+            Some(seq) => self.repl.fsync_barrier(seq),
+            None => Ok(()),
+        }
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {

@@ -418,6 +418,7 @@ fn repair(
             journal_bytes: 64 << 20,
             root: open_dir(dir)?,
             checksum_sync: true,
+            policy: repl::Policy::default(),
         },
     )?;
     let deadline = Instant::now() + Duration::from_secs(3600);

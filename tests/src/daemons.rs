@@ -226,6 +226,22 @@ impl Slave {
         }
     }
 
+    /// SIGSTOP: the slave stays connected but stops reading and applying.
+    pub fn freeze(&self) {
+        signal(
+            self.child.as_ref().expect("slave is not running"),
+            libc::SIGSTOP,
+        );
+    }
+
+    /// SIGCONT after [`Slave::freeze`].
+    pub fn thaw(&self) {
+        signal(
+            self.child.as_ref().expect("slave is not running"),
+            libc::SIGCONT,
+        );
+    }
+
     /// SIGTERM, wait, and assert exit status 0.
     pub fn stop(&mut self) {
         let mut child = self.child.take().expect("slave is not running");
@@ -443,6 +459,11 @@ impl Master {
 
     pub fn is_mounted(&self) -> bool {
         is_fuse_mounted(&self.mountpoint)
+    }
+
+    /// The master's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Whether the master process is still running.

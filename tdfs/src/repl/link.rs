@@ -99,6 +99,7 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
             last_try = true;
         }
         let r = session(&shared, &me).await;
+        shared.drop_out(&me, "disconnected");
         let was = me.connected.swap(false, Ordering::AcqRel);
         me.set_state(LinkState::Disconnected);
         shared.note_ack();
@@ -278,7 +279,18 @@ impl Link {
             notified.as_mut().enable();
             let head = self.shared.head();
             if self.cursor < head {
-                self.send_live(head).await?;
+                match self.send_live(head).await {
+                    Ok(()) => {}
+                    // Too far behind for the journal: resync on this same connection (the
+                    // slave may still be busy with what it was sent; it must not be made to
+                    // refuse a second session).
+                    Err(LinkError::Lost) => {
+                        let checksums = self.shared.checksum_sync;
+                        self.sync("it fell further behind than --journal-size", checksums)
+                            .await?;
+                    }
+                    Err(e) => return Err(e),
+                }
                 continue;
             }
             if self.shared.closing.load(Ordering::Acquire)
@@ -319,8 +331,10 @@ async fn reader(
                     let a = Ack::decode(&f.payload)?;
                     me.applied.fetch_max(a.applied, Ordering::AcqRel);
                     me.durable.fetch_max(a.durable, Ordering::AcqRel);
+                    me.received.fetch_max(a.received, Ordering::AcqRel);
                     if me.state() == LinkState::Streaming {
                         shared.set_need(&me, a.applied + 1);
+                        shared.check_in_sync(&me);
                     }
                     shared.note_ack();
                     if shared.closing.load(Ordering::Acquire) {
@@ -422,8 +436,11 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
     if resumable {
         link.cursor = ack.last_applied + 1;
         me.applied.store(ack.last_applied, Ordering::Release);
+        me.received.store(ack.last_applied, Ordering::Release);
+        me.durable.store(0, Ordering::Release);
         shared.set_need(me, link.cursor);
         me.set_state(LinkState::Streaming);
+        shared.check_in_sync(me);
         info!(slave = %cfg.addr, from = link.cursor, head, "connected; streaming");
     } else {
         let why = if ack.last_master == [0; 16] {

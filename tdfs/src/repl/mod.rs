@@ -46,6 +46,25 @@ pub struct SlaveConfig {
     pub nodelay: bool,
 }
 
+/// When a mutation may return (`--sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncMode {
+    /// Once applied locally (TDFS r3 behaviour).
+    Async,
+    /// Once every in-sync slave has received it.
+    Received,
+    /// Once every in-sync slave has applied it.
+    Applied,
+}
+
+/// Which acknowledgement a writer waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    Received,
+    Applied,
+    Durable,
+}
+
 /// What a link is doing, for logs and status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -75,6 +94,11 @@ pub struct SlaveStatus {
     state: AtomicU8,
     /// The link task has ended (after the master began closing).
     settled: AtomicBool,
+    /// Writers wait for this slave (`--sync received|applied`, fsync barriers): it is
+    /// connected, streaming, and has kept up within `--sync-timeout`.
+    pub in_sync: AtomicBool,
+    /// Highest sequence number the slave has received (maybe not applied yet).
+    pub received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub ops_sent: AtomicU64,
 }
@@ -138,6 +162,30 @@ pub(crate) struct Shared {
     /// directory may have moved from where the walk had yet to go to where it had been.
     dir_renames: AtomicU64,
     checksum_sync: bool,
+    policy: Policy,
+}
+
+/// What writers wait for, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub mode: SyncMode,
+    /// fsync returns once durable locally, without waiting for slaves.
+    pub fsync_local: bool,
+    /// How long a writer waits for a slave before that slave drops out of sync.
+    pub timeout: Duration,
+    /// Mutations fail with EIO when fewer slaves than this are in sync (after `timeout`).
+    pub min_replicas: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            mode: SyncMode::Async,
+            fsync_local: false,
+            timeout: Duration::from_secs(5),
+            min_replicas: 0,
+        }
+    }
 }
 
 /// What a link should send next.
@@ -200,6 +248,26 @@ impl Shared {
     /// Moves a slave's need point (ops before it may be dropped).
     fn set_need(&self, s: &SlaveStatus, from: u64) {
         s.need_from.store(from, Ordering::Release);
+    }
+
+    /// A slave that is streaming and has applied everything up to `head - 1` is back in
+    /// sync: writers wait for it again.
+    fn check_in_sync(&self, s: &SlaveStatus) {
+        if s.in_sync.load(Ordering::Acquire) || s.state() != LinkState::Streaming {
+            return;
+        }
+        let head = self.lock().next_seq;
+        if s.applied.load(Ordering::Acquire) + 1 >= head && !s.in_sync.swap(true, Ordering::AcqRel)
+        {
+            info!(slave = %s.config.addr, "slave is in sync");
+            self.note_ack();
+        }
+    }
+
+    fn drop_out(&self, s: &SlaveStatus, why: &str) {
+        if s.in_sync.swap(false, Ordering::AcqRel) {
+            warn!(slave = %s.config.addr, "slave is out of sync ({why}); writers no longer wait for it");
+        }
     }
 
     /// Marks a slave as needing a sync (its missing ops are not held any more).
@@ -270,6 +338,7 @@ pub struct ReplConfig {
     pub root: OwnedFd,
     /// Syncs compare content checksums even where metadata agree (`tdfs verify --repair`).
     pub checksum_sync: bool,
+    pub policy: Policy,
 }
 
 impl Replicator {
@@ -310,6 +379,8 @@ impl Replicator {
                     needs_sync: AtomicBool::new(sync_all),
                     state: AtomicU8::new(LinkState::Disconnected as u8),
                     settled: AtomicBool::new(false),
+                    in_sync: AtomicBool::new(false),
+                    received: AtomicU64::new(0),
                     bytes_sent: AtomicU64::new(0),
                     ops_sent: AtomicU64::new(0),
                 })
@@ -332,6 +403,7 @@ impl Replicator {
             root: cfg.root,
             dir_renames: AtomicU64::new(0),
             checksum_sync: cfg.checksum_sync,
+            policy: cfg.policy,
         });
         for (i, _) in shared.slaves.iter().enumerate() {
             rt.spawn(link::run(shared.clone(), i));
@@ -340,25 +412,144 @@ impl Replicator {
     }
 
     /// Runs `f` (a mutation of the backing tree) under the order lock; if it succeeds and
-    /// yields an op, the op gets the next sequence number and goes to every slave.
+    /// yields an op, the op gets the next sequence number and goes to every slave. Then,
+    /// per `--sync`, waits for the in-sync slaves to receive or apply it.
     pub fn mutate<T>(&self, f: impl FnOnce() -> io::Result<(T, Option<Op>)>) -> io::Result<T> {
+        self.mutate_seq(f).map(|(v, _)| v)
+    }
+
+    /// [`Replicator::mutate`], also returning the op's sequence number.
+    pub fn mutate_seq<T>(
+        &self,
+        f: impl FnOnce() -> io::Result<(T, Option<Op>)>,
+    ) -> io::Result<(T, Option<u64>)> {
+        let policy = self.shared.policy;
+        if policy.min_replicas > 0 {
+            self.wait_replicas()?;
+        }
         let mut log = self.shared.lock();
         let (value, op) = f()?;
-        if let Some(op) = op {
-            let mut buf = Vec::with_capacity(64 + op.data_len());
-            op.encode(&mut buf);
-            let seq = log.next_seq;
-            log.next_seq += 1;
-            log.bytes += buf.len();
-            log.entries.push_back(Entry {
-                seq,
-                data: buf.into(),
-            });
-            self.shared.trim(&mut log);
-            drop(log);
-            self.shared.wake.notify_waiters();
+        let Some(op) = op else {
+            return Ok((value, None));
+        };
+        let mut buf = Vec::with_capacity(64 + op.data_len());
+        op.encode(&mut buf);
+        let seq = log.next_seq;
+        log.next_seq += 1;
+        log.bytes += buf.len();
+        log.entries.push_back(Entry {
+            seq,
+            data: buf.into(),
+        });
+        self.shared.trim(&mut log);
+        drop(log);
+        self.shared.wake.notify_waiters();
+        match policy.mode {
+            SyncMode::Async => {}
+            SyncMode::Received => self.wait_acks(seq, AckKind::Received)?,
+            SyncMode::Applied => self.wait_acks(seq, AckKind::Applied)?,
         }
-        Ok(value)
+        Ok((value, Some(seq)))
+    }
+
+    /// The fsync barrier: every in-sync slave has made everything up to `seq` durable
+    /// (unless `--fsync-local`).
+    pub fn fsync_barrier(&self, seq: u64) -> io::Result<()> {
+        if self.shared.policy.fsync_local {
+            return Ok(());
+        }
+        self.wait_acks(seq, AckKind::Durable)
+    }
+
+    fn in_sync_count(&self) -> usize {
+        self.shared
+            .slaves
+            .iter()
+            .filter(|s| s.in_sync.load(Ordering::Acquire))
+            .count()
+    }
+
+    /// Waits (up to `--sync-timeout`) until `--min-replicas` slaves are in sync; EIO if not.
+    fn wait_replicas(&self) -> io::Result<()> {
+        let p = self.shared.policy;
+        if self.in_sync_count() >= p.min_replicas {
+            return Ok(());
+        }
+        let deadline = Instant::now() + p.timeout;
+        let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
+        loop {
+            if self.in_sync_count() >= p.min_replicas {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    in_sync = self.in_sync_count(),
+                    required = p.min_replicas,
+                    "fewer slaves in sync than --min-replicas: failing the mutation with EIO"
+                );
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            g = self
+                .shared
+                .acked
+                .1
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(100)))
+                .expect("ack lock poisoned")
+                .0;
+        }
+    }
+
+    /// Waits until every in-sync slave has acknowledged `seq` as `kind`. A slave that takes
+    /// longer than `--sync-timeout` drops out of sync instead of holding writers.
+    fn wait_acks(&self, seq: u64, kind: AckKind) -> io::Result<()> {
+        let p = self.shared.policy;
+        let value = |s: &SlaveStatus| match kind {
+            AckKind::Received => s
+                .received
+                .load(Ordering::Acquire)
+                .max(s.applied.load(Ordering::Acquire)),
+            AckKind::Applied => s.applied.load(Ordering::Acquire),
+            AckKind::Durable => s.durable.load(Ordering::Acquire),
+        };
+        let deadline = Instant::now() + p.timeout;
+        let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
+        loop {
+            let waiting: Vec<&Arc<SlaveStatus>> = self
+                .shared
+                .slaves
+                .iter()
+                .filter(|s| s.in_sync.load(Ordering::Acquire) && value(s) < seq)
+                .collect();
+            if waiting.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                for s in waiting {
+                    self.shared.drop_out(s, "slower than --sync-timeout");
+                }
+                break;
+            }
+            g = self
+                .shared
+                .acked
+                .1
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(100)))
+                .expect("ack lock poisoned")
+                .0;
+        }
+        drop(g);
+        if self.in_sync_count() < p.min_replicas {
+            warn!(
+                seq,
+                in_sync = self.in_sync_count(),
+                required = p.min_replicas,
+                "mutation not confirmed by --min-replicas slaves: EIO"
+            );
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
     }
 
     /// Called (under the order lock, from a mutation) when a directory was renamed.

@@ -592,6 +592,8 @@ impl Link {
         let started = Instant::now();
         let addr = self.me.config.addr.clone();
         self.me.set_state(LinkState::Syncing);
+        self.shared.drop_out(&self.me, "syncing");
+        self.me.durable.store(0, Ordering::Release);
         let h0 = self.shared.head();
         self.cursor = h0;
         self.me
@@ -654,6 +656,7 @@ impl Link {
         self.me.needs_sync.store(false, Ordering::Release);
         self.shared.set_need(&self.me, self.cursor);
         self.me.set_state(LinkState::Streaming);
+        self.shared.check_in_sync(&self.me);
         let secs = started.elapsed().as_secs_f64();
         info!(
             slave = %addr,
