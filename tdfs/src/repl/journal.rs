@@ -164,7 +164,6 @@ impl Journal {
         self.segs.back().filter(|s| s.end > s.first).map(|s| s.end)
     }
 
-    #[allow(dead_code)] // for status reporting
     pub fn bytes(&self) -> u64 {
         self.total
     }

@@ -81,8 +81,7 @@ async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     }
 }
 
-pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
-    let me = shared.slaves[idx].clone();
+pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
     let addr = me.config.addr.clone();
     let mut backoff = BACKOFF_MIN;
     let mut quiet = false;
@@ -90,6 +89,10 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
     // while its link was backing off still gets everything before the master exits.
     let mut last_try = false;
     loop {
+        if me.removed.load(Ordering::Acquire) {
+            info!(slave = %addr, "link ended: slave removed");
+            return;
+        }
         if shared.closing.load(Ordering::Acquire) {
             if last_try {
                 me.settled.store(true, Ordering::Release);
@@ -118,8 +121,16 @@ pub(crate) async fn run(shared: Arc<Shared>, idx: usize) {
             Err(LinkError::ApplyFailed) => {
                 // Logged where the error arrived; retried from what the slave applied.
             }
-            Err(e) if was => warn!(slave = %addr, "link lost: {e}; reconnecting"),
+            Err(e) if me.removed.load(Ordering::Acquire) => {
+                debug!(slave = %addr, "link to removed slave ended: {e}");
+            }
+            Err(e) if was => {
+                me.set_error(format!("link lost: {e}"));
+                me.reconnects.fetch_add(1, Ordering::Relaxed);
+                warn!(slave = %addr, "link lost: {e}; reconnecting")
+            }
             Err(e) if !quiet => {
+                me.set_error(format!("cannot reach slave: {e}"));
                 warn!(slave = %addr, "cannot reach slave: {e}; retrying with backoff");
                 quiet = true;
             }
@@ -293,6 +304,11 @@ impl Link {
                 }
                 continue;
             }
+            if self.me.removed.load(Ordering::Acquire) {
+                self.send_frame(FrameType::Bye, 0, &[]).await?;
+                self.wr.shutdown().await.ok();
+                return Ok(());
+            }
             if self.shared.closing.load(Ordering::Acquire)
                 && self.me.applied.load(Ordering::Acquire) + 1 >= head
             {
@@ -343,6 +359,11 @@ async fn reader(
                 }
                 FrameType::ApplyError => {
                     let e = ApplyError::decode(&f.payload)?;
+                    me.apply_errors.fetch_add(1, Ordering::Relaxed);
+                    me.set_error(format!(
+                        "seq {} {} {}: {} (errno {})",
+                        e.seq, e.op, e.path, e.message, e.errno
+                    ));
                     error!(
                         slave = %me.config.addr,
                         seq = e.seq,

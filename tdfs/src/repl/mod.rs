@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use tdfs_protocol::msg::MasterId;
@@ -100,10 +100,45 @@ pub struct SlaveStatus {
     /// Highest sequence number the slave has received (maybe not applied yet).
     pub received: AtomicU64,
     pub bytes_sent: AtomicU64,
+    /// Bytes of frame payload before compression (for the compression ratio).
+    #[allow(dead_code)] // read by status (not wired yet)
+    pub raw_bytes_sent: AtomicU64,
     pub ops_sent: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub apply_errors: AtomicU64,
+    /// Taken out of the configuration (`tdfs slave remove`): the link ends.
+    pub removed: AtomicBool,
+    /// The last error seen for this slave (apply error with path and errno, or link error).
+    pub last_error: Mutex<Option<String>>,
 }
 
 impl SlaveStatus {
+    fn new(config: SlaveConfig, need_from: u64, needs_sync: bool) -> Self {
+        SlaveStatus {
+            config,
+            applied: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            need_from: AtomicU64::new(need_from),
+            needs_sync: AtomicBool::new(needs_sync),
+            state: AtomicU8::new(LinkState::Disconnected as u8),
+            settled: AtomicBool::new(false),
+            in_sync: AtomicBool::new(false),
+            received: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            raw_bytes_sent: AtomicU64::new(0),
+            ops_sent: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            apply_errors: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
     pub fn state(&self) -> LinkState {
         match self.state.load(Ordering::Acquire) {
             1 => LinkState::Streaming,
@@ -120,6 +155,9 @@ impl SlaveStatus {
 struct Entry {
     seq: u64,
     data: Arc<[u8]>,
+    /// When the op was issued, for lag in seconds.
+    #[allow(dead_code)] // read by status (not wired yet)
+    at: Instant,
 }
 
 pub(crate) struct Log {
@@ -149,7 +187,8 @@ pub(crate) struct Shared {
     log: Mutex<Log>,
     /// Wakes link tasks when the log grows, a slave acknowledges, or the master closes.
     wake: Notify,
-    pub slaves: Vec<Arc<SlaveStatus>>,
+    /// The slaves; changed at runtime by `tdfs slave add/remove`.
+    slaves: RwLock<Vec<Arc<SlaveStatus>>>,
     mem_cap: usize,
     master_id: MasterId,
     label: String,
@@ -202,6 +241,11 @@ pub(crate) enum BatchResult {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Log> {
         self.log.lock().expect("log poisoned")
+    }
+
+    /// The current slaves (lock order: after the log lock).
+    fn slaves(&self) -> RwLockReadGuard<'_, Vec<Arc<SlaveStatus>>> {
+        self.slaves.read().expect("slave list poisoned")
     }
 
     /// What comes next for a link whose next op is `from`.
@@ -281,7 +325,7 @@ impl Shared {
     /// Drops what no slave needs, spills to the journal what does not fit in memory.
     fn trim(&self, log: &mut Log) {
         let need = self
-            .slaves
+            .slaves()
             .iter()
             .map(|s| s.need_from.load(Ordering::Acquire))
             .min()
@@ -295,7 +339,7 @@ impl Shared {
                 log.bytes -= e.data.len();
                 match log.journal.append(e.seq, &e.data) {
                     Ok(Some(below)) => {
-                        for s in &self.slaves {
+                        for s in self.slaves().iter() {
                             if s.need_from.load(Ordering::Acquire) < below {
                                 self.require_sync(s, "it is further behind than --journal-size");
                             }
@@ -307,7 +351,7 @@ impl Shared {
                             "writing the journal: {err}; slaves that need these ops will be synced"
                         );
                         let _ = log.journal.clear();
-                        for s in &self.slaves {
+                        for s in self.slaves().iter() {
                             if s.need_from.load(Ordering::Acquire) <= e.seq {
                                 self.require_sync(s, "the journal could not be written");
                             }
@@ -321,10 +365,47 @@ impl Shared {
     }
 }
 
+/// One slave in a [`Status`].
+#[allow(dead_code)] // for the control socket and metrics (not wired yet)
+#[derive(Debug, Clone)]
+pub struct SlaveSnapshot {
+    pub addr: String,
+    /// streaming, catching up, syncing, disconnected or error.
+    pub state: &'static str,
+    pub in_sync: bool,
+    pub applied: u64,
+    pub durable: u64,
+    pub lag_ops: u64,
+    pub lag_bytes: u64,
+    pub lag_secs: f64,
+    pub bytes_sent: u64,
+    pub raw_bytes_sent: u64,
+    pub ops_sent: u64,
+    pub reconnects: u64,
+    pub apply_errors: u64,
+    pub compressed: bool,
+    pub last_error: Option<String>,
+}
+
+/// The replication state at one instant.
+#[allow(dead_code)] // for the control socket and metrics (not wired yet)
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub master_id: MasterId,
+    /// Sequence number the next op gets.
+    pub head: u64,
+    /// Bytes of ops held in memory.
+    pub queue_bytes: u64,
+    /// Bytes of ops in the on-disk journal.
+    pub journal_bytes: u64,
+    pub slaves: Vec<SlaveSnapshot>,
+}
+
 /// The handle the filesystem uses.
 #[derive(Clone)]
 pub struct Replicator {
     shared: Arc<Shared>,
+    rt: tokio::runtime::Handle,
 }
 
 /// Sizes and files of the replication layer.
@@ -369,21 +450,9 @@ impl Replicator {
         let slaves: Vec<_> = slaves
             .into_iter()
             .map(|config| {
-                Arc::new(SlaveStatus {
-                    config,
-                    applied: AtomicU64::new(0),
-                    durable: AtomicU64::new(0),
-                    connected: AtomicBool::new(false),
-                    // Until a slave says where it is, keep everything the journal has.
-                    need_from: AtomicU64::new(if sync_all { NEEDS_NOTHING } else { front }),
-                    needs_sync: AtomicBool::new(sync_all),
-                    state: AtomicU8::new(LinkState::Disconnected as u8),
-                    settled: AtomicBool::new(false),
-                    in_sync: AtomicBool::new(false),
-                    received: AtomicU64::new(0),
-                    bytes_sent: AtomicU64::new(0),
-                    ops_sent: AtomicU64::new(0),
-                })
+                // Until a slave says where it is, keep everything the journal has.
+                let need = if sync_all { NEEDS_NOTHING } else { front };
+                Arc::new(SlaveStatus::new(config, need, sync_all))
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -394,7 +463,7 @@ impl Replicator {
                 journal,
             }),
             wake: Notify::new(),
-            slaves,
+            slaves: RwLock::new(slaves),
             mem_cap: cfg.mem_cap,
             master_id: state.id,
             label: cfg.label,
@@ -405,10 +474,13 @@ impl Replicator {
             checksum_sync: cfg.checksum_sync,
             policy: cfg.policy,
         });
-        for (i, _) in shared.slaves.iter().enumerate() {
-            rt.spawn(link::run(shared.clone(), i));
+        for s in shared.slaves().iter() {
+            rt.spawn(link::run(shared.clone(), s.clone()));
         }
-        Ok(Replicator { shared })
+        Ok(Replicator {
+            shared,
+            rt: rt.clone(),
+        })
     }
 
     /// Runs `f` (a mutation of the backing tree) under the order lock; if it succeeds and
@@ -440,6 +512,7 @@ impl Replicator {
         log.entries.push_back(Entry {
             seq,
             data: buf.into(),
+            at: Instant::now(),
         });
         self.shared.trim(&mut log);
         drop(log);
@@ -463,7 +536,7 @@ impl Replicator {
 
     fn in_sync_count(&self) -> usize {
         self.shared
-            .slaves
+            .slaves()
             .iter()
             .filter(|s| s.in_sync.load(Ordering::Acquire))
             .count()
@@ -515,18 +588,19 @@ impl Replicator {
         let deadline = Instant::now() + p.timeout;
         let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
         loop {
-            let waiting: Vec<&Arc<SlaveStatus>> = self
+            let waiting: Vec<Arc<SlaveStatus>> = self
                 .shared
-                .slaves
+                .slaves()
                 .iter()
                 .filter(|s| s.in_sync.load(Ordering::Acquire) && value(s) < seq)
+                .cloned()
                 .collect();
             if waiting.is_empty() {
                 break;
             }
             let now = Instant::now();
             if now >= deadline {
-                for s in waiting {
+                for s in &waiting {
                     self.shared.drop_out(s, "slower than --sync-timeout");
                 }
                 break;
@@ -557,9 +631,127 @@ impl Replicator {
         self.shared.dir_renames.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Adds a slave at runtime: it gets an initial sync, then streams.
+    #[allow(dead_code)] // for the control socket and metrics (not wired yet)
+    pub fn add_slave(&self, config: SlaveConfig) -> Result<(), String> {
+        let mut list = self.shared.slaves.write().expect("slave list poisoned");
+        if list.iter().any(|s| s.config.addr == config.addr) {
+            return Err(format!("{} is already a slave", config.addr));
+        }
+        let s = Arc::new(SlaveStatus::new(config, NEEDS_NOTHING, true));
+        info!(slave = %s.config.addr, "slave added");
+        list.push(s.clone());
+        drop(list);
+        self.rt.spawn(link::run(self.shared.clone(), s));
+        Ok(())
+    }
+
+    /// Removes a slave at runtime: its link ends and nothing waits for it any more.
+    #[allow(dead_code)] // for the control socket and metrics (not wired yet)
+    pub fn remove_slave(&self, addr: &str) -> Result<(), String> {
+        let mut list = self.shared.slaves.write().expect("slave list poisoned");
+        let Some(i) = list.iter().position(|s| s.config.addr == addr) else {
+            return Err(format!("{addr} is not a slave"));
+        };
+        let s = list.remove(i);
+        drop(list);
+        s.removed.store(true, Ordering::Release);
+        s.in_sync.store(false, Ordering::Release);
+        self.shared.wake.notify_waiters();
+        self.shared.note_ack();
+        info!(slave = %addr, "slave removed");
+        Ok(())
+    }
+
+    /// The slaves' configurations, in order.
+    #[allow(dead_code)] // for the control socket and metrics (not wired yet)
+    pub fn slave_configs(&self) -> Vec<SlaveConfig> {
+        self.shared
+            .slaves()
+            .iter()
+            .map(|s| s.config.clone())
+            .collect()
+    }
+
+    /// A snapshot for `tdfs status` and metrics.
+    #[allow(dead_code)] // for the control socket and metrics (not wired yet)
+    pub fn status(&self) -> Status {
+        let slaves: Vec<Arc<SlaveStatus>> = self.shared.slaves().clone();
+        let log = self.shared.lock();
+        let head = log.next_seq;
+        let mem_front = log.mem_front();
+        let journal_bytes = log.journal.bytes();
+        let snaps = slaves
+            .iter()
+            .map(|s| {
+                let applied = s.applied.load(Ordering::Acquire);
+                let connected = s.connected.load(Ordering::Acquire);
+                let state = s.state();
+                let lag_ops = head.saturating_sub(applied + 1);
+                let (mut lag_bytes, mut oldest) = (0u64, None);
+                for e in log.entries.iter().filter(|e| e.seq > applied) {
+                    lag_bytes += e.data.len() as u64;
+                    oldest.get_or_insert(e.at);
+                }
+                if applied + 1 < mem_front {
+                    lag_bytes += journal_bytes;
+                }
+                let lag_secs = if lag_ops == 0 {
+                    0.0
+                } else {
+                    oldest
+                        .or_else(|| log.entries.front().map(|e| e.at))
+                        .map_or(0.0, |t| t.elapsed().as_secs_f64())
+                };
+                let last_error = s
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let state_name = match (connected, state) {
+                    (true, LinkState::Syncing) => "syncing",
+                    (true, LinkState::Streaming) if s.in_sync.load(Ordering::Acquire) => {
+                        "streaming"
+                    }
+                    (true, _) => "catching up",
+                    (false, _)
+                        if last_error.is_some() && s.apply_errors.load(Ordering::Relaxed) > 0 =>
+                    {
+                        "error"
+                    }
+                    (false, _) => "disconnected",
+                };
+                SlaveSnapshot {
+                    addr: s.config.addr.clone(),
+                    state: state_name,
+                    in_sync: s.in_sync.load(Ordering::Acquire),
+                    applied,
+                    durable: s.durable.load(Ordering::Acquire),
+                    lag_ops,
+                    lag_bytes,
+                    lag_secs,
+                    bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
+                    raw_bytes_sent: s.raw_bytes_sent.load(Ordering::Relaxed),
+                    ops_sent: s.ops_sent.load(Ordering::Relaxed),
+                    reconnects: s.reconnects.load(Ordering::Relaxed),
+                    apply_errors: s.apply_errors.load(Ordering::Relaxed),
+                    compressed: s.config.compression != Compression::None,
+                    last_error,
+                }
+            })
+            .collect();
+        Status {
+            master_id: self.shared.master_id,
+            head,
+            queue_bytes: log.bytes as u64,
+            journal_bytes,
+            slaves: snaps,
+        }
+    }
+
     /// The status of the `i`th slave.
     pub fn slave(&self, i: usize) -> Arc<SlaveStatus> {
-        self.shared.slaves[i].clone()
+        self.shared.slaves()[i].clone()
     }
 
     /// Sequence number of the last op issued (0 when none).
@@ -588,7 +780,7 @@ impl Replicator {
             }
         };
         let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
-        while self.shared.slaves.iter().any(|s| pending(s)) {
+        while self.shared.slaves().iter().any(|s| pending(s)) {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -603,7 +795,7 @@ impl Replicator {
         }
         drop(g);
         let mut failed = Vec::new();
-        for s in &self.shared.slaves {
+        for s in self.shared.slaves().iter() {
             let applied = s.applied.load(Ordering::Acquire);
             if pending(s) {
                 error!(slave = %s.config.addr, applied, last, "slave did not acknowledge every op before the deadline");
@@ -619,7 +811,7 @@ impl Replicator {
             let mut log = self.shared.lock();
             let need = self
                 .shared
-                .slaves
+                .slaves()
                 .iter()
                 .map(|s| s.need_from.load(Ordering::Acquire))
                 .min()
@@ -640,7 +832,7 @@ impl Replicator {
         let bye_deadline = Instant::now() + Duration::from_secs(2);
         while self
             .shared
-            .slaves
+            .slaves()
             .iter()
             .any(|s| s.connected.load(Ordering::Acquire))
             && Instant::now() < bye_deadline
