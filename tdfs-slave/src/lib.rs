@@ -3,18 +3,23 @@
 //!
 //! - [`listener`]: accepting connections, one master at a time.
 //! - [`readonly`]: read-only sessions of `tdfs verify` (listings and digests).
+//! - [`security`]: shared-secret authentication, TLS and address allow-lists (used by the
+//!   master too).
 //! - [`session`]: framing, handshake, ordering and acknowledgements.
 //! - [`apply`]: one op into syscalls beneath the root.
 //! - [`confine`]: resolving paths without ever leaving the root.
+//! - [`daemon`]: log levels, control socket, metrics endpoint (used by the master too).
 //! - [`inspect`]: listings and digests for sync and verify (used by the master too).
 //! - [`transport`]: `--allow`, TLS and shared-secret authentication before a session.
 //! - [`state`]: which master and sequence number the tree reflects.
 
 pub mod apply;
 pub mod confine;
+pub mod daemon;
 pub mod inspect;
 pub mod listener;
 pub mod readonly;
+pub mod security;
 pub mod session;
 pub mod state;
 pub mod transport;

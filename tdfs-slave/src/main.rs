@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use tdfs_protocol::DEFAULT_PORT;
-use tdfs_security::{AllowList, Secret, TlsFiles};
 use tdfs_slave::apply::Applier;
 use tdfs_slave::listener::{self, Core, Shared};
+use tdfs_slave::security::{AllowList, Secret, TlsFiles};
 use tdfs_slave::state::{self, State};
 use tdfs_slave::transport::Security;
 use tokio::signal::unix::{signal, SignalKind};
@@ -96,7 +96,7 @@ fn security(cli: &Cli) -> anyhow::Result<Security> {
         cli.tls_ca.clone(),
     )
     .map_err(anyhow::Error::msg)?
-    .map(|f| tdfs_security::tls::acceptor(&f))
+    .map(|f| tdfs_slave::security::tls::acceptor(&f))
     .transpose()
     .map_err(anyhow::Error::msg)?;
     let allow = AllowList::parse(&cli.allow).map_err(anyhow::Error::msg)?;

@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tdfs_security::tls::TlsAcceptor;
-use tdfs_security::{handshake, AllowList, Secret};
+use crate::security::tls::TlsAcceptor;
+use crate::security::{handshake, AllowList, Secret};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -110,7 +110,7 @@ async fn prelude(
             };
             authenticate(&mut stream, peer, sec).await?;
             let (rd, wr) = tokio::io::split(stream);
-            Some((Box::pin(rd), tdfs_security::tls::flushing(wr)))
+            Some((Box::pin(rd), crate::security::tls::flushing(wr)))
         }
     }
 }
@@ -127,7 +127,7 @@ where
             tracing::debug!("master at {peer} authenticated");
             Some(())
         }
-        Err(e @ tdfs_security::AuthError::Failed(_)) => {
+        Err(e @ crate::security::AuthError::Failed(_)) => {
             tracing::warn!("refusing connection from {peer}: {e}");
             None
         }

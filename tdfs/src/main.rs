@@ -224,7 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         .map(|s| parse_slave(s, default_z, !cli.no_nodelay))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let tls = tdfs_security::TlsFiles::from_args(
+    let tls = tdfs_slave::security::TlsFiles::from_args(
         cli.tls_cert.clone(),
         cli.tls_key.clone(),
         cli.tls_ca.clone(),

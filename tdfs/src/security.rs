@@ -3,8 +3,8 @@
 
 use std::sync::OnceLock;
 
-use tdfs_security::tls::TlsConnector;
-use tdfs_security::{Secret, TlsFiles};
+use tdfs_slave::security::tls::TlsConnector;
+use tdfs_slave::security::{Secret, TlsFiles};
 
 #[derive(Default)]
 pub struct Security {
@@ -24,7 +24,7 @@ pub fn init(secret_file: Option<&std::path::Path>, tls: Option<TlsFiles>) -> any
         .map_err(anyhow::Error::msg)?;
     let tls = tls
         .as_ref()
-        .map(tdfs_security::tls::connector)
+        .map(tdfs_slave::security::tls::connector)
         .transpose()
         .map_err(anyhow::Error::msg)?;
     match (&secret, &tls) {

@@ -470,7 +470,7 @@ fn run(cli: VerifyCli) -> anyhow::Result<bool> {
         .dir
         .canonicalize()
         .with_context(|| format!("directory {}", cli.dir.display()))?;
-    let tls = tdfs_security::TlsFiles::from_args(
+    let tls = tdfs_slave::security::TlsFiles::from_args(
         cli.tls_cert.clone(),
         cli.tls_key.clone(),
         cli.tls_ca.clone(),

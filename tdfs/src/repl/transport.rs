@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
-use tdfs_security::{handshake, AuthError};
+use tdfs_slave::security::{handshake, AuthError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -43,7 +43,7 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
             Ok((Box::pin(rd), Box::pin(wr)))
         }
         Some(tls) => {
-            let name = tdfs_security::tls::server_name(&cfg.addr)
+            let name = tdfs_slave::security::tls::server_name(&cfg.addr)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let mut stream = tokio::time::timeout(AUTH_TIMEOUT, tls.connect(name, stream))
                 .await
@@ -54,7 +54,7 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
                 })?;
             authenticate(&mut stream, cfg).await?;
             let (rd, wr) = tokio::io::split(stream);
-            Ok((Box::pin(rd), tdfs_security::tls::flushing(wr)))
+            Ok((Box::pin(rd), tdfs_slave::security::tls::flushing(wr)))
         }
     }
 }

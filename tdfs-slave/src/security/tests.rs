@@ -2,8 +2,8 @@ use std::net::IpAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::handshake::{self, AuthError};
-use crate::{AllowList, Secret};
+use crate::security::handshake::{self, AuthError};
+use crate::security::{AllowList, Secret};
 
 fn secret(s: &str) -> Secret {
     Secret::from_bytes(s.as_bytes().to_vec()).unwrap()
@@ -135,7 +135,7 @@ fn allow_lists() {
 
 #[test]
 fn server_names() {
-    use crate::tls::server_name;
+    use crate::security::tls::server_name;
     assert_eq!(
         format!("{:?}", server_name("localhost:4731").unwrap()),
         format!(

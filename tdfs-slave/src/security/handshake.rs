@@ -15,7 +15,7 @@ use tdfs_protocol::msg::{Refuse, RefuseCode};
 use tdfs_protocol::{Compression, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::Secret;
+use crate::security::Secret;
 
 /// What the slave says to a master that does not prove the secret.
 pub const FAILED_MESSAGE: &str = "authentication failed";
