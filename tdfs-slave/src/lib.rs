@@ -7,14 +7,18 @@
 //!   master too).
 //! - [`session`]: framing, handshake, ordering and acknowledgements.
 //! - [`apply`]: one op into syscalls beneath the root.
+//! - [`config`], [`control`]: the config file; status and metrics of a running slave.
 //! - [`confine`]: resolving paths without ever leaving the root.
 //! - [`daemon`]: log levels, control socket, metrics endpoint (used by the master too).
 //! - [`inspect`]: listings and digests for sync and verify (used by the master too).
 //! - [`transport`]: `--allow`, TLS and shared-secret authentication before a session.
 //! - [`state`]: which master and sequence number the tree reflects.
+//! - [`stats`]: counters for `tdfs-slave status` and metrics.
 
 pub mod apply;
+pub mod config;
 pub mod confine;
+pub mod control;
 pub mod daemon;
 pub mod inspect;
 pub mod listener;
@@ -22,6 +26,7 @@ pub mod readonly;
 pub mod security;
 pub mod session;
 pub mod state;
+pub mod stats;
 pub mod transport;
 
 #[cfg(test)]

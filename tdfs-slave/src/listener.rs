@@ -43,6 +43,8 @@ pub struct Shared {
     stop_tx: watch::Sender<bool>,
     nodelay: bool,
     security: OnceLock<Security>,
+    /// Counters for `tdfs-slave status` and metrics.
+    pub stats: crate::stats::Stats,
 }
 
 /// Poisoning only means a thread panicked while holding the lock; the data it guards is
@@ -61,6 +63,7 @@ impl Shared {
             stop_tx,
             nodelay,
             security: OnceLock::new(),
+            stats: crate::stats::Stats::default(),
         })
     }
 

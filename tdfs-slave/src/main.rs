@@ -1,15 +1,17 @@
 //! `tdfs-slave`: command line, signals, and wiring of the listener to the applier.
 
-use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tdfs_protocol::DEFAULT_PORT;
 use tdfs_slave::apply::Applier;
+use tdfs_slave::config::{self, SlaveFile};
+use tdfs_slave::daemon::{self, logging};
 use tdfs_slave::listener::{self, Core, Shared};
 use tdfs_slave::security::{AllowList, Secret, TlsFiles};
 use tdfs_slave::state::{self, State};
@@ -18,15 +20,44 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// Receive a tdfs master's stream of filesystem mutations and apply them to DIR.
 ///
-/// Runs in the foreground and logs to stderr (RUST_LOG selects the level; default info).
-/// SIGTERM or SIGINT finishes the op in hand, makes the state durable and exits 0.
+/// Runs in the foreground and logs to stderr (default level info; -v, -q, the config
+/// file's log_level or RUST_LOG change it). SIGTERM or SIGINT finishes the op in hand,
+/// makes the state durable and exits 0; SIGHUP re-reads --config (log level).
+///
+/// Other commands: `tdfs-slave status [--state-dir DIR | -m DIR] [--json]` asks a running
+/// slave; `tdfs-slave completions SHELL` and `tdfs-slave manpage` print shell completions
+/// and a man page.
 #[derive(Parser, Debug)]
 #[command(name = "tdfs-slave", version)]
 struct Cli {
     /// Directory to keep as a mirror of the master's tree. Every path the master sends is
     /// resolved beneath it, never through a symlink.
-    #[arg(short = 'm', long = "mirror", value_name = "DIR")]
-    mirror: PathBuf,
+    #[arg(
+        short = 'm',
+        long = "mirror",
+        value_name = "DIR",
+        required_unless_present = "config"
+    )]
+    mirror: Option<PathBuf>,
+
+    /// TOML file with any of the settings below (keys: mirror, listen, no_nodelay,
+    /// state_dir, secret_file, allow, tls_cert, tls_key, tls_ca, insecure, metrics,
+    /// log_level). Flags given on the command line win. SIGHUP re-reads it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0 picks one; the address
+    /// is logged as "metrics at http://...").
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+
+    /// Log more (-v: debug, -vv: trace).
+    #[arg(short = 'v', action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+
+    /// Log only warnings and errors.
+    #[arg(short = 'q')]
+    quiet: bool,
 
     /// Address to accept the master on: [ADDR:]PORT. A bare PORT listens on all IPv4
     /// addresses; port 0 picks a free port (the bound address is logged as
@@ -154,17 +185,130 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// Applies the config file's settings to every flag not given on the command line.
+fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: SlaveFile) -> anyhow::Result<()> {
+    let g = |id: &str| config::given(m, id);
+    if !g("mirror") {
+        cli.mirror = f.mirror.or(cli.mirror.take());
+    }
+    if let (false, Some(l)) = (g("listen"), f.listen) {
+        cli.listen = parse_listen(&l).map_err(|e| anyhow::anyhow!("config listen: {e}"))?;
+    }
+    if let (false, Some(v)) = (g("no_nodelay"), f.no_nodelay) {
+        cli.no_nodelay = v;
+    }
+    if !g("state_dir") && f.state_dir.is_some() {
+        cli.state_dir = f.state_dir;
+    }
+    if !g("secret_file") && f.secret_file.is_some() {
+        cli.secret_file = f.secret_file;
+    }
+    if let (false, Some(v)) = (g("allow"), f.allow) {
+        cli.allow = v;
+    }
+    if !g("tls_cert") && !g("tls_key") && !g("tls_ca") {
+        cli.tls_cert = f.tls_cert.or(cli.tls_cert.take());
+        cli.tls_key = f.tls_key.or(cli.tls_key.take());
+        cli.tls_ca = f.tls_ca.or(cli.tls_ca.take());
+    }
+    if let (false, Some(v)) = (g("insecure"), f.insecure) {
+        cli.insecure = v;
+    }
+    if !g("metrics") && f.metrics.is_some() {
+        cli.metrics = f.metrics;
+    }
+    if cli.mirror.is_none() {
+        bail!("no mirror directory: give -m DIR or `mirror = \"DIR\"` in the config file");
+    }
+    Ok(())
+}
+
+/// The log level: -v/-q, else the config file's, else info.
+fn level(cli: &Cli, f: Option<&SlaveFile>) -> anyhow::Result<String> {
+    if let Some(l) = logging::flag_level(cli.verbose, cli.quiet) {
+        return Ok(l.into());
+    }
+    match f.and_then(|f| f.log_level.clone()) {
+        Some(l) => {
+            logging::check_level(&l).map_err(anyhow::Error::msg)?;
+            Ok(l)
+        }
+        None => Ok("info".into()),
+    }
+}
+
+/// `completions SHELL` / `manpage`: generated from the command line definition.
+fn generate(args: &[String]) -> ExitCode {
+    let mut cmd = Cli::command().subcommand(
+        tdfs_slave::control::StatusCli::command()
+            .name("status")
+            .about("Show a running slave's status (through its control socket)"),
+    );
+    if args[1] == "manpage" {
+        let r = clap_mangen::Man::new(cmd).render(&mut std::io::stdout());
+        return if r.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let Some(shell) = args
+        .get(2)
+        .and_then(|s| s.parse::<clap_complete::Shell>().ok())
+    else {
+        eprintln!("usage: tdfs-slave completions bash|zsh|fish|elvish|powershell");
+        return ExitCode::from(2);
+    };
+    clap_complete::generate(shell, &mut cmd, "tdfs-slave", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run(cli) {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("status") => {
+            return tdfs_slave::control::status_main(
+                std::env::args_os().skip(1).collect::<Vec<_>>(),
+            )
+        }
+        Some("completions" | "manpage") => return generate(&args),
+        _ => {}
+    }
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let file = match cli
+        .config
+        .as_deref()
+        .map(config::load::<SlaveFile>)
+        .transpose()
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tdfs-slave: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let level = match level(&cli, file.as_ref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tdfs-slave: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(f) = file.clone() {
+        if let Err(e) = merge(&mut cli, &matches, f) {
+            eprintln!("tdfs-slave: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
+    let log = logging::init(&level);
+    if let Some(c) = &cli.config {
+        tracing::info!("settings from {} (command-line flags win)", c.display());
+    }
+    match run(cli, log, file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -173,15 +317,55 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// SIGHUP: re-reads the config file; the log level changes at once, other settings need a
+/// restart (and are named in the log).
+fn reload(cli: &Cli, log: &logging::Logging, old: &mut Option<SlaveFile>) {
+    let Some(path) = cli.config.as_deref() else {
+        tracing::info!("SIGHUP: no --config file to re-read");
+        return;
+    };
+    let f: SlaveFile = match config::load(path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e:#}; keeping the current settings");
+            return;
+        }
+    };
+    match level(cli, Some(&f)) {
+        Ok(l) => {
+            if let Err(e) = log.set_level(&l) {
+                tracing::error!("SIGHUP: {e}");
+            }
+        }
+        Err(e) => tracing::error!("SIGHUP: {e:#}"),
+    }
+    let before = SlaveFile {
+        log_level: None,
+        ..old.clone().unwrap_or_default()
+    };
+    let after = SlaveFile {
+        log_level: None,
+        ..f.clone()
+    };
+    if before != after {
+        tracing::warn!(
+            "SIGHUP: {} changed beyond log_level; those settings take effect at the next restart",
+            path.display()
+        );
+    }
+    tracing::info!("SIGHUP: re-read {}", path.display());
+    *old = Some(f);
+}
+
+fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::Result<()> {
     // Modes from the master must come out exactly, not masked.
     // SAFETY: umask cannot fail and has no memory-safety preconditions.
     unsafe { libc::umask(0) };
     let security = security(&cli)?;
-    let root = cli
-        .mirror
+    let mirror = cli.mirror.clone().expect("checked by merge/clap");
+    let root = mirror
         .canonicalize()
-        .with_context(|| format!("mirror directory {}", cli.mirror.display()))?;
+        .with_context(|| format!("mirror directory {}", mirror.display()))?;
     if !root.is_dir() {
         bail!("{} is not a directory", root.display());
     }
@@ -190,12 +374,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| state::default_dir(&root));
     let state = State::open(&state_dir, &root)?;
+    // After the state dir's lock: a second slave on this state dir has already been refused.
+    let mut control = daemon::control::bind(&state_dir)?;
+    let metrics = cli.metrics.as_deref().map(daemon::http::bind).transpose()?;
+    let (master0, applied0) = (state.master, state.applied);
     let applier = Applier::open(&root).with_context(|| format!("opening {}", root.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let handle = rt.handle().clone();
     rt.block_on(async move {
         let core = Core {
             applier,
@@ -204,21 +393,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         };
         let shared = Shared::new(core, !cli.no_nodelay);
         shared.set_security(security);
+        shared.stats.set_master(master0, "", "");
+        shared
+            .stats
+            .applied
+            .store(applied0, std::sync::atomic::Ordering::Relaxed);
         let l =
             listener::bind(cli.listen).with_context(|| format!("listening on {}", cli.listen))?;
         let addr = l.local_addr()?;
-        tracing::info!(
-            "mirroring into {} (state in {}); listening on {addr}",
-            root.display(),
-            state_dir.display()
+        tdfs_slave::control::serve(
+            &handle,
+            &mut control,
+            shared.clone(),
+            root.display().to_string(),
+            addr.to_string(),
         );
+        tdfs_slave::control::start_sampler(&handle, shared.clone());
+        if let Some(ml) = metrics {
+            let maddr = ml.local_addr()?;
+            let mut reg = prometheus_client::registry::Registry::default();
+            reg.register_collector(Box::new(tdfs_slave::control::Metrics(shared.clone())));
+            let reg = Arc::new(reg);
+            daemon::http::serve(&handle, ml, Arc::new(move || daemon::http::render(&reg)));
+            tracing::info!("metrics at http://{maddr}/metrics");
+        }
+        tracing::info!(
+            "mirroring into {} (state in {}, control socket {}); listening on {addr}",
+            root.display(),
+            state_dir.display(),
+            control.path.display()
+        );
+        daemon::notify("ready");
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let serve = tokio::spawn(listener::serve(l, shared.clone()));
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+                _ = hup.recv() => reload(&cli, &log, &mut file),
+            }
         }
+        daemon::notify("stopping");
         serve.abort();
         shared.stop();
         let deadline = Instant::now() + Duration::from_secs(30);

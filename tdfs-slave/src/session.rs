@@ -108,6 +108,7 @@ pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared
     };
     tracing::debug!("connection from {peer}");
     let end = s.serve().await;
+    s.shared.stats.connected.store(false, Ordering::Relaxed);
     if matches!(end, End::Stopping) {
         let r = Refuse {
             code: RefuseCode::ShuttingDown,
@@ -163,6 +164,10 @@ impl Session {
             None => Err(End::Stopping),
             Some(Ok(0)) => Err(End::Eof),
             Some(Ok(n)) => {
+                self.shared
+                    .stats
+                    .bytes_received
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 self.buf.extend_from_slice(&self.scratch[..n]);
                 Ok(())
             }
@@ -294,6 +299,10 @@ impl Session {
             hello.next_seq
         );
         self.master = hello.master_id;
+        let stats = &self.shared.stats;
+        stats.set_master(hello.master_id, &hello.label, &peer.to_string());
+        stats.sessions.fetch_add(1, Ordering::Relaxed);
+        stats.connected.store(true, Ordering::Relaxed);
         self.prev = (last_master, last_applied);
         // Until the first Ops frame says where the master resumes, "applied" is what the state
         // file says for this master.
@@ -464,11 +473,27 @@ impl Session {
         let master = self.master;
         let first = self.expected;
         let syncing = self.syncing;
+        let live: u64 = batches
+            .iter()
+            .map(|w| match w {
+                Work::Ops(_, ops) => ops.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        let t0 = std::time::Instant::now();
         let res = tokio::task::spawn_blocking(move || {
             apply_blocking(&shared, master, first, syncing, batches)
         })
         .await
         .map_err(|e| End::Protocol(format!("apply task failed: {e}")))?;
+        let done = if res.failed.is_some() || res.stopped {
+            live.min(res.next.saturating_sub(first))
+        } else {
+            live
+        };
+        self.shared
+            .stats
+            .round(t0, done, res.next.saturating_sub(1));
         self.expected = res.next;
         self.durable = res.durable;
         self.syncing = res.syncing;
@@ -483,6 +508,10 @@ impl Session {
             self.wr.write_all(&f).await.map_err(End::Io)?;
         }
         if let Some(f) = &res.failed {
+            self.shared.stats.error(format!(
+                "{} {} (seq {}): errno {} ({})",
+                f.op, f.path, f.seq, f.errno, f.message
+            ));
             tracing::error!(
                 "applying {} {} (seq {}) failed: errno {} ({})",
                 f.op,

@@ -136,6 +136,11 @@ pub fn counters(
     rows: &[(Labels, u64)],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    if let [(labels, v)] = rows {
+        if labels.is_empty() {
+            return ConstCounter::new(*v).encode(m);
+        }
+    }
     for (labels, v) in rows {
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
     }
@@ -150,6 +155,11 @@ pub fn gauges(
     rows: &[(Labels, f64)],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    if let [(labels, v)] = rows {
+        if labels.is_empty() {
+            return ConstGauge::new(*v).encode(m);
+        }
+    }
     for (labels, v) in rows {
         ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
     }
@@ -164,6 +174,12 @@ pub fn histograms(
     rows: &[(Labels, &Histogram)],
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    if let [(labels, h)] = rows {
+        if labels.is_empty() {
+            let s = h.snapshot();
+            return m.encode_histogram::<NoLabelSet>(s.sum, s.count, &s.buckets, None);
+        }
+    }
     for (labels, h) in rows {
         let s = h.snapshot();
         m.encode_family(labels)?

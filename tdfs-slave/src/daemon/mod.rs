@@ -88,3 +88,55 @@ mod tests {
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 }
+
+/// A rate (per second) over the last few seconds of a growing counter, sampled about once
+/// a second by the daemon.
+#[derive(Debug, Default)]
+pub struct RateMeter {
+    samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+}
+
+/// Samples kept: the rate spans about this many seconds.
+const RATE_WINDOW: usize = 5;
+
+impl RateMeter {
+    pub fn sample(&self, value: u64) {
+        self.sample_at(std::time::Instant::now(), value);
+    }
+
+    fn sample_at(&self, t: std::time::Instant, value: u64) {
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        s.push_back((t, value));
+        while s.len() > RATE_WINDOW + 1 {
+            s.pop_front();
+        }
+    }
+
+    /// Units per second between the oldest and newest sample (0 until there are two).
+    pub fn rate(&self) -> f64 {
+        let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        match (s.front(), s.back()) {
+            (Some(&(t0, v0)), Some(&(t1, v1))) if t1 > t0 => {
+                v1.saturating_sub(v0) as f64 / (t1 - t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn rate_over_window() {
+        let r = RateMeter::default();
+        assert_eq!(r.rate(), 0.0);
+        let t = Instant::now();
+        for i in 0..10u64 {
+            r.sample_at(t + Duration::from_secs(i), i * 100);
+        }
+        assert!((r.rate() - 100.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,246 @@
+//! The slave's operations surface: `tdfs-slave status` through the control socket, and the
+//! Prometheus metrics.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use clap::Parser;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use serde_json::{json, Value};
+
+use crate::daemon::http::{self, Labels};
+use crate::daemon::{control, human_bytes};
+use crate::listener::Shared;
+
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The answer to `{"cmd":"status"}`.
+pub fn status(shared: &Shared, mirror: &str, listen: &str) -> Value {
+    let st = &shared.stats;
+    let (id, label, peer) = st.master();
+    json!({
+        "ok": true,
+        "role": "slave",
+        "mirror": mirror,
+        "listen": listen,
+        "connected": st.connected.load(Ordering::Relaxed),
+        "master_id": hex(&id),
+        "master_label": label,
+        "master_addr": peer,
+        "last_applied": st.applied.load(Ordering::Relaxed),
+        "ops_applied": st.ops_applied.load(Ordering::Relaxed),
+        "apply_rate": st.apply_rate.rate(),
+        "bytes_received": st.bytes_received.load(Ordering::Relaxed),
+        "sessions": st.sessions.load(Ordering::Relaxed),
+        "apply_errors": st.apply_errors.load(Ordering::Relaxed),
+        "last_error": st.last_error(),
+        "uptime_secs": st.started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Serves the control socket: `status` only.
+pub fn serve(
+    rt: &tokio::runtime::Handle,
+    sock: &mut control::ControlSocket,
+    shared: Arc<Shared>,
+    mirror: String,
+    listen: String,
+) {
+    control::serve(rt, sock, move |req| match req["cmd"].as_str() {
+        Some("status") => status(&shared, &mirror, &listen),
+        other => control::error(format!(
+            "unknown command {other:?} (the slave knows: status)"
+        )),
+    });
+}
+
+/// Samples the apply rate once a second.
+pub fn start_sampler(rt: &tokio::runtime::Handle, shared: Arc<Shared>) {
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let st = &shared.stats;
+            st.apply_rate.sample(st.ops_applied.load(Ordering::Relaxed));
+        }
+    });
+}
+
+/// The slave's metrics, read at each scrape.
+pub struct Metrics(pub Arc<Shared>);
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("slave metrics")
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let st = &self.0.stats;
+        let none = || -> Labels { Vec::new() };
+        let c = |v: &std::sync::atomic::AtomicU64| vec![(none(), v.load(Ordering::Relaxed))];
+        http::counters(
+            &mut enc,
+            "tdfs_slave_ops_applied",
+            "Replicated ops applied to the mirror",
+            &c(&st.ops_applied),
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_apply_errors",
+            "Ops that failed to apply (the slave stops at such an op until the master resends it)",
+            &c(&st.apply_errors),
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_sessions",
+            "Master sessions (handshakes completed); more than one means reconnects",
+            &c(&st.sessions),
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_received_bytes",
+            "Bytes received from masters (after TLS, before decompression)",
+            &c(&st.bytes_received),
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_last_applied_seq",
+            "Sequence number of the last op applied",
+            &[(none(), st.applied.load(Ordering::Relaxed) as f64)],
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_connected",
+            "1 while a master session is up",
+            &[(none(), st.connected.load(Ordering::Relaxed) as u8 as f64)],
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_apply_rate",
+            "Ops applied per second over the last few seconds",
+            &[(none(), st.apply_rate.rate())],
+        )?;
+        http::histograms(
+            &mut enc,
+            "tdfs_slave_apply_duration_seconds",
+            "Time to apply one round of ops (what arrived together), seconds",
+            &[(none(), &st.apply_latency)],
+        )?;
+        Ok(())
+    }
+}
+
+/// `tdfs-slave status`: asks a running slave through the control socket in its state
+/// directory.
+#[derive(Parser, Debug)]
+#[command(name = "tdfs-slave status")]
+pub struct StatusCli {
+    /// The slave's state directory (where its control socket is).
+    #[arg(long, value_name = "DIR", conflicts_with = "mirror")]
+    pub state_dir: Option<PathBuf>,
+
+    /// The slave's mirror directory, to find its default state directory.
+    #[arg(short = 'm', long = "mirror", value_name = "DIR")]
+    pub mirror: Option<PathBuf>,
+
+    /// The slave's config file, to find its state directory.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `tdfs-slave status` with `args` (args[0] is "status").
+pub fn status_main(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
+    let cli = StatusCli::parse_from(args);
+    match status_cmd(&cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tdfs-slave status: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn state_dir_of(cli: &StatusCli) -> anyhow::Result<PathBuf> {
+    if let Some(d) = &cli.state_dir {
+        return Ok(d.clone());
+    }
+    let mut mirror = cli.mirror.clone();
+    if let Some(c) = &cli.config {
+        let f: crate::config::SlaveFile = crate::config::load(c)?;
+        if let Some(d) = f.state_dir {
+            return Ok(d);
+        }
+        mirror = mirror.or(f.mirror);
+    }
+    let Some(m) = mirror else {
+        anyhow::bail!("give --state-dir DIR, -m MIRROR_DIR or --config FILE");
+    };
+    let root = m
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("mirror directory {}: {e}", m.display()))?;
+    Ok(crate::state::default_dir(&root))
+}
+
+fn status_cmd(cli: &StatusCli) -> anyhow::Result<()> {
+    let dir = state_dir_of(cli)?;
+    let v = control::request(&dir, &json!({"cmd": "status"}))?;
+    let text = if cli.json {
+        serde_json::to_string_pretty(&v)? + "\n"
+    } else {
+        format_status(&v)
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+    Ok(())
+}
+
+/// The table `tdfs-slave status` prints.
+pub fn format_status(v: &Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    let u = |k: &str| v[k].as_u64().unwrap_or(0);
+    let mut out = String::new();
+    let connected = v["connected"].as_bool().unwrap_or(false);
+    out.push_str(&format!("mirror        {}\n", s("mirror")));
+    out.push_str(&format!("listen        {}\n", s("listen")));
+    let label = s("master_label");
+    out.push_str(&format!(
+        "master        {} {}{}\n",
+        if label.is_empty() { "-" } else { &label },
+        s("master_id"),
+        if connected {
+            format!(" (connected from {})", s("master_addr"))
+        } else {
+            " (not connected)".into()
+        }
+    ));
+    out.push_str(&format!("last applied  {}\n", u("last_applied")));
+    out.push_str(&format!(
+        "applied       {} ops since start, {:.1} ops/s now\n",
+        u("ops_applied"),
+        v["apply_rate"].as_f64().unwrap_or(0.0)
+    ));
+    out.push_str(&format!(
+        "received      {}\n",
+        human_bytes(u("bytes_received") as f64)
+    ));
+    out.push_str(&format!("sessions      {}\n", u("sessions")));
+    out.push_str(&format!(
+        "errors        {}{}\n",
+        u("apply_errors"),
+        v["last_error"]
+            .as_str()
+            .map(|e| format!(" (last: {e})"))
+            .unwrap_or_default()
+    ));
+    out
+}
