@@ -11,7 +11,12 @@ use fuser::{
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use tracing::warn;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+
+use fuser::{BackingId, InitFlags};
+use tracing::{debug, info, warn};
 
 use crate::ops::{Caller, Ops, SetAttrReq, TimeArg};
 
@@ -22,6 +27,43 @@ const TTL: Duration = Duration::from_secs(1);
 pub struct TdfsFs {
     pub ops: Ops,
     pub max_write: u32,
+    /// Use the kernel's FUSE passthrough for read-only opens (if the kernel offers it).
+    pub want_passthrough: bool,
+    /// Negotiated at init.
+    passthrough: AtomicBool,
+    backing: Mutex<Backings>,
+    /// Signalled when a passthrough handle closes (a writer may be waiting).
+    released: Condvar,
+}
+
+/// Passthrough bookkeeping. The kernel's rules: every passthrough open of an inode uses
+/// the same backing file; while an inode has passthrough opens, *every* open of it must be
+/// passthrough; and a passthrough open fails while the inode has page-cached opens. Writes
+/// must reach the daemon to be replicated, so a writable open is never passthrough: it waits
+/// (briefly) until the inode's passthrough readers have closed. Readers go passthrough only
+/// while the inode has no cached open.
+#[derive(Default)]
+struct Backings {
+    by_ino: HashMap<u64, Weak<BackingId>>,
+    by_fh: HashMap<u64, (u64, Option<Arc<BackingId>>)>,
+    /// Per inode: (passthrough opens, cached opens).
+    modes: HashMap<u64, (u32, u32)>,
+}
+
+/// How long a writable open waits for passthrough readers of the same file to close.
+const WRITER_WAIT: Duration = Duration::from_secs(2);
+
+impl TdfsFs {
+    pub fn new(ops: Ops, max_write: u32, want_passthrough: bool) -> Self {
+        TdfsFs {
+            ops,
+            max_write,
+            want_passthrough,
+            passthrough: AtomicBool::new(false),
+            backing: Mutex::new(Backings::default()),
+            released: Condvar::new(),
+        }
+    }
 }
 
 fn systime(sec: i64, nsec: i64) -> SystemTime {
@@ -119,18 +161,32 @@ impl Filesystem for TdfsFs {
             let _ = config.set_max_write(max);
         }
         let _ = config.set_max_readahead(1 << 20);
+        if self.want_passthrough && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
+            // The backing tree is an ordinary filesystem (stack depth 0), so this mount is 1.
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                self.passthrough.store(true, Ordering::Release);
+                info!("kernel FUSE passthrough on: read-only opens bypass the daemon");
+            }
+        } else if self.want_passthrough {
+            info!("kernel offers no FUSE passthrough: reads go through the daemon");
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Lookup);
         self.entry(reply, self.ops.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Forget);
         self.ops.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Getattr);
         match self.ops.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
             Err(e) => reply.error(errno(e)),
@@ -155,6 +211,7 @@ impl Filesystem for TdfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Setattr);
         let req = SetAttrReq {
             mode,
             uid,
@@ -171,6 +228,7 @@ impl Filesystem for TdfsFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Readlink);
         match self.ops.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
@@ -187,6 +245,7 @@ impl Filesystem for TdfsFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Mknod);
         self.entry(
             reply,
             self.ops
@@ -203,10 +262,12 @@ impl Filesystem for TdfsFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Mkdir);
         self.entry(reply, self.ops.mkdir(caller(req), parent.0, name, mode));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Unlink);
         match self.ops.unlink(parent.0, name, false) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -214,6 +275,7 @@ impl Filesystem for TdfsFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Rmdir);
         match self.ops.unlink(parent.0, name, true) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -228,6 +290,7 @@ impl Filesystem for TdfsFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Symlink);
         self.entry(
             reply,
             self.ops.symlink(
@@ -249,6 +312,7 @@ impl Filesystem for TdfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Rename);
         match self
             .ops
             .rename(parent.0, name, newparent.0, newname, flags.bits())
@@ -266,14 +330,68 @@ impl Filesystem for TdfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Link);
         self.entry(reply, self.ops.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.ops.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Open);
+        let fh = match self.ops.open(ino.0, flags.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if !self.passthrough.load(Ordering::Acquire) {
+            return reply.opened(FileHandle(fh), FopenFlags::empty());
         }
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+        let mut b = self.backing.lock().expect("backing ids poisoned");
+        if !read_only {
+            let deadline = std::time::Instant::now() + WRITER_WAIT;
+            while b.modes.get(&ino.0).is_some_and(|m| m.0 > 0) {
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    drop(b);
+                    self.ops.release(fh);
+                    debug!(
+                        ino = ino.0,
+                        "writable open refused: readers hold the file in passthrough"
+                    );
+                    return reply.error(Errno::ETXTBSY);
+                }
+                b = self
+                    .released
+                    .wait_timeout(b, deadline - now)
+                    .expect("backing ids poisoned")
+                    .0;
+            }
+        }
+        let cached = b.modes.get(&ino.0).map_or(0, |m| m.1);
+        if read_only && cached == 0 {
+            let id = match b.by_ino.get(&ino.0).and_then(Weak::upgrade) {
+                Some(id) => Some(id),
+                None => match self.ops.file_fd(fh).map(|fd| {
+                    // SAFETY: the fd stays open in the handle table for the whole call.
+                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                    reply.open_backing(fd)
+                }) {
+                    Some(Ok(id)) => Some(Arc::new(id)),
+                    Some(Err(e)) => {
+                        warn!("passthrough open failed ({e}); serving reads through the daemon");
+                        None
+                    }
+                    None => None,
+                },
+            };
+            if let Some(id) = id {
+                b.by_ino.insert(ino.0, Arc::downgrade(&id));
+                b.by_fh.insert(fh, (ino.0, Some(id.clone())));
+                b.modes.entry(ino.0).or_default().0 += 1;
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            }
+        }
+        b.by_fh.insert(fh, (ino.0, None));
+        b.modes.entry(ino.0).or_default().1 += 1;
+        reply.opened(FileHandle(fh), FopenFlags::empty())
     }
 
     fn read(
@@ -287,6 +405,7 @@ impl Filesystem for TdfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Read);
         match self.ops.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e)),
@@ -305,6 +424,7 @@ impl Filesystem for TdfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Write);
         match self.ops.write(ino.0, fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
@@ -319,6 +439,7 @@ impl Filesystem for TdfsFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Flush);
         reply.ok();
     }
 
@@ -332,7 +453,28 @@ impl Filesystem for TdfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Release);
         self.ops.release(fh.0);
+        {
+            let mut b = self.backing.lock().expect("backing ids poisoned");
+            if let Some((ino, id)) = b.by_fh.remove(&fh.0) {
+                let pass = id.is_some();
+                drop(id);
+                let m = b.modes.entry(ino).or_default();
+                if pass {
+                    m.0 = m.0.saturating_sub(1);
+                } else {
+                    m.1 = m.1.saturating_sub(1);
+                }
+                if *m == (0, 0) {
+                    b.modes.remove(&ino);
+                    b.by_ino.remove(&ino);
+                }
+                if pass {
+                    self.released.notify_all();
+                }
+            }
+        }
         reply.ok();
     }
 
@@ -344,6 +486,7 @@ impl Filesystem for TdfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Fsync);
         match self.ops.fsync(ino.0, Some(fh.0), datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -351,6 +494,7 @@ impl Filesystem for TdfsFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Opendir);
         match self.ops.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
@@ -365,6 +509,7 @@ impl Filesystem for TdfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Readdir);
         let r = self.ops.readdir(fh.0, offset as i64, |e| {
             reply.add(
                 INodeNo(e.ino),
@@ -387,6 +532,7 @@ impl Filesystem for TdfsFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Releasedir);
         self.ops.releasedir(fh.0);
         reply.ok();
     }
@@ -399,6 +545,7 @@ impl Filesystem for TdfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Fsyncdir);
         match self.ops.fsync(ino.0, None, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -406,6 +553,7 @@ impl Filesystem for TdfsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Statfs);
         match self.ops.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -431,6 +579,7 @@ impl Filesystem for TdfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Setxattr);
         match self.ops.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -438,6 +587,7 @@ impl Filesystem for TdfsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Getxattr);
         match self.ops.getxattr(ino.0, name, size as usize) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
@@ -446,6 +596,7 @@ impl Filesystem for TdfsFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Listxattr);
         match self.ops.listxattr(ino.0, size as usize) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
@@ -454,6 +605,7 @@ impl Filesystem for TdfsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Removexattr);
         match self.ops.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -461,6 +613,7 @@ impl Filesystem for TdfsFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Access);
         match self.ops.access(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -477,14 +630,23 @@ impl Filesystem for TdfsFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Create);
         match self.ops.create(caller(req), parent.0, name, mode, flags) {
-            Ok((id, st, fh)) => reply.created(
-                &TTL,
-                &attr(id, &st),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((id, st, fh)) => {
+                if self.passthrough.load(Ordering::Acquire) {
+                    // A new file has no passthrough readers yet; count the cached open.
+                    let mut b = self.backing.lock().expect("backing ids poisoned");
+                    b.by_fh.insert(fh, (id, None));
+                    b.modes.entry(id).or_default().1 += 1;
+                }
+                reply.created(
+                    &TTL,
+                    &attr(id, &st),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -499,6 +661,7 @@ impl Filesystem for TdfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Fallocate);
         match self.ops.fallocate(ino.0, fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -514,6 +677,7 @@ impl Filesystem for TdfsFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Lseek);
         match self.ops.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(errno(e)),
@@ -533,6 +697,7 @@ impl Filesystem for TdfsFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::CopyFileRange);
         match self.ops.copy_file_range(
             ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len,
         ) {

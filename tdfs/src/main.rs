@@ -2,8 +2,11 @@
 //! change, in order, to tdfs-slave daemons.
 
 mod backing;
+mod config;
+mod control;
 mod fs;
 mod inode;
+mod metrics;
 mod ops;
 mod repl;
 mod security;
@@ -16,7 +19,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use fuser::{Config, MountOption, SessionACL};
 use tdfs_protocol::{Compression, DEFAULT_PORT};
 use tracing::{error, info};
@@ -25,13 +28,30 @@ use crate::repl::{MasterState, Policy, ReplConfig, Replicator, SlaveConfig, Sync
 
 /// A mirroring FUSE filesystem: mounts MOUNTPOINT over DIR and replicates every change, in
 /// order, to tdfs-slave daemons.
-#[derive(Parser, Debug)]
-#[command(name = "tdfs", version, about, long_about = None)]
+///
+/// Other commands (each with --help): `tdfs status` (replication status of a running
+/// master), `tdfs slave add|remove HOST[:PORT]` (change its slaves without remounting),
+/// `tdfs verify` (prove replicas identical), `tdfs completions SHELL`, `tdfs manpage [DIR]`.
+#[derive(clap::Parser, Debug)]
+#[command(name = "tdfs", version, about, long_about)]
 struct Cli {
     /// Backing directory that holds the data. Reads are served from it; every change made
     /// through the mount is applied to it and replicated.
-    #[arg(short = 'm', value_name = "DIR")]
-    dir: PathBuf,
+    #[arg(short = 'm', value_name = "DIR", required_unless_present = "config")]
+    dir: Option<PathBuf>,
+
+    /// TOML file with any of the flags by long name (dir, mountpoint, slaves = ["h:p,z=1"],
+    /// compression, no_nodelay, state_dir, threads, queue_size, journal_size, sync,
+    /// fsync_local, sync_timeout, min_replicas, drain_timeout, secret_file, tls_cert,
+    /// tls_key, tls_ca, metrics, log_level). Flags on the command line win; unknown keys
+    /// are an error. SIGHUP re-reads it (slaves and log_level apply at once).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0 picks one; the address
+    /// is logged as "metrics at http://...").
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
 
     /// A slave, as HOST[:PORT] (default port 4731). Repeat for several slaves. Append ",z=1"
     /// (or ",z=0") to set compression for that slave only. Slaves may be down: the master
@@ -51,6 +71,13 @@ struct Cli {
     /// Default: /var/lib/tdfs/<name derived from DIR>.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+
+    /// Let read-only opens bypass the daemon with the kernel's FUSE passthrough (near-native
+    /// reads). Trade-off (a kernel rule): while readers hold a file open this way, opening
+    /// it for writing waits up to 2 s for them to close, then fails with ETXTBSY. Files
+    /// replaced by rename are never affected. Ignored where the kernel lacks passthrough.
+    #[arg(long)]
+    passthrough: bool,
 
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -110,12 +137,85 @@ struct Cli {
     tls_ca: Option<PathBuf>,
 
     /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
-    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    #[arg(short = 'v', action = clap::ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
 
+    /// Log only warnings and errors. RUST_LOG overrides.
+    #[arg(short = 'q')]
+    quiet: bool,
+
     /// Where to mount the filesystem (an existing directory).
-    #[arg(value_name = "MOUNTPOINT")]
-    mountpoint: PathBuf,
+    #[arg(value_name = "MOUNTPOINT", required_unless_present = "config")]
+    mountpoint: Option<PathBuf>,
+}
+
+/// What `main` learned before `run`: the config file and where settings came from.
+struct Startup {
+    file: Option<config::MasterFile>,
+    slaves_from_flags: bool,
+    level_from_flags: bool,
+    logging: tdfs_slave::daemon::logging::Logging,
+}
+
+/// Applies the config file to every flag not given on the command line.
+fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: &config::MasterFile) -> anyhow::Result<()> {
+    f.check()?;
+    let g = |id: &str| config::given(m, id);
+    macro_rules! take {
+        ($field:ident, $key:ident) => {
+            if !g(stringify!($field)) {
+                if let Some(v) = f.$key.clone() {
+                    cli.$field = v;
+                }
+            }
+        };
+        (opt $field:ident, $key:ident) => {
+            if !g(stringify!($field)) && f.$key.is_some() {
+                cli.$field = f.$key.clone();
+            }
+        };
+    }
+    take!(opt dir, dir);
+    take!(opt mountpoint, mountpoint);
+    take!(slaves, slaves);
+    take!(compression, compression);
+    take!(no_nodelay, no_nodelay);
+    take!(opt state_dir, state_dir);
+    take!(threads, threads);
+    take!(queue_size, queue_size);
+    take!(journal_size, journal_size);
+    take!(fsync_local, fsync_local);
+    take!(sync_timeout, sync_timeout);
+    take!(min_replicas, min_replicas);
+    take!(drain_timeout, drain_timeout);
+    take!(opt secret_file, secret_file);
+    take!(opt metrics, metrics);
+    if !g("sync_mode") {
+        if let Some(s) = &f.sync {
+            cli.sync_mode = config::sync_mode(s)?;
+        }
+    }
+    if !g("tls_cert") && !g("tls_key") && !g("tls_ca") {
+        cli.tls_cert = f.tls_cert.clone().or(cli.tls_cert.take());
+        cli.tls_key = f.tls_key.clone().or(cli.tls_key.take());
+        cli.tls_ca = f.tls_ca.clone().or(cli.tls_ca.take());
+        if [&cli.tls_cert, &cli.tls_key, &cli.tls_ca]
+            .iter()
+            .any(|x| x.is_some())
+            && [&cli.tls_cert, &cli.tls_key, &cli.tls_ca]
+                .iter()
+                .any(|x| x.is_none())
+        {
+            bail!("TLS needs all of tls_cert, tls_key and tls_ca");
+        }
+    }
+    if cli.dir.is_none() {
+        bail!("no backing directory: give -m DIR or `dir = \"DIR\"` in the config file");
+    }
+    if cli.mountpoint.is_none() {
+        bail!("no mountpoint: give MOUNTPOINT or `mountpoint = \"DIR\"` in the config file");
+    }
+    Ok(())
 }
 
 fn parse_slave(spec: &str, default_z: Compression, nodelay: bool) -> anyhow::Result<SlaveConfig> {
@@ -184,18 +284,18 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-fn run(cli: Cli) -> anyhow::Result<bool> {
-    let dir = cli
-        .dir
+fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
+    let cli_dir = cli.dir.clone().expect("checked by clap or merge");
+    let dir = cli_dir
         .canonicalize()
-        .with_context(|| format!("backing directory {}", cli.dir.display()))?;
+        .with_context(|| format!("backing directory {}", cli_dir.display()))?;
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
-    let mountpoint = cli
-        .mountpoint
+    let cli_mnt = cli.mountpoint.clone().expect("checked by clap or merge");
+    let mountpoint = cli_mnt
         .canonicalize()
-        .with_context(|| format!("mountpoint {}", cli.mountpoint.display()))?;
+        .with_context(|| format!("mountpoint {}", cli_mnt.display()))?;
     let state_dir = cli
         .state_dir
         .clone()
@@ -210,7 +310,38 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             dir.display()
         );
     }
-    let default_z = Compression::from_level(cli.compression).expect("validated by clap");
+    // Before anything starts: a second master on this state dir stops here.
+    let mut control_sock = tdfs_slave::daemon::control::bind(&state_dir)?;
+    // The slave set: the persisted one (tdfs slave add/remove) wins over -c and the file.
+    match config::load_persisted(&state_dir)? {
+        Some(persisted) => {
+            info!(
+                "slaves from {} (written by tdfs slave add/remove; -c and the config file's \
+                 slaves are ignored while it exists): {}",
+                config::slaves_file(&state_dir).display(),
+                if persisted.is_empty() {
+                    "none".to_string()
+                } else {
+                    persisted.join(", ")
+                }
+            );
+            cli.slaves = persisted;
+        }
+        None => info!(
+            "slaves from {}: {}",
+            if startup.slaves_from_flags {
+                "-c"
+            } else {
+                "the config file"
+            },
+            if cli.slaves.is_empty() {
+                "none".to_string()
+            } else {
+                cli.slaves.join(", ")
+            }
+        ),
+    }
+    let default_z = Compression::from_level(cli.compression).context("compression: 0 or 1")?;
     if cli.min_replicas > cli.slaves.len() {
         bail!(
             "--min-replicas {} but only {} slave(s) given with -c",
@@ -247,13 +378,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         .thread_name("tdfs-net")
         .enable_all()
         .build()?;
+    let metrics_listener = cli
+        .metrics
+        .as_deref()
+        .map(tdfs_slave::daemon::http::bind)
+        .transpose()?;
     let label = format!("{}:{}", hostname(), dir.display());
     let repl = Replicator::start(
         rt.handle(),
         slaves,
         &state,
         ReplConfig {
-            label,
+            label: label.clone(),
             mem_cap: cli.queue_size.max(1) << 20,
             journal_bytes: cli.journal_size.max(1) << 20,
             root: backing.dup_root()?,
@@ -273,6 +409,44 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         dir = %dir.display(),
         "master starting"
     );
+    let rates = std::sync::Arc::new(control::Rates::default());
+    control::Control {
+        repl: repl.clone(),
+        state_dir: state_dir.clone(),
+        default_z,
+        nodelay: !cli.no_nodelay,
+        rates: rates.clone(),
+        label,
+        membership: Default::default(),
+    }
+    .start(rt.handle(), &mut control_sock);
+    info!(socket = %control_sock.path.display(), "control socket ready (tdfs status, tdfs slave add/remove)");
+    if let Some(ml) = metrics_listener {
+        let maddr = ml.local_addr()?;
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(metrics::MasterMetrics {
+            repl: repl.clone(),
+            rates,
+        }));
+        let reg = std::sync::Arc::new(reg);
+        tdfs_slave::daemon::http::serve(
+            rt.handle(),
+            ml,
+            std::sync::Arc::new(move || tdfs_slave::daemon::http::render(&reg)),
+        );
+        info!("metrics at http://{maddr}/metrics");
+    }
+    let mut reloader = config::Reloader {
+        path: cli.config.clone(),
+        slaves_from_flags: startup.slaves_from_flags,
+        level_from_flags: startup.level_from_flags,
+        default_z,
+        nodelay: !cli.no_nodelay,
+        state_dir: state_dir.clone(),
+        logging: startup.logging,
+        repl: repl.clone(),
+        last: startup.file,
+    };
 
     // Save the sequence number now and then, so a crash never reuses one.
     {
@@ -293,17 +467,29 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         });
     }
 
-    // SIGTERM/SIGINT: detach the mount; the session then ends and we drain.
+    // SIGTERM/SIGINT: detach the mount; the session then ends and we drain. SIGHUP: reload.
     {
         let mp = CString::new(mountpoint.as_os_str().as_bytes())?;
         rt.spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
             let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: unmounting"),
-                _ = int.recv() => info!("SIGINT: unmounting"),
+            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { info!("SIGTERM: unmounting"); break }
+                    _ = int.recv() => { info!("SIGINT: unmounting"); break }
+                    _ = hup.recv() => {
+                        reloader = tokio::task::spawn_blocking(move || {
+                            reloader.reload();
+                            reloader
+                        })
+                        .await
+                        .expect("reload task");
+                    }
+                }
             }
+            tdfs_slave::daemon::notify("stopping");
             // SAFETY: mp is a valid C string; MNT_DETACH makes the unmount succeed even while
             // files are open, after which the FUSE session ends.
             if unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH) } != 0 {
@@ -312,10 +498,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         });
     }
 
-    let fs = fs::TdfsFs {
-        ops: ops::Ops::new(backing, repl.clone()),
-        max_write: 1 << 20,
-    };
+    let fs = fs::TdfsFs::new(
+        ops::Ops::new(backing, repl.clone()),
+        1 << 20,
+        cli.passthrough,
+    );
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("tdfs:{}", dir.display())),
@@ -328,6 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     let session = fuser::Session::new(fs, &mountpoint, &config)
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
     info!(mountpoint = %mountpoint.display(), "mounted");
+    tdfs_slave::daemon::notify("ready");
     let result = session.run();
     info!("unmounted; waiting for slaves to acknowledge every op");
     if let Err(e) = result {
@@ -337,6 +525,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     let failed = repl.drain(Duration::from_secs(cli.drain_timeout));
     state.save(repl.next_seq(), true)?;
     rt.shutdown_timeout(Duration::from_secs(1));
+    drop(control_sock);
     if failed.is_empty() {
         info!(last_seq = repl.last_seq(), "clean exit");
         Ok(true)
@@ -347,6 +536,67 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         );
         Ok(false)
     }
+}
+
+/// `tdfs completions SHELL` and `tdfs manpage [DIR]`, generated from the command lines.
+fn generate(args: &[String]) -> ExitCode {
+    let cmd = || {
+        Cli::command()
+            .subcommand(
+                control::StatusCli::command()
+                    .name("status")
+                    .about("Show a running master's replication status"),
+            )
+            .subcommand(
+                control::SlaveCli::command()
+                    .name("slave")
+                    .about("Add or remove a running master's slaves"),
+            )
+            .subcommand(
+                clap::Command::new("verify")
+                    .about("Prove replicas identical (see tdfs verify --help)"),
+            )
+    };
+    if args[1] == "manpage" {
+        // One page per command into DIR, or the main page on stdout.
+        let Some(dir) = args.get(2) else {
+            return match clap_mangen::Man::new(cmd()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
+        };
+        let r = (|| -> std::io::Result<()> {
+            let main = cmd();
+            let mut pages = vec![("tdfs".to_string(), main.clone())];
+            for sub in main.get_subcommands() {
+                let name = format!("tdfs-{}", sub.get_name());
+                // A one-shot command: leaking the page name is fine.
+                let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
+                pages.push((name, sub.clone().name(leaked)));
+            }
+            for (name, c) in pages {
+                let mut f = std::fs::File::create(Path::new(dir).join(format!("{name}.1")))?;
+                clap_mangen::Man::new(c).render(&mut f)?;
+            }
+            Ok(())
+        })();
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tdfs manpage: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(shell) = args
+        .get(2)
+        .and_then(|s| s.parse::<clap_complete::Shell>().ok())
+    else {
+        eprintln!("usage: tdfs completions bash|zsh|fish|elvish|powershell");
+        return ExitCode::from(2);
+    };
+    clap_complete::generate(shell, &mut cmd(), "tdfs", &mut std::io::stdout());
+    ExitCode::SUCCESS
 }
 
 /// Logs to stderr: info by default (warn for `verify`), more with -v; RUST_LOG overrides.
@@ -372,9 +622,50 @@ fn main() -> ExitCode {
         init_logging(0);
         return verify::main(args[1..].to_vec());
     }
-    let cli = Cli::parse();
-    init_logging(cli.verbose);
-    match run(cli) {
+    match args.get(1).map(String::as_str) {
+        Some("status") => return control::status_main(args[1..].to_vec()),
+        Some("slave") => return control::slave_main(args[1..].to_vec()),
+        Some("completions" | "manpage") => return generate(&args),
+        _ => {}
+    }
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let file = match cli
+        .config
+        .as_deref()
+        .map(config::load::<config::MasterFile>)
+        .transpose()
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tdfs: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(f) = &file {
+        if let Err(e) = merge(&mut cli, &matches, f) {
+            eprintln!("tdfs: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
+    let flag_level = tdfs_slave::daemon::logging::flag_level(cli.verbose, cli.quiet);
+    let level = flag_level
+        .map(String::from)
+        .or_else(|| file.as_ref().and_then(|f| f.log_level.clone()))
+        .unwrap_or_else(|| "info".into());
+    let startup = Startup {
+        slaves_from_flags: config::given(&matches, "slaves"),
+        level_from_flags: flag_level.is_some(),
+        logging: tdfs_slave::daemon::logging::init(&level),
+        file,
+    };
+    if let Some(c) = &cli.config {
+        info!("settings from {} (command-line flags win)", c.display());
+    }
+    match run(cli, startup) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
         Err(e) => {

@@ -141,6 +141,11 @@ impl Ops {
             .ok_or_else(|| err(libc::EBADF))
     }
 
+    /// The backing fd of an open handle.
+    pub fn file_fd(&self, fh: u64) -> Option<RawFd> {
+        self.file(fh).ok().map(|f| f.fd())
+    }
+
     /// An open handle on `ino`, for attributes of an inode that may have no name left.
     fn any_open(&self, ino: u64) -> Option<Arc<OpenFile>> {
         self.files
