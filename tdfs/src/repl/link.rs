@@ -190,6 +190,10 @@ impl Link {
         self.me
             .bytes_sent
             .fetch_add(self.out.len() as u64, Ordering::Relaxed);
+        self.me.raw_bytes_sent.fetch_add(
+            (payload.len() + tdfs_protocol::HEADER_LEN) as u64,
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 
@@ -199,9 +203,28 @@ impl Link {
         seq: u64,
         ops: &[Arc<[u8]>],
     ) -> Result<(), LinkError> {
+        let count = (ops.len() as u32).to_le_bytes();
+        if self.me.config.compression == Compression::None {
+            // Header, count and each encoded op go out in vectored writes: no copy of the
+            // data into a frame buffer.
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(ops.len() + 2);
+            parts.push(&count);
+            parts.extend(ops.iter().map(|o| &o[..]));
+            let header = frame::header_for_parts(kind, seq, &parts);
+            parts.insert(0, &header);
+            let total: usize = parts.iter().map(|p| p.len()).sum();
+            write_all_parts(&mut self.wr, &parts).await?;
+            self.me
+                .bytes_sent
+                .fetch_add(total as u64, Ordering::Relaxed);
+            self.me
+                .raw_bytes_sent
+                .fetch_add(total as u64, Ordering::Relaxed);
+            return Ok(());
+        }
         let mut payload = std::mem::take(&mut self.payload);
         payload.clear();
-        payload.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&count);
         for o in ops {
             payload.extend_from_slice(o);
         }
@@ -327,6 +350,41 @@ impl Link {
             }
         }
     }
+}
+
+/// Writes every byte of `parts`, in vectored writes of up to 64 slices.
+async fn write_all_parts(wr: &mut BoxWrite, parts: &[&[u8]]) -> std::io::Result<()> {
+    let (mut i, mut off) = (0usize, 0usize);
+    while i < parts.len() {
+        let mut slices = Vec::with_capacity(64);
+        slices.push(std::io::IoSlice::new(&parts[i][off..]));
+        slices.extend(
+            parts[i + 1..]
+                .iter()
+                .take(63)
+                .map(|p| std::io::IoSlice::new(p)),
+        );
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < parts.len() {
+            let left = parts[i].len() - off;
+            if n >= left {
+                n -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+        while i < parts.len() && parts[i].len() == off {
+            i += 1;
+            off = 0;
+        }
+    }
+    Ok(())
 }
 
 /// Reads acks, errors and replies; updates the slave's status; forwards the rest.

@@ -100,8 +100,7 @@ pub struct SlaveStatus {
     /// Highest sequence number the slave has received (maybe not applied yet).
     pub received: AtomicU64,
     pub bytes_sent: AtomicU64,
-    /// Bytes of frame payload before compression (for the compression ratio).
-    #[allow(dead_code)] // read by status (not wired yet)
+    /// Bytes of frames before compression (for the compression ratio).
     pub raw_bytes_sent: AtomicU64,
     pub ops_sent: AtomicU64,
     pub reconnects: AtomicU64,
@@ -156,7 +155,6 @@ struct Entry {
     seq: u64,
     data: Arc<[u8]>,
     /// When the op was issued, for lag in seconds.
-    #[allow(dead_code)] // read by status (not wired yet)
     at: Instant,
 }
 
@@ -366,7 +364,6 @@ impl Shared {
 }
 
 /// One slave in a [`Status`].
-#[allow(dead_code)] // for the control socket and metrics (not wired yet)
 #[derive(Debug, Clone)]
 pub struct SlaveSnapshot {
     pub addr: String,
@@ -388,7 +385,6 @@ pub struct SlaveSnapshot {
 }
 
 /// The replication state at one instant.
-#[allow(dead_code)] // for the control socket and metrics (not wired yet)
 #[derive(Debug, Clone)]
 pub struct Status {
     pub master_id: MasterId,
@@ -495,23 +491,40 @@ impl Replicator {
         &self,
         f: impl FnOnce() -> io::Result<(T, Option<Op>)>,
     ) -> io::Result<(T, Option<u64>)> {
+        self.mutate_encoded(|| {
+            let (value, op) = f()?;
+            Ok((
+                value,
+                op.map(|op| {
+                    let mut buf = Vec::with_capacity(64 + op.data_len());
+                    op.encode(&mut buf);
+                    Arc::<[u8]>::from(buf)
+                }),
+            ))
+        })
+    }
+
+    /// [`Replicator::mutate_seq`] for an op already encoded (the write path encodes its data
+    /// straight into the shared buffer, see `tdfs_protocol::op::encode_write`).
+    pub fn mutate_encoded<T>(
+        &self,
+        f: impl FnOnce() -> io::Result<(T, Option<Arc<[u8]>>)>,
+    ) -> io::Result<(T, Option<u64>)> {
         let policy = self.shared.policy;
         if policy.min_replicas > 0 {
             self.wait_replicas()?;
         }
         let mut log = self.shared.lock();
-        let (value, op) = f()?;
-        let Some(op) = op else {
+        let (value, data) = f()?;
+        let Some(data) = data else {
             return Ok((value, None));
         };
-        let mut buf = Vec::with_capacity(64 + op.data_len());
-        op.encode(&mut buf);
         let seq = log.next_seq;
         log.next_seq += 1;
-        log.bytes += buf.len();
+        log.bytes += data.len();
         log.entries.push_back(Entry {
             seq,
-            data: buf.into(),
+            data,
             at: Instant::now(),
         });
         self.shared.trim(&mut log);
@@ -632,7 +645,6 @@ impl Replicator {
     }
 
     /// Adds a slave at runtime: it gets an initial sync, then streams.
-    #[allow(dead_code)] // for the control socket and metrics (not wired yet)
     pub fn add_slave(&self, config: SlaveConfig) -> Result<(), String> {
         let mut list = self.shared.slaves.write().expect("slave list poisoned");
         if list.iter().any(|s| s.config.addr == config.addr) {
@@ -647,7 +659,6 @@ impl Replicator {
     }
 
     /// Removes a slave at runtime: its link ends and nothing waits for it any more.
-    #[allow(dead_code)] // for the control socket and metrics (not wired yet)
     pub fn remove_slave(&self, addr: &str) -> Result<(), String> {
         let mut list = self.shared.slaves.write().expect("slave list poisoned");
         let Some(i) = list.iter().position(|s| s.config.addr == addr) else {
@@ -664,7 +675,6 @@ impl Replicator {
     }
 
     /// The slaves' configurations, in order.
-    #[allow(dead_code)] // for the control socket and metrics (not wired yet)
     pub fn slave_configs(&self) -> Vec<SlaveConfig> {
         self.shared
             .slaves()
@@ -674,7 +684,6 @@ impl Replicator {
     }
 
     /// A snapshot for `tdfs status` and metrics.
-    #[allow(dead_code)] // for the control socket and metrics (not wired yet)
     pub fn status(&self) -> Status {
         let slaves: Vec<Arc<SlaveStatus>> = self.shared.slaves().clone();
         let log = self.shared.lock();

@@ -1,0 +1,269 @@
+//! `tdfs --config FILE` (TOML: every flag of the mount command; flags given on the command
+//! line win; unknown keys are an error), the persisted slave set, and SIGHUP reloads.
+//!
+//! ```toml
+//! dir = "/srv/www.backing"            # -m
+//! mountpoint = "/srv/www"
+//! slaves = ["replica1:4731", "replica2:4731,z=1"]
+//! compression = 0                     # -z
+//! state_dir = "/var/lib/tdfs/srv-www"
+//! secret_file = "/etc/tdfs/secret"
+//! metrics = "127.0.0.1:9730"
+//! log_level = "info"
+//! ```
+//!
+//! **Which slaves a master streams to.** `tdfs slave add/remove` (and a SIGHUP that
+//! changes the config file's `slaves`) write the set to `STATE_DIR/slaves`. At startup, when
+//! that file exists it *is* the slave set, and `-c`/`slaves` are ignored (the log says so);
+//! otherwise the set is `-c` if given, else the config file's `slaves`. Delete the file to
+//! go back to the command line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+use tdfs_protocol::Compression;
+use tdfs_slave::daemon::logging::{self, Logging};
+use tdfs_slave::daemon::write_atomic;
+use tracing::{error, info, warn};
+
+use crate::repl::{Replicator, SlaveConfig, SyncMode};
+
+pub use tdfs_slave::config::{given, load};
+
+/// The config file: the mount command's flags by their long names.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MasterFile {
+    pub dir: Option<PathBuf>,
+    pub mountpoint: Option<PathBuf>,
+    pub slaves: Option<Vec<String>>,
+    pub compression: Option<u8>,
+    pub no_nodelay: Option<bool>,
+    pub state_dir: Option<PathBuf>,
+    pub threads: Option<u16>,
+    pub queue_size: Option<usize>,
+    pub journal_size: Option<u64>,
+    pub sync: Option<String>,
+    pub fsync_local: Option<bool>,
+    pub sync_timeout: Option<f64>,
+    pub min_replicas: Option<usize>,
+    pub drain_timeout: Option<u64>,
+    pub secret_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub metrics: Option<String>,
+    pub log_level: Option<String>,
+}
+
+impl MasterFile {
+    /// Checks values the type system does not.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(z) = self.compression {
+            anyhow::ensure!(z <= 1, "compression = {z}: expected 0 or 1");
+        }
+        if let Some(t) = self.threads {
+            anyhow::ensure!((1..=64).contains(&t), "threads = {t}: expected 1..=64");
+        }
+        if let Some(s) = &self.sync {
+            sync_mode(s)?;
+        }
+        if let Some(l) = &self.log_level {
+            logging::check_level(l).map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn sync_mode(s: &str) -> anyhow::Result<SyncMode> {
+    <SyncMode as clap::ValueEnum>::from_str(s, true)
+        .map_err(|_| anyhow::anyhow!("sync = {s:?}: expected async, received or applied"))
+}
+
+/// The persisted slave set's file.
+pub fn slaves_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("slaves")
+}
+
+/// The persisted slave specs (`HOST:PORT,z=N`, one a line), if the file exists.
+pub fn load_persisted(state_dir: &Path) -> anyhow::Result<Option<Vec<String>>> {
+    let p = slaves_file(state_dir);
+    match std::fs::read_to_string(&p) {
+        Ok(t) => Ok(Some(
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect(),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// The spec a slave is persisted as.
+pub fn spec(c: &SlaveConfig) -> String {
+    let z = if c.compression == Compression::None {
+        0
+    } else {
+        1
+    };
+    format!("{},z={z}", c.addr)
+}
+
+/// Writes the current slave set to `STATE_DIR/slaves` (atomically).
+pub fn persist(state_dir: &Path, slaves: &[SlaveConfig]) -> std::io::Result<()> {
+    let mut text = String::from(
+        "# tdfs slave set, written by `tdfs slave add/remove` and SIGHUP reloads.\n\
+         # While this file exists it is the master's slave set at startup (-c and the config\n\
+         # file's slaves are ignored). Delete it to go back to them.\n",
+    );
+    for s in slaves {
+        text.push_str(&spec(s));
+        text.push('\n');
+    }
+    write_atomic(&slaves_file(state_dir), text.as_bytes(), 0o600)
+}
+
+/// What SIGHUP needs to re-apply the config file.
+pub struct Reloader {
+    pub path: Option<PathBuf>,
+    /// `-c` was given: the file's `slaves` do not count.
+    pub slaves_from_flags: bool,
+    /// `-v`/`-q` was given: the file's `log_level` does not count.
+    pub level_from_flags: bool,
+    pub default_z: Compression,
+    pub nodelay: bool,
+    pub state_dir: PathBuf,
+    pub logging: Logging,
+    pub repl: Replicator,
+    pub last: Option<MasterFile>,
+}
+
+impl Reloader {
+    /// SIGHUP: re-reads the file; applies the log level and the slave list at once, and
+    /// names other changes, which need a restart.
+    pub fn reload(&mut self) {
+        let Some(path) = self.path.clone() else {
+            info!("SIGHUP: no --config file to re-read");
+            return;
+        };
+        let f: MasterFile = match load(&path).and_then(|f: MasterFile| f.check().map(|_| f)) {
+            Ok(f) => f,
+            Err(e) => {
+                error!("SIGHUP: {e:#}; keeping the current settings");
+                return;
+            }
+        };
+        info!("SIGHUP: re-reading {}", path.display());
+        if !self.level_from_flags {
+            let level = f.log_level.clone().unwrap_or_else(|| "info".into());
+            if let Err(e) = self.logging.set_level(&level) {
+                error!("SIGHUP: {e}");
+            }
+        }
+        match (&f.slaves, self.slaves_from_flags) {
+            (Some(_), true) => {
+                info!("SIGHUP: slaves given with -c on the command line; the file's slaves do not apply")
+            }
+            (Some(list), false) => {
+                if let Err(e) = self.set_slaves(list) {
+                    error!("SIGHUP: slaves: {e:#}; slave set unchanged");
+                }
+            }
+            (None, _) => {}
+        }
+        let strip = |f: &MasterFile| MasterFile {
+            slaves: None,
+            log_level: None,
+            ..f.clone()
+        };
+        if let Some(old) = &self.last {
+            if strip(old) != strip(&f) {
+                warn!(
+                    "SIGHUP: {} changed beyond slaves and log_level; those settings take effect at the next restart",
+                    path.display()
+                );
+            }
+        }
+        self.last = Some(f);
+    }
+
+    /// Adds and removes slaves so the set matches `specs`; persists the result.
+    fn set_slaves(&self, specs: &[String]) -> anyhow::Result<()> {
+        let want = specs
+            .iter()
+            .map(|s| crate::parse_slave(s, self.default_z, self.nodelay))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let have = self.repl.slave_configs();
+        let mut changed = false;
+        for h in &have {
+            if !want.iter().any(|w| w.addr == h.addr) {
+                self.repl
+                    .remove_slave(&h.addr)
+                    .map_err(anyhow::Error::msg)?;
+                changed = true;
+            }
+        }
+        for w in want {
+            if !have.iter().any(|h| h.addr == w.addr) {
+                self.repl.add_slave(w).map_err(anyhow::Error::msg)?;
+                changed = true;
+            }
+        }
+        if changed {
+            persist(&self.state_dir, &self.repl.slave_configs())?;
+            info!(
+                "SIGHUP: slave set is now {:?} (saved in {})",
+                self.repl
+                    .slave_configs()
+                    .iter()
+                    .map(|c| c.addr.clone())
+                    .collect::<Vec<_>>(),
+                slaves_file(&self.state_dir).display()
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.toml");
+        std::fs::write(
+            &p,
+            "dir = \"/b\"\nslaves = [\"h:1\", \"h2:2,z=1\"]\ncompression = 1\nsync = \"applied\"\n",
+        )
+        .unwrap();
+        let f: MasterFile = load(&p).unwrap();
+        f.check().unwrap();
+        assert_eq!(f.slaves.as_ref().unwrap().len(), 2);
+        std::fs::write(&p, "slave = [\"h:1\"]\n").unwrap();
+        let e = load::<MasterFile>(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field") && e.contains("slave"), "{e}");
+        let bad = MasterFile {
+            sync: Some("sometimes".into()),
+            ..Default::default()
+        };
+        assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn persisted_set_roundtrip() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(load_persisted(d.path()).unwrap().is_none());
+        let c = SlaveConfig {
+            addr: "h:1".into(),
+            compression: Compression::Lzf,
+            nodelay: true,
+        };
+        persist(d.path(), &[c]).unwrap();
+        assert_eq!(load_persisted(d.path()).unwrap().unwrap(), vec!["h:1,z=1"]);
+    }
+}

@@ -1,0 +1,460 @@
+//! The master's control socket (`STATE_DIR/control.sock`): `tdfs status` and
+//! `tdfs slave add/remove` talk to a running master through it.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tdfs_protocol::Compression;
+use tdfs_slave::daemon::control::{self, ControlSocket};
+use tdfs_slave::daemon::{human_bytes, RateMeter};
+use tracing::info;
+
+use crate::repl::Replicator;
+
+/// Throughput per slave (applied ops/s, bytes sent/s), sampled once a second.
+#[derive(Debug, Default)]
+pub struct Rates {
+    by_addr: Mutex<HashMap<String, SlaveRates>>,
+}
+
+/// Applied ops and bytes sent, per second.
+type SlaveRates = (Arc<RateMeter>, Arc<RateMeter>);
+
+impl Rates {
+    fn sample(&self, repl: &Replicator) {
+        let st = repl.status();
+        let mut m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|a, _| st.slaves.iter().any(|s| &s.addr == a));
+        for s in &st.slaves {
+            let (ops, bytes) = m.entry(s.addr.clone()).or_default();
+            ops.sample(s.applied);
+            bytes.sample(s.bytes_sent);
+        }
+    }
+
+    /// (ops/s, bytes/s) for a slave.
+    pub fn get(&self, addr: &str) -> (f64, f64) {
+        let m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(addr)
+            .map_or((0.0, 0.0), |(o, b)| (o.rate(), b.rate()))
+    }
+}
+
+/// What the control handler needs.
+pub struct Control {
+    pub repl: Replicator,
+    pub state_dir: PathBuf,
+    pub default_z: Compression,
+    pub nodelay: bool,
+    pub rates: Arc<Rates>,
+    pub label: String,
+    /// Serialises membership changes and their persisting.
+    pub membership: Mutex<()>,
+}
+
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Control {
+    /// Starts the rate sampler and answers requests on `sock`.
+    pub fn start(self, rt: &tokio::runtime::Handle, sock: &mut ControlSocket) {
+        let me = Arc::new(self);
+        let sampler = me.clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                sampler.rates.sample(&sampler.repl);
+            }
+        });
+        control::serve(rt, sock, move |req| me.handle(&req));
+    }
+
+    fn handle(&self, req: &Value) -> Value {
+        match req["cmd"].as_str() {
+            Some("status") => self.status(),
+            Some("add") => self.add(req["slave"].as_str().unwrap_or("")),
+            Some("remove") => self.remove(req["slave"].as_str().unwrap_or("")),
+            other => control::error(format!(
+                "unknown command {other:?} (the master knows: status, add, remove)"
+            )),
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        let st = self.repl.status();
+        let slaves: Vec<Value> = st
+            .slaves
+            .iter()
+            .map(|s| {
+                let (ops_rate, bytes_rate) = self.rates.get(&s.addr);
+                let ratio = if s.bytes_sent > 0 && s.raw_bytes_sent > 0 {
+                    s.raw_bytes_sent as f64 / s.bytes_sent as f64
+                } else {
+                    1.0
+                };
+                json!({
+                    "addr": s.addr,
+                    "state": s.state,
+                    "in_sync": s.in_sync,
+                    "applied": s.applied,
+                    "durable": s.durable,
+                    "lag_ops": s.lag_ops,
+                    "lag_bytes": s.lag_bytes,
+                    "lag_secs": s.lag_secs,
+                    "ops_per_sec": ops_rate,
+                    "bytes_per_sec": bytes_rate,
+                    "ops_sent": s.ops_sent,
+                    "bytes_sent": s.bytes_sent,
+                    "raw_bytes_sent": s.raw_bytes_sent,
+                    "compression": if s.compressed { "lzf" } else { "none" },
+                    "compression_ratio": ratio,
+                    "reconnects": s.reconnects,
+                    "apply_errors": s.apply_errors,
+                    "last_error": s.last_error,
+                })
+            })
+            .collect();
+        json!({
+            "ok": true,
+            "role": "master",
+            "label": self.label,
+            "master_id": hex(&st.master_id),
+            "head": st.head,
+            "last_seq": st.head.saturating_sub(1),
+            "queue_bytes": st.queue_bytes,
+            "journal_bytes": st.journal_bytes,
+            "state_dir": self.state_dir.display().to_string(),
+            "slaves": slaves,
+        })
+    }
+
+    fn persist(&self) -> Result<(), String> {
+        crate::config::persist(&self.state_dir, &self.repl.slave_configs()).map_err(|e| {
+            format!(
+                "saving {}: {e}",
+                crate::config::slaves_file(&self.state_dir).display()
+            )
+        })
+    }
+
+    fn add(&self, spec: &str) -> Value {
+        let _g = self.membership.lock().unwrap_or_else(|p| p.into_inner());
+        let c = match crate::parse_slave(spec, self.default_z, self.nodelay) {
+            Ok(c) => c,
+            Err(e) => return control::error(format!("{e:#}")),
+        };
+        let addr = c.addr.clone();
+        if let Err(e) = self.repl.add_slave(c) {
+            return control::error(e);
+        }
+        if let Err(e) = self.persist() {
+            return control::error(format!("{addr} added, but {e}"));
+        }
+        info!(slave = %addr, "slave added through the control socket (saved in the state directory)");
+        json!({"ok": true, "slave": addr})
+    }
+
+    fn remove(&self, spec: &str) -> Value {
+        let _g = self.membership.lock().unwrap_or_else(|p| p.into_inner());
+        let addr = match crate::parse_slave(spec, self.default_z, self.nodelay) {
+            Ok(c) => c.addr,
+            Err(e) => return control::error(format!("{e:#}")),
+        };
+        if let Err(e) = self.repl.remove_slave(&addr) {
+            return control::error(e);
+        }
+        if let Err(e) = self.persist() {
+            return control::error(format!("{addr} removed, but {e}"));
+        }
+        info!(slave = %addr, "slave removed through the control socket (saved in the state directory)");
+        json!({"ok": true, "slave": addr})
+    }
+}
+
+/// How the client commands find a running master's state directory.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Target {
+    /// The master's state directory (where its control socket is).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// The master's backing directory, to find its default state directory
+    /// (/var/lib/tdfs/<name derived from DIR>).
+    #[arg(short = 'm', value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// The master's config file, to find its state directory (state_dir or dir in it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl Target {
+    pub fn state_dir(&self) -> anyhow::Result<PathBuf> {
+        if let Some(d) = &self.state_dir {
+            return Ok(d.clone());
+        }
+        let mut dir = self.dir.clone();
+        if let Some(c) = &self.config {
+            let f: crate::config::MasterFile = crate::config::load(c)?;
+            if let Some(d) = f.state_dir {
+                return Ok(d);
+            }
+            dir = dir.or(f.dir);
+        }
+        let Some(dir) = dir else {
+            anyhow::bail!("which master? give --state-dir DIR, -m BACKING_DIR or --config FILE");
+        };
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| anyhow::anyhow!("backing directory {}: {e}", dir.display()))?;
+        Ok(crate::default_state_dir(&dir))
+    }
+}
+
+/// Show a running master's replication status: one row per slave.
+///
+/// STATE is streaming (in sync), catching up (connected, behind), syncing (initial or
+/// incremental sync), disconnected, or error (the slave failed to apply an op). LAG is what
+/// the slave has not applied yet; RATE is ops applied and bytes sent per second over the
+/// last few seconds; RATIO is bytes before compression / bytes sent.
+#[derive(Parser, Debug)]
+#[command(name = "tdfs status")]
+pub struct StatusCli {
+    #[command(flatten)]
+    pub target: Target,
+
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Refresh every --interval seconds until Ctrl-C (or --count refreshes).
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Seconds between refreshes with --watch.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub interval: f64,
+
+    /// Stop after this many refreshes with --watch (default: until Ctrl-C).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+/// Change a running master's slaves without remounting; the change is saved in its state
+/// directory (STATE_DIR/slaves) and kept across restarts.
+#[derive(Parser, Debug)]
+#[command(name = "tdfs slave")]
+pub struct SlaveCli {
+    #[command(subcommand)]
+    pub cmd: SlaveCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SlaveCmd {
+    /// Add a slave: it gets an initial sync, then streams.
+    Add {
+        /// HOST[:PORT][,z=N] (default port 4731; z as with -c).
+        #[arg(value_name = "HOST[:PORT][,z=N]")]
+        slave: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a slave: its link ends and writers no longer wait for it.
+    Remove {
+        /// HOST[:PORT] as it was added (default port 4731).
+        #[arg(value_name = "HOST[:PORT]")]
+        slave: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn exit(r: anyhow::Result<()>, what: &str) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tdfs slave add|remove ...` (args[0] is "slave").
+pub fn slave_main(args: Vec<String>) -> ExitCode {
+    let cli = SlaveCli::parse_from(args);
+    let r = (|| {
+        let (cmd, spec, target) = match &cli.cmd {
+            SlaveCmd::Add { slave, target } => ("add", slave, target),
+            SlaveCmd::Remove { slave, target } => ("remove", slave, target),
+        };
+        let v = control::request(&target.state_dir()?, &json!({"cmd": cmd, "slave": spec}))?;
+        println!(
+            "{} {}",
+            if cmd == "add" { "added" } else { "removed" },
+            v["slave"].as_str().unwrap_or(spec)
+        );
+        Ok(())
+    })();
+    exit(r, "tdfs slave")
+}
+
+/// `tdfs status ...` (args[0] is "status").
+pub fn status_main(args: Vec<String>) -> ExitCode {
+    let cli = StatusCli::parse_from(args);
+    exit(status_cmd(&cli), "tdfs status")
+}
+
+fn status_cmd(cli: &StatusCli) -> anyhow::Result<()> {
+    let dir = cli.target.state_dir()?;
+    let render = |v: &Value| {
+        if cli.json {
+            serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+        } else {
+            format_status(v)
+        }
+    };
+    let mut out = std::io::stdout();
+    if !cli.watch {
+        let v = control::request(&dir, &json!({"cmd": "status"}))?;
+        let _ = out.write_all(render(&v).as_bytes());
+        return Ok(());
+    }
+    let tty = out.is_terminal();
+    let interval = Duration::from_secs_f64(cli.interval.clamp(0.1, 3600.0));
+    let mut n = 0u64;
+    loop {
+        let text = match control::request(&dir, &json!({"cmd": "status"})) {
+            Ok(v) => render(&v),
+            Err(e) => format!("tdfs status: {e:#}\n"),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let screen = if tty {
+            // Home and clear, then the table: one screen that refreshes in place.
+            format!(
+                "\x1b[H\x1b[2J{} (every {:.1}s, Ctrl-C to quit; unix time {now})\n\n{text}",
+                dir.display(),
+                interval.as_secs_f64()
+            )
+        } else {
+            format!("--- {now}\n{text}")
+        };
+        if out.write_all(screen.as_bytes()).is_err() || out.flush().is_err() {
+            return Ok(());
+        }
+        n += 1;
+        if cli.count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+fn secs(s: f64) -> String {
+    if s < 10.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{s:.0}s")
+    } else {
+        format!("{:.1}h", s / 3600.0)
+    }
+}
+
+/// The table `tdfs status` prints.
+pub fn format_status(v: &Value) -> String {
+    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let mut out = format!(
+        "master {} ({}), last seq {}, queue {}, journal {}\n",
+        v["label"].as_str().unwrap_or(""),
+        v["master_id"].as_str().unwrap_or(""),
+        u(v, "last_seq"),
+        human_bytes(u(v, "queue_bytes") as f64),
+        human_bytes(u(v, "journal_bytes") as f64),
+    );
+    let header = [
+        "SLAVE",
+        "STATE",
+        "APPLIED",
+        "LAG OPS",
+        "LAG BYTES",
+        "LAG",
+        "OPS/S",
+        "SENT/S",
+        "RATIO",
+        "LAST ERROR",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let empty = Vec::new();
+    let slaves = v["slaves"].as_array().unwrap_or(&empty);
+    for s in slaves {
+        rows.push(vec![
+            s["addr"].as_str().unwrap_or("").to_string(),
+            s["state"].as_str().unwrap_or("").to_string(),
+            u(s, "applied").to_string(),
+            u(s, "lag_ops").to_string(),
+            human_bytes(u(s, "lag_bytes") as f64),
+            secs(f(s, "lag_secs")),
+            format!("{:.1}", f(s, "ops_per_sec")),
+            format!("{}/s", human_bytes(f(s, "bytes_per_sec"))),
+            if s["compression"] == "none" {
+                "-".into()
+            } else {
+                format!("{:.2}", f(s, "compression_ratio"))
+            },
+            s["last_error"].as_str().unwrap_or("-").to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if slaves.is_empty() {
+        out.push_str("(no slaves)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        let v = json!({
+            "label": "h:/b", "master_id": "00", "last_seq": 7, "queue_bytes": 0,
+            "journal_bytes": 0,
+            "slaves": [{"addr": "127.0.0.1:1", "state": "disconnected", "applied": 3,
+                        "lag_ops": 4, "lag_bytes": 2048, "lag_secs": 12.5, "ops_per_sec": 0.0,
+                        "bytes_per_sec": 0.0, "compression": "lzf", "compression_ratio": 2.5,
+                        "last_error": "mkdir a: errno 28 (No space left on device)"}]
+        });
+        let t = format_status(&v);
+        assert!(t.contains("127.0.0.1:1  disconnected"), "{t}");
+        assert!(
+            t.contains("2.0 KiB") && t.contains("2.50") && t.contains("errno 28"),
+            "{t}"
+        );
+    }
+}

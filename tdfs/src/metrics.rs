@@ -1,0 +1,217 @@
+//! The master's metrics: FUSE ops by type with latency histograms (timed in `fs.rs` with
+//! lock-free atomics), and replication per slave, read from [`Replicator::status`] at each
+//! scrape.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use tdfs_slave::daemon::histogram::Histogram;
+use tdfs_slave::daemon::http::{self, Labels};
+
+use crate::control::Rates;
+use crate::repl::Replicator;
+
+macro_rules! fuse_ops {
+    ($($v:ident => $n:literal),* $(,)?) => {
+        /// The FUSE requests that are timed.
+        #[derive(Debug, Clone, Copy)]
+        pub enum FuseOp { $($v),* }
+        /// Their names, as the `op` label.
+        const FUSE_OPS: &[&str] = &[$($n),*];
+    };
+}
+
+fuse_ops! {
+    Lookup => "lookup", Forget => "forget", Getattr => "getattr", Setattr => "setattr",
+    Readlink => "readlink", Mknod => "mknod", Mkdir => "mkdir", Unlink => "unlink",
+    Rmdir => "rmdir", Symlink => "symlink", Rename => "rename", Link => "link",
+    Open => "open", Read => "read", Write => "write", Flush => "flush",
+    Release => "release", Fsync => "fsync", Opendir => "opendir", Readdir => "readdir",
+    Releasedir => "releasedir", Fsyncdir => "fsyncdir", Statfs => "statfs",
+    Setxattr => "setxattr", Getxattr => "getxattr", Listxattr => "listxattr",
+    Removexattr => "removexattr", Access => "access", Create => "create",
+    Fallocate => "fallocate", Lseek => "lseek", CopyFileRange => "copy_file_range",
+}
+
+/// One histogram per FUSE op type.
+#[derive(Debug)]
+pub struct FuseMetrics {
+    ops: Box<[Histogram]>,
+}
+
+impl Default for FuseMetrics {
+    fn default() -> Self {
+        FuseMetrics {
+            ops: FUSE_OPS.iter().map(|_| Histogram::default()).collect(),
+        }
+    }
+}
+
+/// Records the time from its creation to its drop.
+pub struct Timer<'a> {
+    h: &'a Histogram,
+    t0: Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.h.observe_since(self.t0);
+    }
+}
+
+/// The FUSE timings of this process (a static, so the FUSE adapter needs no plumbing).
+pub static FUSE: std::sync::LazyLock<FuseMetrics> = std::sync::LazyLock::new(FuseMetrics::default);
+
+/// Times one FUSE request (until the returned guard drops): an `Instant::now()` and three
+/// relaxed atomic adds.
+#[inline]
+pub fn time(op: FuseOp) -> Timer<'static> {
+    Timer {
+        h: &FUSE.ops[op as usize],
+        t0: Instant::now(),
+    }
+}
+
+/// Everything the master exports.
+pub struct MasterMetrics {
+    pub repl: Replicator,
+    pub rates: Arc<Rates>,
+}
+
+impl std::fmt::Debug for MasterMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("master metrics")
+    }
+}
+
+fn slave(addr: &str) -> Labels {
+    vec![("slave", addr.to_string())]
+}
+
+impl Collector for MasterMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let fuse: Vec<(Labels, &Histogram)> = FUSE_OPS
+            .iter()
+            .zip(FUSE.ops.iter())
+            .filter(|(_, h)| h.count() > 0)
+            .map(|(n, h)| (vec![("op", n.to_string())], h))
+            .collect();
+        http::histograms(
+            &mut enc,
+            "tdfs_fuse_op_duration_seconds",
+            "FUSE requests by type: time from request to reply, seconds",
+            &fuse,
+        )?;
+        let st = self.repl.status();
+        let none = Vec::new;
+        http::gauges(
+            &mut enc,
+            "tdfs_head_seq",
+            "Sequence number the next replicated op gets",
+            &[(none(), st.head as f64)],
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_queue_bytes",
+            "Bytes of ops held in memory for slaves that have not acknowledged them",
+            &[(none(), st.queue_bytes as f64)],
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_journal_bytes",
+            "Bytes of ops in the on-disk journal (for lagging or absent slaves)",
+            &[(none(), st.journal_bytes as f64)],
+        )?;
+        let per = |f: &dyn Fn(&crate::repl::SlaveSnapshot) -> u64| -> Vec<(Labels, u64)> {
+            st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
+        };
+        let perf = |f: &dyn Fn(&crate::repl::SlaveSnapshot) -> f64| -> Vec<(Labels, f64)> {
+            st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
+        };
+        http::counters(
+            &mut enc,
+            "tdfs_slave_ops_sent",
+            "Ops sent to each slave",
+            &per(&|s| s.ops_sent),
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_sent_bytes",
+            "Bytes sent to each slave (on the wire, after compression)",
+            &per(&|s| s.bytes_sent),
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_raw_bytes",
+            "Bytes of frame payload sent to each slave before compression",
+            &per(&|s| s.raw_bytes_sent),
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_reconnects",
+            "Connections (re)established to each slave",
+            &per(&|s| s.reconnects),
+        )?;
+        let errors: Vec<(Labels, u64)> = st
+            .slaves
+            .iter()
+            .map(|s| {
+                (
+                    vec![("slave", s.addr.clone()), ("kind", "apply".to_string())],
+                    s.apply_errors,
+                )
+            })
+            .collect();
+        http::counters(
+            &mut enc,
+            "tdfs_slave_errors",
+            "Errors by slave and kind (apply: an op the slave could not apply)",
+            &errors,
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_applied_seq",
+            "Last sequence number each slave has applied",
+            &perf(&|s| s.applied as f64),
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_lag_ops",
+            "Ops issued that the slave has not applied",
+            &perf(&|s| s.lag_ops as f64),
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_lag_bytes",
+            "Bytes of ops the slave has not applied",
+            &perf(&|s| s.lag_bytes as f64),
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_lag_seconds",
+            "Age of the oldest op the slave has not applied",
+            &perf(&|s| s.lag_secs),
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_in_sync",
+            "1 when writers wait for this slave (connected, streaming, keeping up)",
+            &perf(&|s| s.in_sync as u8 as f64),
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_connected",
+            "1 while the slave is connected (streaming, catching up or syncing)",
+            &perf(&|s| matches!(s.state, "streaming" | "catching up" | "syncing") as u8 as f64),
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_apply_rate",
+            "Ops per second the slave has applied, over the last few seconds",
+            &perf(&|s| self.rates.get(&s.addr).0),
+        )?;
+        Ok(())
+    }
+}
