@@ -41,6 +41,7 @@ pub struct MasterFile {
     pub compression: Option<u8>,
     pub no_nodelay: Option<bool>,
     pub state_dir: Option<PathBuf>,
+    pub passthrough: Option<bool>,
     pub threads: Option<u16>,
     pub queue_size: Option<usize>,
     pub journal_size: Option<u64>,

@@ -41,7 +41,7 @@ struct Cli {
     dir: Option<PathBuf>,
 
     /// TOML file with any of the flags by long name (dir, mountpoint, slaves = ["h:p,z=1"],
-    /// compression, no_nodelay, state_dir, threads, queue_size, journal_size, sync,
+    /// compression, no_nodelay, state_dir, passthrough, threads, queue_size, journal_size, sync,
     /// fsync_local, sync_timeout, min_replicas, drain_timeout, secret_file, tls_cert,
     /// tls_key, tls_ca, metrics, log_level). Flags on the command line win; unknown keys
     /// are an error. SIGHUP re-reads it (slaves and log_level apply at once).
@@ -181,6 +181,7 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: &config::MasterFile) -> anyhow:
     take!(compression, compression);
     take!(no_nodelay, no_nodelay);
     take!(opt state_dir, state_dir);
+    take!(passthrough, passthrough);
     take!(threads, threads);
     take!(queue_size, queue_size);
     take!(journal_size, journal_size);
