@@ -263,6 +263,27 @@ pub fn encode(kind: FrameType, seq: u64, payload: &[u8], comp: Compression, out:
     out[start + 24..start + 28].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The header of an uncompressed frame whose payload is the concatenation of `parts`, so the
+/// parts can be written with one vectored write instead of being copied together.
+pub fn header_for_parts(kind: FrameType, seq: u64, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    assert!(len <= MAX_PAYLOAD, "frame payload over limit");
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4] = FRAME_VERSION;
+    h[5] = kind as u8;
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..20].copy_from_slice(&(len as u32).to_le_bytes());
+    h[20..24].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&h[..24]);
+    for p in parts {
+        hasher.update(p);
+    }
+    h[24..28].copy_from_slice(&hasher.finalize().to_le_bytes());
+    h
+}
+
 /// Convenience: a frame as a fresh buffer.
 pub fn encode_vec(kind: FrameType, seq: u64, payload: &[u8], comp: Compression) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());

@@ -602,6 +602,50 @@ impl Op {
     }
 }
 
+/// Encodes a Write op straight into a shared buffer, copying `data` once: the same bytes as
+/// `Op { kind: OpKind::Write { .. }, touch }.encode(..)`, without first copying `data` into
+/// an owned op (the master's write path handles every replicated byte).
+pub fn encode_write(
+    path: &WirePath,
+    offset: u64,
+    data: &[u8],
+    touch: &[Touch],
+) -> std::sync::Arc<[u8]> {
+    assert!(data.len() <= MAX_WRITE);
+    // Everything but the data, encoded the ordinary way, then split around it.
+    let shell = Op {
+        kind: OpKind::Write {
+            path: path.clone(),
+            offset,
+            data: Vec::new(),
+        },
+        touch: touch.to_vec(),
+    };
+    let mut enc = Vec::new();
+    shell.encode(&mut enc);
+    // tag(1) + path + offset(8) + len(4) precede the data; the touch list follows.
+    let prefix = 1 + 2 + path.components().map(|c| 1 + c.len()).sum::<usize>() + 8 + 4;
+    enc[prefix - 4..prefix].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    let mut out = std::sync::Arc::<[u8]>::new_uninit_slice(enc.len() + data.len());
+    let buf = std::sync::Arc::get_mut(&mut out).expect("fresh Arc is unique");
+    let parts: [&[u8]; 3] = [&enc[..prefix], data, &enc[prefix..]];
+    let mut at = 0;
+    for part in parts {
+        // SAFETY: `buf` has room for every part (its length is their sum); the source and
+        // destination do not overlap (the Arc is freshly allocated).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                part.as_ptr(),
+                buf[at..].as_mut_ptr().cast::<u8>(),
+                part.len(),
+            )
+        };
+        at += part.len();
+    }
+    // SAFETY: every byte of the slice was written just above.
+    unsafe { out.assume_init() }
+}
+
 /// Most ops in one batch frame.
 pub const MAX_BATCH: usize = 65536;
 

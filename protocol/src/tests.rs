@@ -112,6 +112,24 @@ fn an_op() -> impl Strategy<Value = Op> {
 
 proptest! {
     #[test]
+    fn encode_write_matches_encode(p in path(), off in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..5000), t in proptest::collection::vec(touch(), 0..3)) {
+        let o = Op { kind: OpKind::Write { path: p.clone(), offset: off, data: data.clone() }, touch: t.clone() };
+        let mut want = Vec::new();
+        o.encode(&mut want);
+        prop_assert_eq!(&op::encode_write(&p, off, &data, &t)[..], &want[..]);
+    }
+
+    #[test]
+    fn parts_header_matches_encode(parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..5), seq in any::<u64>()) {
+        let whole: Vec<u8> = parts.concat();
+        let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+        let h = frame::header_for_parts(FrameType::Ops, seq, &refs);
+        let mut bytes = h.to_vec();
+        bytes.extend_from_slice(&whole);
+        prop_assert_eq!(bytes, frame::encode_vec(FrameType::Ops, seq, &whole, Compression::None));
+    }
+
+    #[test]
     fn op_roundtrip(o in an_op()) {
         let mut buf = Vec::new();
         o.encode(&mut buf);

@@ -663,49 +663,51 @@ impl Ops {
             return Err(err(libc::EINVAL));
         }
         let f = self.file(fh)?;
-        self.repl.mutate(|| {
-            let mut done = 0;
-            while done < data.len() {
-                // SAFETY: the slice after `done` is readable for its length.
-                let n = cvt_sz(unsafe {
-                    libc::pwrite(
-                        f.fd(),
-                        data[done..].as_ptr().cast(),
-                        data.len() - done,
-                        (offset + done as u64) as libc::off_t,
-                    )
-                });
-                match n {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(e) if done > 0 => {
-                        debug!("short write after {done} bytes: {e}");
+        self.repl
+            .mutate_encoded(|| {
+                let mut done = 0;
+                while done < data.len() {
+                    // SAFETY: the slice after `done` is readable for its length.
+                    let n = cvt_sz(unsafe {
+                        libc::pwrite(
+                            f.fd(),
+                            data[done..].as_ptr().cast(),
+                            data.len() - done,
+                            (offset + done as u64) as libc::off_t,
+                        )
+                    });
+                    match n {
+                        Ok(0) => break,
+                        Ok(n) => done += n,
+                        Err(e) if done > 0 => {
+                            debug!("short write after {done} bytes: {e}");
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    if f.append {
+                        // pwrite on an O_APPEND fd appends whatever the offset: one call only.
                         break;
                     }
-                    Err(e) => return Err(e),
                 }
-                if f.append {
-                    // pwrite on an O_APPEND fd appends whatever the offset: one call only.
-                    break;
-                }
-            }
-            let st = fstat(f.fd())?;
-            // An O_APPEND write landed at the end: send where it actually went.
-            let at = if f.append {
-                (st.st_size as u64).saturating_sub(done as u64)
-            } else {
-                offset
-            };
-            let op = self.replica_path(ino, &st)?.map(|path| {
-                Op::new(OpKind::Write {
-                    path,
-                    offset: at,
-                    data: data[..done].to_vec(),
-                })
-                .with_touch(Touch::Own(times_of(&st)))
-            });
-            Ok((done as u32, op))
-        })
+                let st = fstat(f.fd())?;
+                // An O_APPEND write landed at the end: send where it actually went.
+                let at = if f.append {
+                    (st.st_size as u64).saturating_sub(done as u64)
+                } else {
+                    offset
+                };
+                let op = self.replica_path(ino, &st)?.map(|path| {
+                    tdfs_protocol::op::encode_write(
+                        &path,
+                        at,
+                        &data[..done],
+                        &[Touch::Own(times_of(&st))],
+                    )
+                });
+                Ok((done as u32, op))
+            })
+            .map(|(n, _)| n)
     }
 
     pub fn fallocate(&self, ino: u64, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {
