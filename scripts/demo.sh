@@ -6,7 +6,7 @@
 #   Builds tdfs and tdfs-slave (release; TDFS_PROFILE=debug uses the debug build),
 #   makes temp dirs, starts a slave on 127.0.0.1 (free port), starts the master
 #   mounting a temp mountpoint, writes files/dirs/a symlink/a chmod through the mount,
-#   shows that the slave's copy matches, then unmounts (the master drains and exits 0),
+#   shows that the slave's copy matches and what `tdfs status` says, then unmounts (the master drains and exits 0),
 #   checks the whole replica once more and removes everything. Ctrl-C cleans up too.
 #   Set KEEP_TMP=1 to keep the temp dirs; see scripts/lib.sh for other knobs.
 set -euo pipefail
@@ -104,6 +104,10 @@ show_tree() {
   echo "--- $label: sha256sum"
   (cd "$dir" && sha256sum random.bin docs/notes/lines.txt) || true
 }
+
+step "6b. Ask the running daemons: tdfs status and tdfs-slave status (control sockets)"
+run "$TDFS_BIN" status --state-dir "$TDFS_WORK/master-state"
+run "$TDFS_SLAVE_BIN" status --state-dir "$TDFS_WORK/slave-state"
 
 step "7. Look: the master's view (through the mount) and the slave's copy"
 show_tree master "$MNT"
