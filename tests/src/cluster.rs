@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::compare::{compare_trees, format_diffs, try_wait_identical};
-use crate::daemons::{Master, MasterOpts, Slave, SlaveAddr};
+use crate::daemons::{Master, MasterOpts, Slave, SlaveAddr, SlaveLaunch};
 use crate::util::{require_root_and_fuse, set_times, temp_dir};
 
 /// Per-slave options.
@@ -33,6 +33,12 @@ pub struct ClusterOpts {
     /// Runs on each replica directory before its slave starts (e.g. to mount a small tmpfs
     /// there); the root's mode and times are set after it.
     pub replica_setup: Option<fn(&Path)>,
+    /// Command every slave runs under (e.g. `nsenter --net=/run/netns/NS`); empty: none.
+    pub slave_prefix: Vec<String>,
+    /// Address every slave listens on; None: `127.0.0.1`.
+    pub slave_host: Option<String>,
+    /// More arguments for every slave (e.g. `--secret-file F`).
+    pub slave_args: Vec<String>,
 }
 
 impl Default for ClusterOpts {
@@ -45,6 +51,9 @@ impl Default for ClusterOpts {
             populate: None,
             slaves_down: false,
             replica_setup: None,
+            slave_prefix: Vec::new(),
+            slave_host: None,
+            slave_args: Vec::new(),
         }
     }
 }
@@ -91,6 +100,16 @@ impl Cluster {
 
     /// Starts the slaves, then the master, and waits for the mount.
     pub fn start(name: &str, opts: ClusterOpts) -> Cluster {
+        Self::start_via(name, opts, |_, addr| addr.to_string())
+    }
+
+    /// [`Cluster::start`], with the master given `via(i, addr of slave i)` as slave `i`'s
+    /// address instead of the slave's own (e.g. a proxy in front of it).
+    pub fn start_via(
+        name: &str,
+        opts: ClusterOpts,
+        mut via: impl FnMut(usize, &str) -> String,
+    ) -> Cluster {
         require_root_and_fuse();
         let tmp = temp_dir(name);
         let base = tmp.path().canonicalize().expect("canonicalize temp dir");
@@ -119,7 +138,17 @@ impl Cluster {
             }
             init_root(&dir);
             mkdir(&state);
-            slaves.push(Slave::start(&dir, &state, &logs, so.nodelay_off));
+            slaves.push(Slave::start_launch(
+                &dir,
+                &state,
+                &logs,
+                &SlaveLaunch {
+                    prefix: opts.slave_prefix.clone(),
+                    host: opts.slave_host.clone(),
+                    nodelay_off: so.nodelay_off,
+                    extra_args: opts.slave_args.clone(),
+                },
+            ));
         }
         if let Some(f) = opts.populate {
             f(&backing);
@@ -137,8 +166,9 @@ impl Cluster {
             slaves: slaves
                 .iter()
                 .zip(&opts.slaves)
-                .map(|(s, o)| SlaveAddr {
-                    addr: s.addr(),
+                .enumerate()
+                .map(|(i, (s, o))| SlaveAddr {
+                    addr: via(i, &s.addr()),
                     compress: o.compress,
                 })
                 .collect(),

@@ -112,6 +112,27 @@ pub struct Slave {
     nodelay_off: bool,
     /// More arguments for every run (e.g. `--secret-file F`).
     extra_args: Vec<String>,
+    /// Command run in front of `tdfs-slave` (e.g. `nsenter --net=/run/netns/NS`); empty: none.
+    prefix: Vec<String>,
+    /// Address the slave listens on (default `127.0.0.1`).
+    host: String,
+}
+
+/// How to launch a slave beyond [`Slave::start_with_args`]: in front of what, and where it
+/// listens.
+#[derive(Debug, Clone, Default)]
+pub struct SlaveLaunch {
+    /// Command `tdfs-slave` runs under, e.g. `["nsenter", "--net=/run/netns/NS"]`; empty: run
+    /// it directly. It must exec the slave, so that signals reach it, and should not give the
+    /// slave a mount namespace of its own (`ip netns exec` does): a long-lived copy of the
+    /// mount table keeps the FUSE mounts of other tests alive after they unmount them.
+    pub prefix: Vec<String>,
+    /// Address to listen on (`-l HOST:0`); None: `127.0.0.1`.
+    pub host: Option<String>,
+    /// `-n` (TCP_NODELAY off).
+    pub nodelay_off: bool,
+    /// More arguments for every run (e.g. `--secret-file F`).
+    pub extra_args: Vec<String>,
 }
 
 impl Slave {
@@ -129,6 +150,25 @@ impl Slave {
         nodelay_off: bool,
         extra_args: &[String],
     ) -> Slave {
+        Self::start_launch(
+            dir,
+            state_dir,
+            log_dir,
+            &SlaveLaunch {
+                nodelay_off,
+                extra_args: extra_args.to_vec(),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Slave::start`] under a command prefix and/or on another listen address.
+    pub fn start_launch(
+        dir: &Path,
+        state_dir: &Path,
+        log_dir: &Path,
+        launch: &SlaveLaunch,
+    ) -> Slave {
         let mut s = Slave {
             child: None,
             dir: dir.to_path_buf(),
@@ -136,8 +176,10 @@ impl Slave {
             log_dir: log_dir.to_path_buf(),
             logs: Vec::new(),
             port: 0,
-            nodelay_off,
-            extra_args: extra_args.to_vec(),
+            nodelay_off: launch.nodelay_off,
+            extra_args: launch.extra_args.clone(),
+            prefix: launch.prefix.clone(),
+            host: launch.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
         };
         if let Err(msg) = s.spawn(0) {
             panic!("{msg}");
@@ -154,11 +196,18 @@ impl Slave {
         ));
         self.logs.push(log.clone());
         let (out, err) = log_file(&log);
-        let mut cmd = Command::new(bin("tdfs-slave"));
+        let mut cmd = match self.prefix.split_first() {
+            None => Command::new(bin("tdfs-slave")),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("tdfs-slave"));
+                c
+            }
+        };
         cmd.arg("-m")
             .arg(&self.dir)
             .arg("-l")
-            .arg(format!("127.0.0.1:{port}"));
+            .arg(format!("{}:{port}", self.host));
         if self.nodelay_off {
             cmd.arg("-n");
         }
@@ -195,8 +244,9 @@ impl Slave {
         }
         if !ok {
             return Err(format!(
-                "tdfs-slave did not log `listening on 127.0.0.1:PORT` within {START_TIMEOUT:?}; \
+                "tdfs-slave did not log `listening on {}:PORT` within {START_TIMEOUT:?}; \
                  log {}:\n{}",
+                self.host,
                 log.display(),
                 tail(&log, TAIL)
             ));
@@ -214,9 +264,9 @@ impl Slave {
         self.port
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `HOST:PORT` (`127.0.0.1:PORT` unless launched elsewhere).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn is_running(&mut self) -> bool {

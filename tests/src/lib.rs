@@ -5,11 +5,14 @@
 //! * [`daemons`]: [`Slave`] and [`Master`] child processes (logs captured to files).
 //! * [`cluster`]: a master with N slaves in fresh temp dirs, and `finish()` that unmounts,
 //!   waits for the master to exit 0 and compares every replica with the backing dir.
+//! * [`proxy`]: a fault-injecting TCP proxy (drop, stall, truncate, flip bytes, refuse) to
+//!   put between a master and a slave.
 //! * [`util`]: binaries, root/FUSE checks, polling with deadlines, small syscall wrappers.
 
 pub mod cluster;
 pub mod compare;
 pub mod daemons;
+pub mod proxy;
 pub mod util;
 
 pub use cluster::{Cluster, ClusterOpts, SlaveOpts};
@@ -17,5 +20,6 @@ pub use compare::{
     assert_identical, assert_same_content, compare_trees, compare_trees_with, try_wait_identical,
     wait_identical, CompareOpts, Diff,
 };
-pub use daemons::{Master, MasterOpts, Slave, SlaveAddr};
+pub use daemons::{Master, MasterOpts, Slave, SlaveAddr, SlaveLaunch};
+pub use proxy::Proxy;
 pub use util::{bin, require_root_and_fuse, temp_dir, wait_until};
