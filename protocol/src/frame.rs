@@ -5,7 +5,7 @@
 //!      0    4 magic "TDFS"
 //!      4    1 version (FRAME_VERSION)
 //!      5    1 type (FrameType)
-//!      6    1 flags (bit 0: payload is LZF-compressed)
+//!      6    1 flags (bit 0: payload is LZF-compressed; bit 1: LZ4-compressed)
 //!      7    1 reserved, must be 0
 //!      8    8 sequence number (first op of an Ops frame; 0 where unused)
 //!     16    4 payload length on the wire
@@ -29,7 +29,11 @@ pub const HEADER_LEN: usize = 28;
 /// room for batching without letting a peer make us allocate much.
 pub const MAX_PAYLOAD: usize = 8 << 20;
 
+/// Payload is LZF-compressed (`-z 1`).
 pub const FLAG_COMPRESSED: u8 = 1;
+/// Payload is LZ4-compressed (`-z 2`).
+pub const FLAG_LZ4: u8 = 2;
+const FLAG_ANY_COMPRESSION: u8 = FLAG_COMPRESSED | FLAG_LZ4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -171,7 +175,7 @@ fn header(buf: &[u8]) -> Result<Header, FrameError> {
     }
     let kind = FrameType::from_u8(buf[5]).ok_or(FrameError::BadType(buf[5]))?;
     let flags = buf[6];
-    if flags & !FLAG_COMPRESSED != 0 || buf[7] != 0 {
+    if flags & !FLAG_ANY_COMPRESSION != 0 || flags == FLAG_ANY_COMPRESSION || buf[7] != 0 {
         return Err(FrameError::BadFlags(flags));
     }
     let seq = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
@@ -184,7 +188,7 @@ fn header(buf: &[u8]) -> Result<Header, FrameError> {
     if raw_len > MAX_PAYLOAD {
         return Err(FrameError::TooLarge(raw_len));
     }
-    if flags & FLAG_COMPRESSED == 0 && raw_len != wire_len {
+    if flags & FLAG_ANY_COMPRESSION == 0 && raw_len != wire_len {
         return Err(FrameError::BadFlags(flags));
     }
     Ok(Header {
@@ -220,8 +224,8 @@ pub fn parse(buf: &[u8]) -> Result<Frame, FrameError> {
     let total = check(buf)?;
     let h = header(buf)?;
     let wire = &buf[HEADER_LEN..total];
-    let payload = if h.flags & FLAG_COMPRESSED != 0 {
-        compress::decompress(wire, h.raw_len).map_err(FrameError::Decompress)?
+    let payload = if h.flags & FLAG_ANY_COMPRESSION != 0 {
+        compress::decompress(h.flags, wire, h.raw_len).map_err(FrameError::Decompress)?
     } else {
         wire.to_vec()
     };
@@ -241,8 +245,8 @@ pub fn encode(kind: FrameType, seq: u64, payload: &[u8], comp: Compression, out:
     assert!(payload.len() <= MAX_PAYLOAD, "frame payload over limit");
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    let compressed = comp != Compression::None && compress::compress_into(payload, out);
-    if !compressed {
+    let flag = compress::compress_into(comp, payload, out);
+    if flag.is_none() {
         out.truncate(start + HEADER_LEN);
         out.extend_from_slice(payload);
     }
@@ -251,7 +255,7 @@ pub fn encode(kind: FrameType, seq: u64, payload: &[u8], comp: Compression, out:
     h[0..4].copy_from_slice(&MAGIC);
     h[4] = FRAME_VERSION;
     h[5] = kind as u8;
-    h[6] = if compressed { FLAG_COMPRESSED } else { 0 };
+    h[6] = flag.unwrap_or(0);
     h[7] = 0;
     h[8..16].copy_from_slice(&seq.to_le_bytes());
     h[16..20].copy_from_slice(&(wire_len as u32).to_le_bytes());

@@ -137,10 +137,10 @@ proptest! {
     }
 
     #[test]
-    fn batch_frame_roundtrip(ops in proptest::collection::vec(an_op(), 0..8), z in any::<bool>(), seq in any::<u64>()) {
+    fn batch_frame_roundtrip(ops in proptest::collection::vec(an_op(), 0..8), z in 0u8..3, seq in any::<u64>()) {
         let mut payload = Vec::new();
         op::encode_batch(&ops, &mut payload);
-        let comp = if z { Compression::Lzf } else { Compression::None };
+        let comp = Compression::from_level(z).unwrap();
         let bytes = frame::encode_vec(FrameType::Ops, seq, &payload, comp);
         prop_assert_eq!(frame::check(&bytes).unwrap(), bytes.len());
         let f = frame::parse(&bytes).unwrap();
@@ -298,9 +298,16 @@ fn incompressible_payload_stored_raw() {
     let b = frame::encode_vec(FrameType::Ops, 1, &payload, Compression::Lzf);
     assert_eq!(b[6], 0, "random data must be sent raw");
     assert_eq!(b.len(), HEADER_LEN + payload.len());
+    let b = frame::encode_vec(FrameType::Ops, 1, &payload, Compression::Lz4);
+    assert_eq!(b[6], 0, "random data must be sent raw with lz4 too");
     let text = b"hello tdfs ".repeat(10_000);
-    let b = frame::encode_vec(FrameType::Ops, 1, &text, Compression::Lzf);
-    assert_eq!(b[6], frame::FLAG_COMPRESSED);
-    assert!(b.len() < text.len() / 4);
-    assert_eq!(frame::parse(&b).unwrap().payload, text);
+    for (c, flag) in [
+        (Compression::Lzf, frame::FLAG_COMPRESSED),
+        (Compression::Lz4, frame::FLAG_LZ4),
+    ] {
+        let b = frame::encode_vec(FrameType::Ops, 1, &text, c);
+        assert_eq!(b[6], flag);
+        assert!(b.len() < text.len() / 4);
+        assert_eq!(frame::parse(&b).unwrap().payload, text);
+    }
 }

@@ -62,7 +62,7 @@ impl MasterFile {
     /// Checks values the type system does not.
     pub fn check(&self) -> anyhow::Result<()> {
         if let Some(z) = self.compression {
-            anyhow::ensure!(z <= 1, "compression = {z}: expected 0 or 1");
+            anyhow::ensure!(z <= 2, "compression = {z}: expected 0, 1 or 2");
         }
         if let Some(t) = self.threads {
             anyhow::ensure!((1..=64).contains(&t), "threads = {t}: expected 1..=64");

@@ -59,8 +59,9 @@ struct Cli {
     #[arg(short = 'c', value_name = "HOST[:PORT][,z=N]")]
     slaves: Vec<String>,
 
-    /// Compression for every slave without its own ",z=": 0 = none, 1 = LZF.
-    #[arg(short = 'z', default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// Compression for every slave without its own ",z=": 0 = none, 1 = LZF (as TDFS r3),
+    /// 2 = LZ4 (faster, similar ratio). Incompressible data is detected and sent raw.
+    #[arg(short = 'z', default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     compression: u8,
 
     /// Disable TCP_NODELAY (Nagle's algorithm on): fewer packets, more latency.
@@ -235,7 +236,9 @@ fn parse_slave(spec: &str, default_z: Compression, nodelay: bool) -> anyhow::Res
                         .and_then(Compression::from_level)
                         .with_context(|| format!("bad compression level in slave spec {spec:?}"))?;
                 }
-                _ => bail!("unknown option {o:?} in slave spec {spec:?} (expected z=0 or z=1)"),
+                _ => {
+                    bail!("unknown option {o:?} in slave spec {spec:?} (expected z=0, z=1 or z=2)")
+                }
             }
         }
     }
@@ -342,7 +345,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
             }
         ),
     }
-    let default_z = Compression::from_level(cli.compression).context("compression: 0 or 1")?;
+    let default_z = Compression::from_level(cli.compression).context("compression: 0, 1 or 2")?;
     if cli.min_replicas > cli.slaves.len() {
         bail!(
             "--min-replicas {} but only {} slave(s) given with -c",

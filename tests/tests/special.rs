@@ -336,17 +336,22 @@ fn two_slaves_one_compressed() {
 
 #[test]
 fn compression_for_all_slaves() {
-    let mut c = Cluster::start(
-        "zall",
-        ClusterOpts {
-            global_z: Some(1),
-            ..Default::default()
-        },
-    );
-    mixed_workload(&c);
-    c.finish();
-    for r in c.roots() {
-        check_mixed(&r);
+    for z in [1, 2] {
+        let mut c = Cluster::start(
+            &format!("zall{z}"),
+            ClusterOpts {
+                global_z: Some(z),
+                ..Default::default()
+            },
+        );
+        mixed_workload(&c);
+        // Large compressible and incompressible writes (probed, sent raw).
+        std::fs::write(c.at("text"), b"tdfs compresses text ".repeat(200_000)).unwrap();
+        std::fs::write(c.at("noise"), pseudo_random(9, 3 << 20)).unwrap();
+        c.finish();
+        for r in c.roots() {
+            check_mixed(&r);
+        }
     }
 }
 
