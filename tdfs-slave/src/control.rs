@@ -160,7 +160,11 @@ pub struct StatusCli {
 
 /// Runs `tdfs-slave status` with `args` (args[0] is "status").
 pub fn status_main(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
-    let cli = StatusCli::parse_from(args);
+    // Help and errors say "tdfs-slave status", not "status".
+    let cli = StatusCli::parse_from(
+        std::iter::once(std::ffi::OsString::from("tdfs-slave status"))
+            .chain(args.into_iter().skip(1)),
+    );
     match status_cmd(&cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

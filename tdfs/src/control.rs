@@ -289,7 +289,10 @@ fn exit(r: anyhow::Result<()>, what: &str) -> ExitCode {
 
 /// `tdfs slave add|remove ...` (args[0] is "slave").
 pub fn slave_main(args: Vec<String>) -> ExitCode {
-    let cli = SlaveCli::parse_from(args);
+    // Help and errors say "tdfs slave", not "slave".
+    let cli = SlaveCli::parse_from(
+        std::iter::once("tdfs slave".to_string()).chain(args.into_iter().skip(1)),
+    );
     let r = (|| {
         let (cmd, spec, target) = match &cli.cmd {
             SlaveCmd::Add { slave, target } => ("add", slave, target),
@@ -308,7 +311,10 @@ pub fn slave_main(args: Vec<String>) -> ExitCode {
 
 /// `tdfs status ...` (args[0] is "status").
 pub fn status_main(args: Vec<String>) -> ExitCode {
-    let cli = StatusCli::parse_from(args);
+    // Help and errors say "tdfs status", not "status".
+    let cli = StatusCli::parse_from(
+        std::iter::once("tdfs status".to_string()).chain(args.into_iter().skip(1)),
+    );
     exit(status_cmd(&cli), "tdfs status")
 }
 
