@@ -145,6 +145,9 @@ fn configure(stream: &TcpStream, nodelay: bool) -> io::Result<()> {
         .with_interval(Duration::from_secs(10))
         .with_retries(3);
     s.set_tcp_keepalive(&ka)?;
+    // Acks unacknowledged for this long mean the master is gone (keepalive does not probe
+    // while data is outstanding).
+    s.set_tcp_user_timeout(Some(Duration::from_secs(60)))?;
     Ok(())
 }
 

@@ -102,7 +102,12 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
             last_try = true;
         }
         let r = session(&shared, &me).await;
-        shared.drop_out(&me, "disconnected");
+        if r.is_ok() {
+            // An orderly end (master closing or slave removed): not news.
+            me.in_sync.store(false, Ordering::Release);
+        } else {
+            shared.drop_out(&me, "disconnected");
+        }
         let was = me.connected.swap(false, Ordering::AcqRel);
         me.set_state(LinkState::Disconnected);
         shared.note_ack();

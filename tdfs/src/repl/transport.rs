@@ -16,6 +16,8 @@ pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
 pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long sent data may stay unacknowledged before the connection counts as dead.
+const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// TLS handshake plus the shared-secret exchange.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,6 +36,9 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
             .with_interval(Duration::from_secs(5))
             .with_retries(3),
     )?;
+    // Keepalive is silent while data is unacknowledged; without a user timeout a dead path
+    // with writes outstanding is noticed only after the kernel's retries (about 15 min).
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
     let sec = crate::security::get();
     match &sec.tls {
         None => {
