@@ -105,10 +105,10 @@ pub fn load_persisted(state_dir: &Path) -> anyhow::Result<Option<Vec<String>>> {
 
 /// The spec a slave is persisted as.
 pub fn spec(c: &SlaveConfig) -> String {
-    let z = if c.compression == Compression::None {
-        0
-    } else {
-        1
+    let z = match c.compression {
+        Compression::None => 0,
+        Compression::Lzf => 1,
+        Compression::Lz4 => 2,
     };
     format!("{},z={z}", c.addr)
 }

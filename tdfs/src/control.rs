@@ -90,6 +90,12 @@ impl Control {
 
     pub fn status(&self) -> Value {
         let st = self.repl.status();
+        let kinds: HashMap<String, Compression> = self
+            .repl
+            .slave_configs()
+            .into_iter()
+            .map(|c| (c.addr, c.compression))
+            .collect();
         let slaves: Vec<Value> = st
             .slaves
             .iter()
@@ -114,7 +120,12 @@ impl Control {
                     "ops_sent": s.ops_sent,
                     "bytes_sent": s.bytes_sent,
                     "raw_bytes_sent": s.raw_bytes_sent,
-                    "compression": if s.compressed { "lzf" } else { "none" },
+                    "compression": match kinds.get(&s.addr) {
+                        Some(Compression::Lzf) => "lzf",
+                        Some(Compression::Lz4) => "lz4",
+                        _ if s.compressed => "yes",
+                        _ => "none",
+                    },
                     "compression_ratio": ratio,
                     "reconnects": s.reconnects,
                     "apply_errors": s.apply_errors,
