@@ -426,7 +426,8 @@ class Tdfs(Target):
         """A slave fell behind: marked out of sync (newer masters bring it back with an
         incremental sync; older ones needed a full resync)."""
         with open(self.mlog, errors="replace") as f:
-            return "out of sync" in f.read()
+            # the session's end at unmount logs "out of sync (disconnected)": not a lag
+            return any("out of sync" in x and "(disconnected)" not in x for x in f)
 
     def gone(self):
         """A slave that will not converge without outside help (older masters)."""
