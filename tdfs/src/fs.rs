@@ -21,7 +21,9 @@ use tracing::{debug, info, warn};
 use crate::ops::{Caller, Ops, SetAttrReq, TimeArg};
 
 /// How long the kernel may cache attributes and names. Every change goes through this mount,
-/// and each reply carries fresh attributes, so caching does not hide changes.
+/// and each reply carries fresh attributes, so caching does not hide changes. For the same
+/// reason opens keep the kernel's page cache (FOPEN_KEEP_CACHE): writes go through the
+/// kernel's cache of this inode, so nothing it holds can be stale.
 const TTL: Duration = Duration::from_secs(1);
 
 pub struct TdfsFs {
@@ -341,7 +343,7 @@ impl Filesystem for TdfsFs {
             Err(e) => return reply.error(errno(e)),
         };
         if !self.passthrough.load(Ordering::Acquire) {
-            return reply.opened(FileHandle(fh), FopenFlags::empty());
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
         }
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
         let mut b = self.backing.lock().expect("backing ids poisoned");
@@ -391,7 +393,7 @@ impl Filesystem for TdfsFs {
         }
         b.by_fh.insert(fh, (ino.0, None));
         b.modes.entry(ino.0).or_default().1 += 1;
-        reply.opened(FileHandle(fh), FopenFlags::empty())
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn read(
