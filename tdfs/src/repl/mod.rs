@@ -282,6 +282,27 @@ impl Shared {
         self.lock().next_seq
     }
 
+    /// Waits until `done()` holds or `deadline` passes, re-checking on every acknowledgement
+    /// (and at least every 100 ms); returns whether `done()` held.
+    fn wait_acked(&self, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+        let mut g = self.acked.0.lock().expect("ack lock poisoned");
+        loop {
+            if done() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .acked
+                .1
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(100)))
+                .expect("ack lock poisoned")
+                .0;
+        }
+    }
+
     fn note_ack(&self) {
         let _g = self.acked.0.lock().expect("ack lock poisoned");
         self.acked.1.notify_all();
@@ -562,28 +583,18 @@ impl Replicator {
             return Ok(());
         }
         let deadline = Instant::now() + p.timeout;
-        let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
-        loop {
-            if self.in_sync_count() >= p.min_replicas {
-                return Ok(());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                warn!(
-                    in_sync = self.in_sync_count(),
-                    required = p.min_replicas,
-                    "fewer slaves in sync than --min-replicas: failing the mutation with EIO"
-                );
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            g = self
-                .shared
-                .acked
-                .1
-                .wait_timeout(g, (deadline - now).min(Duration::from_millis(100)))
-                .expect("ack lock poisoned")
-                .0;
+        if self
+            .shared
+            .wait_acked(deadline, || self.in_sync_count() >= p.min_replicas)
+        {
+            return Ok(());
         }
+        warn!(
+            in_sync = self.in_sync_count(),
+            required = p.min_replicas,
+            "fewer slaves in sync than --min-replicas: failing the mutation with EIO"
+        );
+        Err(io::Error::from_raw_os_error(libc::EIO))
     }
 
     /// Waits until every in-sync slave has acknowledged `seq` as `kind`. A slave that takes
@@ -599,34 +610,19 @@ impl Replicator {
             AckKind::Durable => s.durable.load(Ordering::Acquire),
         };
         let deadline = Instant::now() + p.timeout;
-        let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
-        loop {
-            let waiting: Vec<Arc<SlaveStatus>> = self
-                .shared
+        let waiting = || -> Vec<Arc<SlaveStatus>> {
+            self.shared
                 .slaves()
                 .iter()
                 .filter(|s| s.in_sync.load(Ordering::Acquire) && value(s) < seq)
                 .cloned()
-                .collect();
-            if waiting.is_empty() {
-                break;
+                .collect()
+        };
+        if !self.shared.wait_acked(deadline, || waiting().is_empty()) {
+            for s in &waiting() {
+                self.shared.drop_out(s, "slower than --sync-timeout");
             }
-            let now = Instant::now();
-            if now >= deadline {
-                for s in &waiting {
-                    self.shared.drop_out(s, "slower than --sync-timeout");
-                }
-                break;
-            }
-            g = self
-                .shared
-                .acked
-                .1
-                .wait_timeout(g, (deadline - now).min(Duration::from_millis(100)))
-                .expect("ack lock poisoned")
-                .0;
         }
-        drop(g);
         if self.in_sync_count() < p.min_replicas {
             warn!(
                 seq,
@@ -788,21 +784,9 @@ impl Replicator {
                 !s.settled.load(Ordering::Acquire)
             }
         };
-        let mut g = self.shared.acked.0.lock().expect("ack lock poisoned");
-        while self.shared.slaves().iter().any(|s| pending(s)) {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            g = self
-                .shared
-                .acked
-                .1
-                .wait_timeout(g, (deadline - now).min(Duration::from_millis(200)))
-                .expect("ack lock poisoned")
-                .0;
-        }
-        drop(g);
+        self.shared.wait_acked(deadline, || {
+            !self.shared.slaves().iter().any(|s| pending(s))
+        });
         let mut failed = Vec::new();
         for s in self.shared.slaves().iter() {
             let applied = s.applied.load(Ordering::Acquire);
