@@ -349,8 +349,16 @@ impl Ops {
 
     /// Sets ownership of a just-created entry to the caller's, the way the kernel would have
     /// had the caller created it: gid from a setgid parent, and setuid/setgid bits restored
-    /// after chown (which clears them).
-    fn own(&self, p: &WirePath, who: Caller, mode: u32, is_dir: bool) -> io::Result<libc::stat> {
+    /// after chown (which clears them). Returns the entry's attributes and its parent's
+    /// resulting times (the parent is stat'ed after the creation, and chown of the entry
+    /// does not change it, so one stat serves both).
+    fn own(
+        &self,
+        p: &WirePath,
+        who: Caller,
+        mode: u32,
+        is_dir: bool,
+    ) -> io::Result<(libc::stat, Touch)> {
         let parent = self.backing.lstat(&p.parent())?;
         let gid = if parent.st_mode & libc::S_ISGID != 0 {
             parent.st_gid
@@ -363,7 +371,7 @@ impl Ops {
                 self.backing.chmod(p, mode & 0o7777)?;
             }
         }
-        self.backing.lstat(p)
+        Ok((self.backing.lstat(p)?, Touch::Parent(times_of(&parent))))
     }
 
     fn register_new(&self, parent: u64, name: &OsStr, st: &libc::stat) -> u64 {
@@ -404,7 +412,7 @@ impl Ops {
                 }
                 Err(e) => return Err(e),
             };
-            let st = self.own(&p, who, perm, false)?;
+            let (st, parent_times) = self.own(&p, who, perm, false)?;
             let id = self.register_new(parent, name, &st);
             let fh = self.add_file(id, fd, flags);
             let op = Op::new(OpKind::Create {
@@ -412,7 +420,7 @@ impl Ops {
                 attr: attr_of(&st),
             })
             .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(self.parent_touch(&p)?);
+            .with_touch(parent_times);
             Ok(((id, st, fh), Some(op)))
         })
     }
@@ -436,7 +444,7 @@ impl Ops {
         };
         self.repl.mutate(|| {
             self.backing.mknod(&p, mode, rdev)?;
-            let st = self.own(&p, who, mode & 0o7777, false)?;
+            let (st, parent_times) = self.own(&p, who, mode & 0o7777, false)?;
             let id = self.register_new(parent, name, &st);
             let op = Op::new(OpKind::Mknod {
                 path: p.clone(),
@@ -445,7 +453,7 @@ impl Ops {
                 attr: attr_of(&st),
             })
             .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(self.parent_touch(&p)?);
+            .with_touch(parent_times);
             Ok(((id, st), Some(op)))
         })
     }
@@ -460,14 +468,14 @@ impl Ops {
         let p = self.inodes.child_path(parent, name)?;
         self.repl.mutate(|| {
             self.backing.mkdir(&p, mode & 0o7777)?;
-            let st = self.own(&p, who, mode & 0o7777, true)?;
+            let (st, parent_times) = self.own(&p, who, mode & 0o7777, true)?;
             let id = self.register_new(parent, name, &st);
             let op = Op::new(OpKind::Mkdir {
                 path: p.clone(),
                 attr: attr_of(&st),
             })
             .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(self.parent_touch(&p)?);
+            .with_touch(parent_times);
             Ok(((id, st), Some(op)))
         })
     }
@@ -485,7 +493,7 @@ impl Ops {
         }
         self.repl.mutate(|| {
             self.backing.symlink(target, &p)?;
-            let st = self.own(&p, who, 0o777, false)?;
+            let (st, parent_times) = self.own(&p, who, 0o777, false)?;
             let id = self.register_new(parent, name, &st);
             let op = Op::new(OpKind::Symlink {
                 path: p.clone(),
@@ -493,7 +501,7 @@ impl Ops {
                 attr: attr_of(&st),
             })
             .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(self.parent_touch(&p)?);
+            .with_touch(parent_times);
             Ok(((id, st), Some(op)))
         })
     }
