@@ -821,17 +821,16 @@ impl Replicator {
                 error!("syncing the journal at exit: {err}");
             }
         }
-        // Give the links a moment to say Bye so the slaves log an orderly end.
-        let bye_deadline = Instant::now() + Duration::from_secs(2);
-        while self
-            .shared
-            .slaves()
-            .iter()
-            .any(|s| s.connected.load(Ordering::Acquire))
-            && Instant::now() < bye_deadline
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // Give the links a moment to say Bye so the slaves log an orderly end (a link
+        // signals the ack condvar when its connection ends).
+        self.shared
+            .wait_acked(Instant::now() + Duration::from_secs(2), || {
+                !self
+                    .shared
+                    .slaves()
+                    .iter()
+                    .any(|s| s.connected.load(Ordering::Acquire))
+            });
         failed
     }
 }
