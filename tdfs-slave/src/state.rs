@@ -76,6 +76,18 @@ fn decode(r: &[u8]) -> Option<(MasterId, u64)> {
 
 /// The default state directory for a mirrored tree: one per canonical path, so that two
 /// slaves of different trees on one host never share state.
+/// Opens (creating if needed, never truncating) a file only the owner may use.
+fn open_private(p: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(p)
+}
+
 pub fn default_dir(canonical_root: &Path) -> PathBuf {
     let name: String = canonical_root
         .to_string_lossy()
@@ -138,14 +150,7 @@ impl State {
                 canonical_root.display()
             );
         }
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(dir.join(LOCK_FILE))
+        let lock = open_private(&dir.join(LOCK_FILE))
             .with_context(|| format!("opening lock file in {}", dir.display()))?;
         // SAFETY: plain syscall on a live fd.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -159,14 +164,7 @@ impl State {
             }
             return Err(e).context("locking the state dir");
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(dir.join(STATE_FILE))
+        let file = open_private(&dir.join(STATE_FILE))
             .with_context(|| format!("opening state file in {}", dir.display()))?;
         let mut buf = [0u8; RECORD_LEN * SLOTS];
         let n = file.read_at(&mut buf, 0)?;

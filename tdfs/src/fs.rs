@@ -147,6 +147,14 @@ fn errno(e: std::io::Error) -> Errno {
     Errno::from(e)
 }
 
+/// Replies to an op with no result but success or an errno.
+fn empty(reply: ReplyEmpty, r: std::io::Result<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 impl TdfsFs {
     fn entry(&self, reply: ReplyEntry, r: std::io::Result<(u64, libc::stat)>) {
         match r {
@@ -270,18 +278,12 @@ impl Filesystem for TdfsFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Unlink);
-        match self.ops.unlink(parent.0, name, false) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.ops.unlink(parent.0, name, false))
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Rmdir);
-        match self.ops.unlink(parent.0, name, true) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.ops.unlink(parent.0, name, true))
     }
 
     fn symlink(
@@ -315,13 +317,11 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Rename);
-        match self
-            .ops
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(
+            reply,
+            self.ops
+                .rename(parent.0, name, newparent.0, newname, flags.bits()),
+        )
     }
 
     fn link(
@@ -489,10 +489,7 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Fsync);
-        match self.ops.fsync(ino.0, Some(fh.0), datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.ops.fsync(ino.0, Some(fh.0), datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -548,10 +545,7 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Fsyncdir);
-        match self.ops.fsync(ino.0, None, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.ops.fsync(ino.0, None, datasync))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -582,10 +576,7 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Setxattr);
-        match self.ops.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.ops.setxattr(ino.0, name, value, flags))
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -608,18 +599,12 @@ impl Filesystem for TdfsFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Removexattr);
-        match self.ops.removexattr(ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.ops.removexattr(ino.0, name))
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Access);
-        match self.ops.access(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.ops.access(ino.0))
     }
 
     fn create(
@@ -664,10 +649,7 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Fallocate);
-        match self.ops.fallocate(ino.0, fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        }
+        empty(reply, self.ops.fallocate(ino.0, fh.0, offset, length, mode))
     }
 
     fn lseek(

@@ -76,6 +76,16 @@ fn times(e: &Entry) -> Times {
     }
 }
 
+/// Sets `path`'s mode, owner and mtime to the master's (an entry whose content is right).
+fn restate(path: &WirePath, m: &Entry) -> Op {
+    Op::new(OpKind::SetAttr {
+        path: path.clone(),
+        size: None,
+        attr: attr(m),
+    })
+    .with_touch(Touch::Own(times(m)))
+}
+
 fn kind_of(mode: u32) -> Option<NodeKind> {
     Some(match mode & libc::S_IFMT {
         libc::S_IFIFO => NodeKind::Fifo,
@@ -186,14 +196,7 @@ fn plan(
                     libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
                 )?);
             } else if attr_differs {
-                p.ops.push(
-                    Op::new(OpKind::SetAttr {
-                        path: path.clone(),
-                        size: None,
-                        attr: attr(&m),
-                    })
-                    .with_touch(Touch::Own(times(&m))),
-                );
+                p.ops.push(restate(path, &m));
             }
             if m.nlink > 1 {
                 let s_ino = if content { None } else { s.map(|s| s.ino) };
@@ -212,14 +215,7 @@ fn plan(
                     .with_touch(Touch::Own(times(&m))),
                 );
             } else if attr_differs || mtime_differs {
-                p.ops.push(
-                    Op::new(OpKind::SetAttr {
-                        path: path.clone(),
-                        size: None,
-                        attr: attr(&m),
-                    })
-                    .with_touch(Touch::Own(times(&m))),
-                );
+                p.ops.push(restate(path, &m));
             }
         }
         k => {
@@ -238,14 +234,7 @@ fn plan(
                     .with_touch(Touch::Own(times(&m))),
                 );
             } else if attr_differs || mtime_differs {
-                p.ops.push(
-                    Op::new(OpKind::SetAttr {
-                        path: path.clone(),
-                        size: None,
-                        attr: attr(&m),
-                    })
-                    .with_touch(Touch::Own(times(&m))),
-                );
+                p.ops.push(restate(path, &m));
             }
         }
     }
@@ -498,14 +487,7 @@ impl Link {
                 }));
             }
         }
-        ops.push(
-            Op::new(OpKind::SetAttr {
-                path: dir.clone(),
-                size: None,
-                attr: attr(&e),
-            })
-            .with_touch(Touch::Own(times(&e))),
-        );
+        ops.push(restate(dir, &e));
         self.send_plan_ops(head, &ops).await
     }
 
