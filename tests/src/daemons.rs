@@ -276,12 +276,26 @@ impl Slave {
         }
     }
 
-    /// SIGSTOP: the slave stays connected but stops reading and applying.
+    /// SIGSTOP: the slave stays connected but stops reading and applying. Returns once the
+    /// kernel reports it stopped (a signal is delivered asynchronously, and a slave still
+    /// running for a moment could acknowledge one more op).
     pub fn freeze(&self) {
-        signal(
-            self.child.as_ref().expect("slave is not running"),
-            libc::SIGSTOP,
-        );
+        let child = self.child.as_ref().expect("slave is not running");
+        signal(child, libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", child.id());
+        // Every thread, since a group stop reaches each thread on its own.
+        let stopped = wait_until(Duration::from_secs(10), || {
+            std::fs::read_dir(&tasks).is_ok_and(|d| {
+                d.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                        // The state follows the parenthesised command name.
+                        s.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with('T'))
+                    })
+                })
+            })
+        });
+        assert!(stopped, "slave {} did not stop after SIGSTOP", child.id());
     }
 
     /// SIGCONT after [`Slave::freeze`].

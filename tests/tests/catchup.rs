@@ -58,8 +58,13 @@ fn slave_killed_mid_workload_then_restarted() {
         fs::read_dir(c.replica(0).join("w")).is_ok_and(|d| d.count() > 50)
     }));
     c.slaves[0].kill9();
-    // Keep writing while it is down.
-    thread::sleep(Duration::from_millis(300));
+    // Keep writing while it is down: until the workload has made 50 more files.
+    let entries = |c: &Cluster| fs::read_dir(c.backing.join("w")).map_or(0, |d| d.count());
+    let at_kill = entries(&c);
+    assert!(
+        wait_until(Duration::from_secs(30), || entries(&c) >= at_kill + 50),
+        "the workload stalled while the slave was down"
+    );
     c.slaves[0].restart();
     stop.store(true, Ordering::Relaxed);
     let n = w.join().unwrap();
@@ -105,17 +110,24 @@ fn master_killed_mid_workload_then_restarted() {
     // Changes made directly in the backing dir while no master runs count too: the sync
     // after an unclean exit compares trees, it does not trust a journal.
     fs::write(c.backing.join("offline"), b"written while no master ran").unwrap();
+    // The log file is appended to: look only at what the restarted master writes.
+    let mark = c.master.log_text().len();
+    let since_restart = |c: &Cluster| c.master.log_text()[mark..].to_string();
     c.restart_master();
-    assert!(wait_until(Duration::from_secs(60), || c
-        .master
-        .log_text()
-        .contains("sync complete")));
+    assert!(
+        wait_until(Duration::from_secs(60), || since_restart(&c)
+            .contains("sync complete")),
+        "the restarted master never synced the slave:\n{}",
+        since_restart(&c)
+    );
+    // An unclean exit means the slave cannot be trusted to resume: it was synced.
+    let log = since_restart(&c);
+    assert!(
+        log.contains("slave missed ops this master no longer holds"),
+        "the restarted master did not sync because of the unclean exit:\n{log}"
+    );
     fs::write(c.at("after"), b"after the restart").unwrap();
     c.finish();
-    assert!(
-        c.master.log_text().contains("ended uncleanly")
-            || c.master.log_text().contains("sync starting")
-    );
 }
 
 fn populate(root: &Path) {

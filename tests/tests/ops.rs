@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use tdfs_tests::util::{
-    assert_errno, check, cstr, get_xattr, lchown, mknod, pseudo_random, remove_xattr, rename2,
-    set_xattr,
+    assert_errno, check, cstr, get_xattr, lchown, mknod, names, pseudo_random, remove_xattr,
+    rename2, set_xattr,
 };
 use tdfs_tests::Cluster;
 
@@ -25,15 +25,6 @@ fn chmod(p: &Path, mode: u32) {
 
 fn lmeta(p: &Path) -> fs::Metadata {
     fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

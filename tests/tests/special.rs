@@ -11,17 +11,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdfs_tests::util::{pseudo_random, run};
+use tdfs_tests::util::{names, pseudo_random, run};
 use tdfs_tests::{Cluster, ClusterOpts, SlaveOpts};
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
 
 fn as_nobody(script: &str) -> Command {
     let mut cmd = Command::new("setpriv");
