@@ -11,12 +11,12 @@ use fuser::{
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use fuser::{BackingId, InitFlags};
-use tracing::{debug, info, warn};
+use tracing::{error, info, warn};
 
 use crate::ops::{Caller, Ops, SetAttrReq, TimeArg};
 
@@ -34,26 +34,25 @@ pub struct TdfsFs {
     /// Negotiated at init.
     passthrough: AtomicBool,
     backing: Mutex<Backings>,
-    /// Signalled when a passthrough handle closes (a writer may be waiting).
-    released: Condvar,
 }
 
 /// Passthrough bookkeeping. The kernel's rules: every passthrough open of an inode uses
 /// the same backing file; while an inode has passthrough opens, *every* open of it must be
-/// passthrough; and a passthrough open fails while the inode has page-cached opens. Writes
-/// must reach the daemon to be replicated, so a writable open is never passthrough: it waits
-/// (briefly) until the inode's passthrough readers have closed. Readers go passthrough only
-/// while the inode has no cached open.
+/// passthrough; and a passthrough open fails while the inode has page-cached opens.
+/// Read-only opens go passthrough while the inode has no cached open. Writes must reach the
+/// daemon to be replicated, so a writable open is cached, or, when readers already hold
+/// the inode in passthrough, passthrough *with FOPEN_DIRECT_IO*: the kernel then sends its
+/// read() and write() to the daemon and only its mmap uses the backing file (for that case
+/// see `Ops::watch`). Lock order: these ids, then the order lock.
 #[derive(Default)]
 struct Backings {
     by_ino: HashMap<u64, Weak<BackingId>>,
     by_fh: HashMap<u64, (u64, Option<Arc<BackingId>>)>,
     /// Per inode: (passthrough opens, cached opens).
     modes: HashMap<u64, (u32, u32)>,
+    /// Writable handles sharing the readers' backing file.
+    mixed: HashSet<u64>,
 }
-
-/// How long a writable open waits for passthrough readers of the same file to close.
-const WRITER_WAIT: Duration = Duration::from_secs(2);
 
 impl TdfsFs {
     pub fn new(ops: Ops, max_write: u32, want_passthrough: bool) -> Self {
@@ -63,7 +62,6 @@ impl TdfsFs {
             want_passthrough,
             passthrough: AtomicBool::new(false),
             backing: Mutex::new(Backings::default()),
-            released: Condvar::new(),
         }
     }
 }
@@ -347,24 +345,17 @@ impl Filesystem for TdfsFs {
         }
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
         let mut b = self.backing.lock().expect("backing ids poisoned");
-        if !read_only {
-            let deadline = std::time::Instant::now() + WRITER_WAIT;
-            while b.modes.get(&ino.0).is_some_and(|m| m.0 > 0) {
-                let now = std::time::Instant::now();
-                if now >= deadline {
+        if !read_only && b.modes.get(&ino.0).is_some_and(|m| m.0 > 0) {
+            if let Some(id) = b.by_ino.get(&ino.0).and_then(Weak::upgrade) {
+                if let Err(e) = self.ops.watch(ino.0, fh) {
                     drop(b);
                     self.ops.release(fh);
-                    debug!(
-                        ino = ino.0,
-                        "writable open refused: readers hold the file in passthrough"
-                    );
-                    return reply.error(Errno::ETXTBSY);
+                    return reply.error(errno(e));
                 }
-                b = self
-                    .released
-                    .wait_timeout(b, deadline - now)
-                    .expect("backing ids poisoned")
-                    .0;
+                b.by_fh.insert(fh, (ino.0, Some(id.clone())));
+                b.mixed.insert(fh);
+                b.modes.entry(ino.0).or_default().0 += 1;
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, &id);
             }
         }
         let cached = b.modes.get(&ino.0).map_or(0, |m| m.1);
@@ -457,9 +448,13 @@ impl Filesystem for TdfsFs {
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Release);
         self.ops.release(fh.0);
+        let mut mixed = None;
         {
             let mut b = self.backing.lock().expect("backing ids poisoned");
             if let Some((ino, id)) = b.by_fh.remove(&fh.0) {
+                if b.mixed.remove(&fh.0) {
+                    mixed = Some(ino);
+                }
                 let pass = id.is_some();
                 drop(id);
                 let m = b.modes.entry(ino).or_default();
@@ -472,9 +467,14 @@ impl Filesystem for TdfsFs {
                     b.modes.remove(&ino);
                     b.by_ino.remove(&ino);
                 }
-                if pass {
-                    self.released.notify_all();
-                }
+            }
+        }
+        if let Some(ino) = mixed {
+            if let Err(e) = self.ops.unwatch(ino) {
+                error!(
+                    ino,
+                    "could not resend a file changed through a shared mapping: {e}"
+                );
             }
         }
         reply.ok();

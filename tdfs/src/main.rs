@@ -73,11 +73,14 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
-    /// Let read-only opens bypass the daemon with the kernel's FUSE passthrough (near-native
-    /// reads). Trade-off (a kernel rule): while readers hold a file open this way, opening
-    /// it for writing waits up to 2 s for them to close, then fails with ETXTBSY. Files
-    /// replaced by rename are never affected. Ignored where the kernel lacks passthrough.
+    /// Serve reads through the daemon instead of the kernel's FUSE passthrough. By default
+    /// (where the kernel offers passthrough) read-only opens read the backing file directly,
+    /// at native speed; writes always go through the daemon to be replicated.
     #[arg(long)]
+    no_passthrough: bool,
+
+    /// Passthrough is the default; kept so older command lines still parse.
+    #[arg(long, hide = true, conflicts_with = "no_passthrough")]
     passthrough: bool,
 
     /// FUSE worker threads.
@@ -182,7 +185,11 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: &config::MasterFile) -> anyhow:
     take!(compression, compression);
     take!(no_nodelay, no_nodelay);
     take!(opt state_dir, state_dir);
-    take!(passthrough, passthrough);
+    if !g("no_passthrough") && !g("passthrough") {
+        if let Some(p) = f.passthrough {
+            cli.no_passthrough = !p;
+        }
+    }
     take!(threads, threads);
     take!(queue_size, queue_size);
     take!(journal_size, journal_size);
@@ -505,7 +512,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     let fs = fs::TdfsFs::new(
         ops::Ops::new(backing, repl.clone()),
         1 << 20,
-        cli.passthrough,
+        !cli.no_passthrough,
     );
     let mut config = Config::default();
     config.mount_options = vec![

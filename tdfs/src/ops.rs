@@ -7,7 +7,7 @@ use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tdfs_protocol::op::{MAX_WRITE, RENAME_EXCHANGE, RENAME_NOREPLACE};
@@ -70,7 +70,34 @@ pub struct Ops {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
+    /// Inodes with a writer that shares the kernel's passthrough backing file with readers
+    /// (see `fs.rs`). Lock order: after the order lock.
+    watched: Mutex<HashMap<u64, Watch>>,
+    /// `watched.len()`, read without the lock on the write path.
+    n_watched: AtomicUsize,
 }
+
+/// A writer opened while readers bypass the daemon must share their passthrough backing
+/// file (a kernel rule), with FOPEN_DIRECT_IO so its read() and write() still reach the
+/// daemon. Its *shared mmap*, though, maps the backing file directly: those stores would
+/// never be replicated. Every store through such a mapping moves the file's ctime (the
+/// page-fault path updates it), so the daemon remembers the ctime its own writes left and,
+/// when such a writer closes, sends the whole content if anything else moved it.
+#[derive(Debug)]
+struct Watch {
+    /// The ctime after the daemon's last write (or when watching began).
+    ctime: (i64, i64),
+    /// Something other than the daemon changed the file since: resend.
+    tainted: bool,
+    writers: u32,
+}
+
+fn ctime_of(st: &libc::stat) -> (i64, i64) {
+    (st.st_ctime, st.st_ctime_nsec)
+}
+
+/// How much of a file goes in one op when its content is resent.
+const RESEND_CHUNK: usize = 1 << 20;
 
 fn attr_of(st: &libc::stat) -> Attr {
     Attr {
@@ -125,6 +152,8 @@ impl Ops {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            watched: Mutex::new(HashMap::new()),
+            n_watched: AtomicUsize::new(0),
         }
     }
 
@@ -345,6 +374,134 @@ impl Ops {
 
     pub fn release(&self, fh: u64) {
         self.files.lock().expect("files poisoned").remove(&fh);
+    }
+
+    // ---- writers beside passthrough readers (see `Watch`) -----------------------------
+
+    /// A writer of `ino` (handle `fh`) now shares the readers' passthrough backing file.
+    pub fn watch(&self, ino: u64, fh: u64) -> io::Result<()> {
+        let f = self.file(fh)?;
+        // Under the order lock: no daemon write can slip between the stat and the record.
+        self.repl.mutate(|| {
+            let st = fstat(f.fd())?;
+            let mut w = self.watched.lock().expect("watched poisoned");
+            w.entry(ino)
+                .or_insert(Watch {
+                    ctime: ctime_of(&st),
+                    tainted: false,
+                    writers: 0,
+                })
+                .writers += 1;
+            self.n_watched.store(w.len(), Ordering::Release);
+            Ok(((), None))
+        })
+    }
+
+    /// Before a daemon write to a watched inode: a ctime that moved since the daemon's last
+    /// write means a store through a shared mapping happened in between.
+    fn watch_before(&self, ino: u64, fd: RawFd) {
+        let mut w = self.watched.lock().expect("watched poisoned");
+        if let Some(e) = w.get_mut(&ino) {
+            if fstat(fd).map_or(true, |st| ctime_of(&st) != e.ctime) {
+                e.tainted = true;
+            }
+        }
+    }
+
+    fn watch_after(&self, ino: u64, st: &libc::stat) {
+        if let Some(e) = self.watched.lock().expect("watched poisoned").get_mut(&ino) {
+            e.ctime = ctime_of(st);
+        }
+    }
+
+    /// A writer that shared the passthrough backing file closed (after its last mapping
+    /// went away): if the file changed behind the daemon's back, send its whole content,
+    /// so the replicas hold what the master holds.
+    pub fn unwatch(&self, ino: u64) -> io::Result<()> {
+        let changed = self.repl.mutate(|| {
+            let mut w = self.watched.lock().expect("watched poisoned");
+            let Some(e) = w.get_mut(&ino) else {
+                return Ok((false, None));
+            };
+            let changed = e.tainted
+                || match self.inodes.path(ino)? {
+                    Some(p) => self
+                        .backing
+                        .lstat(&p)
+                        .map_or(true, |st| ctime_of(&st) != e.ctime),
+                    None => false,
+                };
+            e.writers -= 1;
+            e.tainted = false;
+            if e.writers == 0 {
+                w.remove(&ino);
+            }
+            self.n_watched.store(w.len(), Ordering::Release);
+            Ok((changed, None))
+        })?;
+        if changed {
+            debug!(
+                ino,
+                "file changed outside the daemon (shared mmap): resending it"
+            );
+            self.resend_content(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `ino`'s current content, size and times to the slaves, a piece per op, each
+    /// read under the order lock so it lands between the ops it happened between.
+    fn resend_content(&self, ino: u64) -> io::Result<()> {
+        let Some(p) = self.inodes.path(ino)? else {
+            return Ok(());
+        };
+        let fd = self
+            .backing
+            .open(&p, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+        let mut buf = vec![0u8; RESEND_CHUNK];
+        let mut offset = 0u64;
+        loop {
+            let (more, _) = self.repl.mutate_encoded(|| {
+                let st = fstat(fd.as_raw_fd())?;
+                let Some(path) = self.replica_path(ino, &st)? else {
+                    return Ok((false, None));
+                };
+                let size = st.st_size as u64;
+                let want = RESEND_CHUNK.min(size.saturating_sub(offset) as usize);
+                // SAFETY: `buf` is writable for `want` <= its length bytes.
+                let n = cvt_sz(unsafe {
+                    libc::pread(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        want,
+                        offset as libc::off_t,
+                    )
+                })?;
+                if n == 0 {
+                    // The end: size (the file may have shrunk meanwhile) and times.
+                    let op = Op::new(OpKind::SetAttr {
+                        path,
+                        size: Some(size),
+                        attr: attr_of(&st),
+                    })
+                    .with_touch(Touch::Own(times_of(&st)));
+                    let mut out = Vec::with_capacity(64);
+                    op.encode(&mut out);
+                    return Ok((false, Some(Arc::<[u8]>::from(out))));
+                }
+                let op = tdfs_protocol::op::encode_write(
+                    &path,
+                    offset,
+                    &buf[..n],
+                    &[Touch::Own(times_of(&st))],
+                );
+                offset += n as u64;
+                Ok((true, Some(op)))
+            })?;
+            if !more {
+                return Ok(());
+            }
+        }
     }
 
     /// Sets ownership of a just-created entry to the caller's, the way the kernel would have
@@ -673,6 +830,10 @@ impl Ops {
         let f = self.file(fh)?;
         self.repl
             .mutate_encoded(|| {
+                let watched = self.n_watched.load(Ordering::Acquire) > 0;
+                if watched {
+                    self.watch_before(ino, f.fd());
+                }
                 let mut done = 0;
                 while done < data.len() {
                     // SAFETY: the slice after `done` is readable for its length.
@@ -699,6 +860,9 @@ impl Ops {
                     }
                 }
                 let st = fstat(f.fd())?;
+                if watched {
+                    self.watch_after(ino, &st);
+                }
                 // An O_APPEND write landed at the end: send where it actually went.
                 let at = if f.append {
                     (st.st_size as u64).saturating_sub(done as u64)
