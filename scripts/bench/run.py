@@ -558,9 +558,12 @@ def timed(fn, *a, **kw):
 
 
 def cpu_of(target):
-    if not isinstance(target, Tdfs):
-        return None
-    return (proc_cpu(target.master.pid), [proc_cpu(p.pid) for p, _, _ in target.slaves])
+    """(daemon CPU seconds, [slave CPU seconds]) of a FUSE target; None for native."""
+    if isinstance(target, Tdfs):
+        return (proc_cpu(target.master.pid), [proc_cpu(p.pid) for p, _, _ in target.slaves])
+    if isinstance(target, SimpleFuse) and target.proc:
+        return (proc_cpu(target.proc.pid), [])
+    return None
 
 
 def fio_run(path, rw, size_mib, runtime):
@@ -632,6 +635,10 @@ class Bench:
             el = time.monotonic() - t0
             c1 = cpu_of(t)
             self.rec(t.name, key, size / MiB / el)
+            if fs and c0 is not None:
+                # Write + fsync: a writeback-caching daemon (passthrough_hp) has done all its
+                # work by then, so this compares daemons fairly.
+                self.rec(t.name, "cpu_daemon_per_gib", (c1[0] - c0[0]) / (size / (1 << 30)))
             self.settle(t, root, os.path.basename(d), key)
             if c0 is not None and t.replicated and not fs:
                 c2 = cpu_of(t)
@@ -991,6 +998,9 @@ def report(b, targets, skipped, env):
                 c += f" ({rel:.2f}×)"
             cells.append(c)
         P(f"| {label} | {unit} | " + " | ".join(cells) + " |")
+    P("| daemon CPU per GiB, seq write + fsync (lower is better) | s/GiB | " + " | ".join(
+        "–" if n == "native" else fmt(med(R.get(n, {}).get("cpu_daemon_per_gib", [])))
+        for n in names) + " |")
     P("")
     if not b.can_drop:
         P("Cold reads: could not write /proc/sys/vm/drop_caches; cold numbers are missing.\n")
@@ -1067,6 +1077,7 @@ def report(b, targets, skipped, env):
             prev_n, prev = n, v
         P("")
 
+    goals(b, [t.name for t in targets], P)
     P("## Notes\n")
     P("- Everything shares one machine: a local slave writes the same data to the same disk "
       "and page cache, on the same cores, as the master and the workload. Writes without "
@@ -1085,6 +1096,69 @@ def report(b, targets, skipped, env):
     for n in b.notes:
         P(f"- {n}")
     return "\n".join(out) + "\n"
+
+
+def goals(b, names, P):
+    """The issue's goals, as ratios measured in this run (a row is left out when a target it
+    needs did not run)."""
+    R, a = b.res, b.a
+
+    def m(n, k):
+        return med(R.get(n, {}).get(k, []))
+
+    rows = []
+
+    def ratio(label, num, den, need, lower_is_better=False):
+        if num is None or den is None or not den:
+            return
+        r = num / den
+        ok = r <= need if lower_is_better else r >= need
+        rows.append((label, f"{r:.2f}×", f"{'≤' if lower_is_better else '≥'} {need}×",
+                     "yes" if ok else "**no**"))
+
+    for t in ("tdfs-0", "tdfs-1"):
+        if t not in names:
+            continue
+        for k, what in (("seqread_cold", "seq read cold"), ("seqread_warm", "seq read warm"),
+                        ("randread", "4 KiB random read")):
+            ratio(f"{what}, {t} / native", m(t, k), m("native", k), 0.9)
+    ratio("seq write, tdfs-0 / passthrough_hp", m("tdfs-0", "seqwrite"),
+          m("passthrough_hp", "seqwrite"), 1.0)
+    ratio("seq write, tdfs-1 / passthrough_hp", m("tdfs-1", "seqwrite"),
+          m("passthrough_hp", "seqwrite"), 0.8)
+    ratio("untar time, tdfs-1 / passthrough_hp", m("tdfs-1", "untar"),
+          m("passthrough_hp", "untar"), 1.0, lower_is_better=True)
+    ratio("create files/s, tdfs-1 / passthrough_hp", m("tdfs-1", "create"),
+          m("passthrough_hp", "create"), 1.0)
+    ratio("daemon CPU per GiB (write + fsync), tdfs-1 master / passthrough_hp",
+          m("tdfs-1", "cpu_daemon_per_gib"), m("passthrough_hp", "cpu_daemon_per_gib"), 1.5,
+          lower_is_better=True)
+    if b.lag_samples:
+        s = b.lag_samples
+        rows.append(("replication lag p50", f"{pct(s, .5):.2f} ms", "≤ 1 ms",
+                     "yes" if pct(s, .5) <= 1 else "**no**"))
+        rows.append(("replication lag p99", f"{pct(s, .99):.2f} ms", "≤ 5 ms",
+                     "yes" if pct(s, .99) <= 5 else "**no**"))
+    burst = med(R.get("repl", {}).get("burst_catchup", []))
+    if burst is not None:
+        rows.append(("end of burst → replicas identical", f"{burst * 1000:.0f} ms", "≤ 100 ms",
+                     "yes" if burst <= 0.1 else "**no**"))
+    sc = R.get("scale", {})
+    base = med(sc.get("master_0", []))
+    for n in a.scale_slaves:
+        v = med(sc.get(f"master_{n}", []))
+        if n and base and v and n <= 4:
+            per = (1 - v / base) / n * 100
+            rows.append((f"master throughput cost per slave, {n} slave(s)", f"{per:.0f}%",
+                         "≤ 10%", "yes" if per <= 10 else "**no**"))
+    if not rows:
+        return
+    P("## Goals (issue #5), measured in this run\n")
+    P("| goal | measured | wanted | met |")
+    P("|---|---|---|---|")
+    for r in rows:
+        P("| " + " | ".join(r) + " |")
+    P("")
 
 
 # ---------------------------------------------------------------------------------------

@@ -68,10 +68,9 @@ struct Session {
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
+    /// Received bytes; those before `start` are parsed already.
     buf: Vec<u8>,
-    /// Socket reads land here first: reading straight into `buf` would mean zero-filling
-    /// its spare room before every read.
-    scratch: Box<[u8]>,
+    start: usize,
     master: MasterId,
     /// Sequence number the next op must carry.
     expected: u64,
@@ -97,7 +96,7 @@ pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared
         shared,
         stop,
         buf: first,
-        scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
+        start: 0,
         master: [0; 16],
         expected: 0,
         started: false,
@@ -148,16 +147,26 @@ impl Session {
 
     /// Reads more bytes into the buffer; ends the session on EOF or shutdown.
     async fn read_more(&mut self) -> Result<(), End> {
-        let room = BUF_MAX.saturating_sub(self.buf.len());
+        let room = BUF_MAX.saturating_sub(self.buf.len() - self.start);
         if room == 0 {
             // Cannot happen with a valid frame (check() bounds lengths); be safe anyway.
             return Err(self
                 .refuse(RefuseCode::Malformed, "read buffer overflow".into())
                 .await);
         }
-        let want = room.min(READ_CHUNK);
+        // Bytes arrive straight after what is buffered; the unparsed tail moves to the front
+        // only when the spare room runs low, so most of the stream is never copied here.
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 0 && self.buf.capacity() - self.buf.len() < READ_CHUNK {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.reserve(room.min(READ_CHUNK));
         let res = tokio::select! {
-            r = self.rd.read(&mut self.scratch[..want]) => Some(r),
+            // Cancel safe: on cancellation nothing was read.
+            r = self.rd.read_buf(&mut self.buf) => Some(r),
             _ = self.stop.wait_for(|s| *s) => None,
         };
         match res {
@@ -168,7 +177,6 @@ impl Session {
                     .stats
                     .bytes_received
                     .fetch_add(n as u64, Ordering::Relaxed);
-                self.buf.extend_from_slice(&self.scratch[..n]);
                 Ok(())
             }
             Some(Err(e)) => Err(End::Io(e)),
@@ -184,7 +192,7 @@ impl Session {
         let mut err = None;
         // Compressed frames expand; bound what one round holds in memory.
         while budget < MAX_PAYLOAD {
-            match frame::parse(&self.buf[pos..]) {
+            match frame::parse(&self.buf[self.start + pos..]) {
                 Ok(f) => {
                     pos += f.wire_len;
                     budget += f.payload.len() + HEADER_LEN;
@@ -197,7 +205,7 @@ impl Session {
                 }
             }
         }
-        self.buf.drain(..pos);
+        self.start += pos;
         (frames, err)
     }
 
@@ -233,9 +241,9 @@ impl Session {
 
     async fn handshake(&mut self) -> Result<(), End> {
         let hello = loop {
-            match frame::parse(&self.buf) {
+            match frame::parse(&self.buf[self.start..]) {
                 Ok(f) => {
-                    self.buf.drain(..f.wire_len);
+                    self.start += f.wire_len;
                     if f.kind != FrameType::Hello {
                         return Err(End::Protocol(format!(
                             "first frame is {:?}, not Hello",

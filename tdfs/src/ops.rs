@@ -869,6 +869,10 @@ impl Ops {
                 } else {
                     offset
                 };
+                if !self.repl.replicating() {
+                    // The op's copy of the data would be dropped at once.
+                    return Ok((done as u32, Some(Arc::from(Vec::new()))));
+                }
                 let op = self.replica_path(ino, &st)?.map(|path| {
                     tdfs_protocol::op::encode_write(
                         &path,

@@ -542,6 +542,11 @@ impl Replicator {
         };
         let seq = log.next_seq;
         log.next_seq += 1;
+        if data.is_empty() {
+            // Nobody to send it to (see `replicating`): the number is still used up, so a
+            // slave that comes back later knows it missed something and is synced.
+            return Ok((value, Some(seq)));
+        }
         log.bytes += data.len();
         log.entries.push_back(Entry {
             seq,
@@ -557,6 +562,14 @@ impl Replicator {
             SyncMode::Applied => self.wait_acks(seq, AckKind::Applied)?,
         }
         Ok((value, Some(seq)))
+    }
+
+    /// Whether any slave is configured. Called under the order lock by a mutation that
+    /// may skip encoding its op when nobody would read it (it then yields an empty op, which
+    /// only uses up a sequence number). A slave added meanwhile is safe: it starts with a
+    /// sync from the head it reads under this lock, after that mutation.
+    pub fn replicating(&self) -> bool {
+        !self.shared.slaves().is_empty()
     }
 
     /// The fsync barrier: every in-sync slave has made everything up to `seq` durable
