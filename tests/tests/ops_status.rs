@@ -207,6 +207,46 @@ fn slave_add_brings_an_empty_slave_in_and_remove_takes_it_out() {
     added.stop();
 }
 
+/// With no slave configured the master skips building ops for writes (nobody would read
+/// them); a slave added later must still end up with everything, through its sync.
+#[test]
+fn writes_made_with_no_slave_reach_a_slave_added_later() {
+    use std::os::unix::fs::FileExt;
+    let mut c = Cluster::start(
+        "ops-none",
+        ClusterOpts {
+            slaves: Vec::new(),
+            ..Default::default()
+        },
+    );
+    let state = c.master_state.clone();
+    std::fs::write(c.at("big"), tdfs_tests::util::pseudo_random(3, 5 << 20)).unwrap();
+    write_files(c.mnt(), "pre", 20);
+
+    let dir = c.scratch.join("added");
+    let sdir = c.scratch.join("added-state");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&sdir).unwrap();
+    let mut added = Slave::start(&dir, &sdir, &c.scratch, false);
+    run(Command::new(bin("tdfs"))
+        .args(["slave", "add", &added.addr(), "--state-dir"])
+        .arg(&state));
+    // Writes racing the added slave's sync, then after it.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.at("big"))
+        .unwrap();
+    for i in 0..50u64 {
+        f.write_all_at(&[i as u8; 4096], i * 100_000).unwrap();
+    }
+    drop(f);
+    write_files(c.mnt(), "post", 10);
+    wait_identical(&c.backing, &dir, T);
+    c.finish();
+    assert_identical(&c.backing, &dir);
+    added.stop();
+}
+
 /// Directories for a master started by hand (not through Cluster).
 struct Box1 {
     _tmp: tempfile::TempDir,
