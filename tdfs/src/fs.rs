@@ -489,6 +489,17 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Fsync);
+        let mixed = self
+            .backing
+            .lock()
+            .expect("backing ids poisoned")
+            .mixed
+            .contains(&fh.0);
+        if mixed {
+            if let Err(e) = self.ops.recheck_watched(ino.0) {
+                return reply.error(errno(e));
+            }
+        }
         empty(reply, self.ops.fsync(ino.0, Some(fh.0), datasync))
     }
 

@@ -418,6 +418,15 @@ impl Ops {
     /// went away): if the file changed behind the daemon's back, send its whole content,
     /// so the replicas hold what the master holds.
     pub fn unwatch(&self, ino: u64) -> io::Result<()> {
+        self.check_watched(ino, true)
+    }
+
+    /// Before such a writer's fsync: the same check, so the barrier covers its mapping.
+    pub fn recheck_watched(&self, ino: u64) -> io::Result<()> {
+        self.check_watched(ino, false)
+    }
+
+    fn check_watched(&self, ino: u64, closing: bool) -> io::Result<()> {
         let changed = self.repl.mutate(|| {
             let mut w = self.watched.lock().expect("watched poisoned");
             let Some(e) = w.get_mut(&ino) else {
@@ -431,10 +440,12 @@ impl Ops {
                         .map_or(true, |st| ctime_of(&st) != e.ctime),
                     None => false,
                 };
-            e.writers -= 1;
             e.tainted = false;
-            if e.writers == 0 {
-                w.remove(&ino);
+            if closing {
+                e.writers -= 1;
+                if e.writers == 0 {
+                    w.remove(&ino);
+                }
             }
             self.n_watched.store(w.len(), Ordering::Release);
             Ok((changed, None))
@@ -458,6 +469,18 @@ impl Ops {
         let fd = self
             .backing
             .open(&p, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+        // A page already dirty and writable in a mapping takes further stores without a
+        // fault, so without moving the ctime. Writing the pages back write-protects them:
+        // any store after this point faults and moves the ctime again, to be seen next time.
+        // SAFETY: fdatasync on an fd we own.
+        cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) })?;
+        self.repl.mutate(|| {
+            let st = fstat(fd.as_raw_fd())?;
+            if let Some(e) = self.watched.lock().expect("watched poisoned").get_mut(&ino) {
+                e.ctime = ctime_of(&st);
+            }
+            Ok(((), None))
+        })?;
         let mut buf = vec![0u8; RESEND_CHUNK];
         let mut offset = 0u64;
         loop {

@@ -85,6 +85,7 @@ fn shared_mmap_beside_passthrough_readers_is_replicated() {
         .write(true)
         .open(c.at("m"))
         .unwrap();
+    let replica = c.replica(0).join("m");
     // SAFETY: a fresh shared mapping of an fd we hold, of its current size; unmapped below
     // before anything else touches it.
     unsafe {
@@ -99,9 +100,18 @@ fn shared_mmap_beside_passthrough_readers_is_replicated() {
         );
         assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
         let s = std::slice::from_raw_parts_mut(p.cast::<u8>(), size);
+        s[10..20].copy_from_slice(b"first one!");
+        // fsync of that writer is a replication barrier for its mapping too.
+        w.sync_all().unwrap();
+        let r = fs::read(&replica).unwrap();
+        assert_eq!(
+            &r[10..20],
+            b"first one!",
+            "fsync returned before the replica had it"
+        );
+        // The same page again: it must fault again (and so be noticed) after the resend.
         s[10..20].copy_from_slice(b"via mmap!!");
         s[size - 5..].copy_from_slice(b"tail!");
-        assert_eq!(libc::msync(p, size, libc::MS_SYNC), 0);
         assert_eq!(libc::munmap(p, size), 0);
     }
     drop(w);
@@ -110,7 +120,6 @@ fn shared_mmap_beside_passthrough_readers_is_replicated() {
     assert_eq!(&master[10..20], b"via mmap!!");
     assert_eq!(&master[size - 5..], b"tail!");
     // The writer's release reaches the daemon asynchronously after close().
-    let replica = c.replica(0).join("m");
     assert!(
         wait_until(Duration::from_secs(20), || fs::read(&replica)
             .is_ok_and(|r| r == master)),
