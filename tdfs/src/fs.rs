@@ -34,6 +34,9 @@ pub struct TdfsFs {
     /// Negotiated at init.
     passthrough: AtomicBool,
     backing: Mutex<Backings>,
+    /// Registering a backing file failed once: new read-only opens stop trying (inodes
+    /// that have one keep using it, as the kernel requires).
+    backing_failed: AtomicBool,
 }
 
 /// Passthrough bookkeeping. The kernel's rules: every passthrough open of an inode uses
@@ -62,6 +65,7 @@ impl TdfsFs {
             want_passthrough,
             passthrough: AtomicBool::new(false),
             backing: Mutex::new(Backings::default()),
+            backing_failed: AtomicBool::new(false),
         }
     }
 }
@@ -362,6 +366,7 @@ impl Filesystem for TdfsFs {
         if read_only && cached == 0 {
             let id = match b.by_ino.get(&ino.0).and_then(Weak::upgrade) {
                 Some(id) => Some(id),
+                None if self.backing_failed.load(Ordering::Acquire) => None,
                 None => match self.ops.file_fd(fh).map(|fd| {
                     // SAFETY: the fd stays open in the handle table for the whole call.
                     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
@@ -369,7 +374,14 @@ impl Filesystem for TdfsFs {
                 }) {
                     Some(Ok(id)) => Some(Arc::new(id)),
                     Some(Err(e)) => {
-                        warn!("passthrough open failed ({e}); serving reads through the daemon");
+                        // Typically EPERM (registering a backing file needs CAP_SYS_ADMIN):
+                        // it would fail for every open, so stop trying, and say so once.
+                        if !self.backing_failed.swap(true, Ordering::AcqRel) {
+                            warn!(
+                                "passthrough open failed ({e}); serving every read through \
+                                 the daemon from now on"
+                            );
+                        }
                         None
                     }
                     None => None,
