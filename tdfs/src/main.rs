@@ -122,23 +122,8 @@ struct Cli {
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     drain_timeout: u64,
 
-    /// File holding the secret shared with the slaves (mode 0600 or stricter; at least 16
-    /// bytes). The master proves it to each slave and requires each slave to prove it back.
-    #[arg(long, value_name = "FILE")]
-    secret_file: Option<PathBuf>,
-
-    /// TLS to the slaves: this master's certificate chain (PEM), presented to every slave.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
-    tls_cert: Option<PathBuf>,
-
-    /// TLS: the private key (PEM) of --tls-cert.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
-    tls_key: Option<PathBuf>,
-
-    /// TLS: the CA certificate(s) (PEM) that must have signed every slave's certificate. A
-    /// slave's certificate must name the host part of its -c address in a subjectAltName.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    auth: security::SlaveAuthArgs,
 
     /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short = 'v', action = clap::ArgAction::Count, conflicts_with = "quiet")]
@@ -197,7 +182,9 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: &config::MasterFile) -> anyhow:
     take!(sync_timeout, sync_timeout);
     take!(min_replicas, min_replicas);
     take!(drain_timeout, drain_timeout);
-    take!(opt secret_file, secret_file);
+    if !g("secret_file") && f.secret_file.is_some() {
+        cli.auth.secret_file = f.secret_file.clone();
+    }
     take!(opt metrics, metrics);
     if !g("sync_mode") {
         if let Some(s) = &f.sync {
@@ -205,13 +192,13 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: &config::MasterFile) -> anyhow:
         }
     }
     if !g("tls_cert") && !g("tls_key") && !g("tls_ca") {
-        cli.tls_cert = f.tls_cert.clone().or(cli.tls_cert.take());
-        cli.tls_key = f.tls_key.clone().or(cli.tls_key.take());
-        cli.tls_ca = f.tls_ca.clone().or(cli.tls_ca.take());
-        if [&cli.tls_cert, &cli.tls_key, &cli.tls_ca]
+        cli.auth.tls_cert = f.tls_cert.clone().or(cli.auth.tls_cert.take());
+        cli.auth.tls_key = f.tls_key.clone().or(cli.auth.tls_key.take());
+        cli.auth.tls_ca = f.tls_ca.clone().or(cli.auth.tls_ca.take());
+        if [&cli.auth.tls_cert, &cli.auth.tls_key, &cli.auth.tls_ca]
             .iter()
             .any(|x| x.is_some())
-            && [&cli.tls_cert, &cli.tls_key, &cli.tls_ca]
+            && [&cli.auth.tls_cert, &cli.auth.tls_key, &cli.auth.tls_ca]
                 .iter()
                 .any(|x| x.is_none())
         {
@@ -366,13 +353,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         .map(|s| parse_slave(s, default_z, !cli.no_nodelay))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let tls = tdfs_slave::security::TlsFiles::from_args(
-        cli.tls_cert.clone(),
-        cli.tls_key.clone(),
-        cli.tls_ca.clone(),
-    )
-    .map_err(anyhow::Error::msg)?;
-    security::init(cli.secret_file.as_deref(), tls)?;
+    cli.auth.init()?;
 
     // Modes must reach the backing tree exactly as the caller asked (the kernel already
     // applied the caller's umask).

@@ -1,6 +1,7 @@
 //! The master's connection security settings (`--secret-file`, `--tls-*`), set once at
 //! startup and read by [`crate::repl`]'s transport for every connection to a slave.
 
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use tdfs_slave::security::tls::TlsConnector;
@@ -16,8 +17,44 @@ pub struct Security {
 
 static SECURITY: OnceLock<Security> = OnceLock::new();
 
-/// Loads the files named on the command line; call once before any slave is contacted.
-pub fn init(secret_file: Option<&std::path::Path>, tls: Option<TlsFiles>) -> anyhow::Result<()> {
+/// How this process authenticates to the slaves: the same flags for the master and for
+/// `tdfs verify`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SlaveAuthArgs {
+    /// File holding the secret shared with the slaves (mode 0600 or stricter; at least 16
+    /// bytes). It is proven to each slave, and each slave must prove it back.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// TLS to the slaves: this side's certificate chain (PEM), presented to every slave.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS: the private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+
+    /// TLS: the CA certificate(s) (PEM) that must have signed every slave's certificate. A
+    /// slave's certificate must name the host part of its -c address in a subjectAltName.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl SlaveAuthArgs {
+    /// Loads the files these flags name; call once before any slave is contacted.
+    pub fn init(&self) -> anyhow::Result<()> {
+        let tls = TlsFiles::from_args(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_ca.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        init(self.secret_file.as_deref(), tls)
+    }
+}
+
+/// Loads the given secret and TLS files (see [`SlaveAuthArgs::init`]).
+fn init(secret_file: Option<&std::path::Path>, tls: Option<TlsFiles>) -> anyhow::Result<()> {
     let secret = secret_file
         .map(Secret::load)
         .transpose()

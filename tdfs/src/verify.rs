@@ -46,21 +46,8 @@ pub struct VerifyCli {
     #[arg(long)]
     repair: bool,
 
-    /// Shared secret for authenticating to the slaves (as for the master).
-    #[arg(long, value_name = "FILE")]
-    secret_file: Option<PathBuf>,
-
-    /// TLS client certificate (PEM), as for the master.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
-    tls_cert: Option<PathBuf>,
-
-    /// TLS client key (PEM).
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
-    tls_key: Option<PathBuf>,
-
-    /// CA certificate (PEM) that signed the slaves' certificates.
-    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    auth: crate::security::SlaveAuthArgs,
 
     /// Print nothing but differences and errors.
     #[arg(short = 'q')]
@@ -470,13 +457,7 @@ fn run(cli: VerifyCli) -> anyhow::Result<bool> {
         .dir
         .canonicalize()
         .with_context(|| format!("directory {}", cli.dir.display()))?;
-    let tls = tdfs_slave::security::TlsFiles::from_args(
-        cli.tls_cert.clone(),
-        cli.tls_key.clone(),
-        cli.tls_ca.clone(),
-    )
-    .map_err(anyhow::Error::msg)?;
-    crate::security::init(cli.secret_file.as_deref(), tls)?;
+    cli.auth.init()?;
     let root = open_dir(&dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
