@@ -591,27 +591,11 @@ fn generate(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Logs to stderr: info by default (warn for `verify`), more with -v; RUST_LOG overrides.
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("verify") {
-        init_logging(0);
+        // The daemons' logging (stderr, info unless RUST_LOG says otherwise).
+        let _ = tdfs_slave::daemon::logging::init("info");
         return verify::main(args[1..].to_vec());
     }
     match args.get(1).map(String::as_str) {
