@@ -174,7 +174,8 @@ pub fn lazy_unmount(path: &Path) {
     }
 }
 
-/// Sets atime and mtime of `path` (not following symlinks) to exact values.
+/// Sets atime and mtime of `path` (not following symlinks), as `(seconds, nanoseconds)`;
+/// a nanosecond value of `UTIME_NOW` or `UTIME_OMIT` means what it does to utimensat(2).
 pub fn set_times(path: &Path, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
     let ts = [
         libc::timespec {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tdfs_tests::util::{
     assert_errno, check, cstr, get_xattr, lchown, mknod, names, pseudo_random, remove_xattr,
-    rename2, set_xattr,
+    rename2, set_times, set_xattr,
 };
 use tdfs_tests::Cluster;
 
@@ -435,22 +435,6 @@ fn op_truncate() {
     }
 }
 
-fn utimens(p: &Path, at: (i64, i64), mt: (i64, i64), flags: i32) -> std::io::Result<()> {
-    let ts = [
-        libc::timespec {
-            tv_sec: at.0,
-            tv_nsec: at.1,
-        },
-        libc::timespec {
-            tv_sec: mt.0,
-            tv_nsec: mt.1,
-        },
-    ];
-    let cp = cstr(p);
-    // SAFETY: valid path and two timespecs.
-    check(unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), ts.as_ptr(), flags) })
-}
-
 #[test]
 fn op_utimensat() {
     let mut c = Cluster::single("utimens");
@@ -461,30 +445,24 @@ fn op_utimensat() {
     symlink("exact", c.at("sl")).unwrap();
     let omit = libc::UTIME_OMIT;
     let now = libc::UTIME_NOW;
-    utimens(
+    set_times(
         &c.at("exact"),
         (1_000_000_000, 1),
         (1_234_567_890, 123_456_789),
-        0,
     )
     .unwrap();
-    utimens(&c.at("now"), (0, now), (0, now), 0).unwrap();
-    utimens(&c.at("omit"), (10, 0), (2_000_000_000, 999_999_999), 0).unwrap();
+    set_times(&c.at("now"), (0, now), (0, now)).unwrap();
+    set_times(&c.at("omit"), (10, 0), (2_000_000_000, 999_999_999)).unwrap();
     // Only atime: mtime stays.
-    utimens(&c.at("omit"), (20, 5), (0, omit), 0).unwrap();
-    utimens(&c.at("dir"), (0, omit), (1_111_111_111, 42), 0).unwrap();
-    utimens(
-        &c.at("sl"),
-        (0, omit),
-        (1_222_222_222, 7),
-        libc::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
+    set_times(&c.at("omit"), (20, 5), (0, omit)).unwrap();
+    set_times(&c.at("dir"), (0, omit), (1_111_111_111, 42)).unwrap();
+    // On the link itself: set_times never follows symlinks.
+    set_times(&c.at("sl"), (0, omit), (1_222_222_222, 7)).unwrap();
     // Pre-epoch times.
     fs::write(c.at("old"), b"old").unwrap();
-    utimens(&c.at("old"), (-100, 0), (-86_400, 500), 0).unwrap();
+    set_times(&c.at("old"), (-100, 0), (-86_400, 500)).unwrap();
     // Set the root's mtime last (every create above changed it).
-    utimens(c.mnt(), (0, omit), (1_300_000_000, 300), 0).unwrap();
+    set_times(c.mnt(), (0, omit), (1_300_000_000, 300)).unwrap();
     let before = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
