@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{Hello, Refuse};
 use tdfs_protocol::Compression;
 use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveAddr};
-use tdfs_tests::util::{bin, require_root_and_fuse, temp_dir, wait_until};
+use tdfs_tests::util::{bin, names, require_root_and_fuse, temp_dir, wait_until};
 
 const SECRET_A: &str = "correct horse battery staple, one\n";
 const SECRET_B: &str = "correct horse battery staple, two\n";
@@ -79,15 +79,6 @@ impl Env {
     }
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 fn wait_log(what: &str, log: impl Fn() -> String, needle: &str) {
     assert!(
         wait_until(Duration::from_secs(20), || log().contains(needle)),
@@ -146,7 +137,7 @@ fn wrong_secret_applies_nothing_and_both_sides_say_so() {
     );
     assert!(slave.log().contains("refusing connection from 127.0.0.1:"));
     std::thread::sleep(Duration::from_millis(500));
-    assert!(entries(&slave.dir).is_empty(), "{:?}", entries(&slave.dir));
+    assert!(names(&slave.dir).is_empty(), "{:?}", names(&slave.dir));
     assert!(slave.is_running());
     stop_master(m);
     slave.stop();
@@ -162,7 +153,7 @@ fn slave_with_secret_refuses_master_without_one() {
     std::fs::write(m.mountpoint.join("f"), b"data").unwrap();
     wait_log("slave", || slave.log(), "master did not authenticate");
     wait_log("master", || m.log_text(), "authentication required");
-    assert!(entries(&slave.dir).is_empty());
+    assert!(names(&slave.dir).is_empty());
     assert!(slave.is_running());
     stop_master(m);
 
@@ -260,7 +251,7 @@ fn right_secret_replicates_and_a_replayed_handshake_fails() {
     }
     for sl in [&mut slave, &mut fresh] {
         wait_log("slave", || sl.log(), "wrong secret or replayed handshake");
-        assert!(entries(&sl.dir).is_empty(), "{:?}", entries(&sl.dir));
+        assert!(names(&sl.dir).is_empty(), "{:?}", names(&sl.dir));
         assert!(sl.is_running());
         sl.stop();
     }
@@ -382,7 +373,7 @@ fn tls_replicates_with_valid_certificates_and_refuses_others() {
     wait_log("master", || m.log_text(), "received fatal alert: UnknownCA");
     wait_log("slave", || slave.log(), "TLS handshake failed");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(entries(&slave.dir), ["big"]);
+    assert_eq!(names(&slave.dir), ["big"]);
     assert!(slave.is_running());
     stop_master(m);
     slave.stop();
