@@ -188,27 +188,11 @@ fn pwrite_all(fd: BorrowedFd<'_>, mut data: &[u8], offset: u64) -> io::Result<()
     Ok(())
 }
 
-fn utimens_at(dir: BorrowedFd<'_>, name: &CString, t: &Times) -> io::Result<()> {
-    let ts = [
-        libc::timespec {
-            tv_sec: t.atime.sec as libc::time_t,
-            tv_nsec: t.atime.nsec as libc::c_long,
-        },
-        libc::timespec {
-            tv_sec: t.mtime.sec as libc::time_t,
-            tv_nsec: t.mtime.nsec as libc::c_long,
-        },
-    ];
-    // SAFETY: `name` is NUL-terminated and `ts` holds the two timespecs utimensat reads.
-    check(unsafe {
-        libc::utimensat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(())
+fn timespecs(t: &Times) -> [libc::timespec; 2] {
+    [t.atime, t.mtime].map(|ts| libc::timespec {
+        tv_sec: ts.sec as libc::time_t,
+        tv_nsec: ts.nsec as libc::c_long,
+    })
 }
 
 /// Does a namespace or metadata op leave open write fds pointing at the right files?
@@ -276,26 +260,47 @@ impl Applier {
         }
         self.apply_kind(&op.kind)?;
         for t in &op.touch {
-            let (path, times) = match t {
+            match t {
                 Touch::Own(times) => {
                     // A removed entry has no timestamps left to set.
                     if matches!(op.kind, OpKind::Unlink { .. } | OpKind::Rmdir { .. }) {
                         continue;
                     }
-                    match op.primary_path() {
-                        Some(p) => (p.clone(), times),
-                        None => continue,
+                    if let Some(p) = op.primary_path() {
+                        self.set_times(p, times)?;
                     }
                 }
-                Touch::Parent(times) => match op.primary_path() {
-                    Some(p) => (p.parent(), times),
-                    None => continue,
-                },
-                Touch::Path(p, times) => (p.clone(), times),
-            };
-            let t = self.target(&path)?;
-            utimens_at(t.dir.as_fd(), &t.name, times)?;
+                Touch::Parent(times) => {
+                    if let Some(p) = op.primary_path() {
+                        self.set_times(&p.parent(), times)?;
+                    }
+                }
+                Touch::Path(p, times) => self.set_times(p, times)?,
+            }
         }
+        Ok(())
+    }
+
+    /// Sets the timestamps of `p`: through its cached write fd when there is one (every
+    /// replicated write carries its resulting times, so resolving the path again per op would
+    /// cost an open, a close and a path walk), otherwise by name without following it.
+    fn set_times(&self, p: &WirePath, times: &Times) -> io::Result<()> {
+        let ts = timespecs(times);
+        if let Some(fd) = self.cache.get(p) {
+            // SAFETY: `fd` is live and `ts` holds the two timespecs futimens reads.
+            check(unsafe { libc::futimens(fd.as_raw_fd(), ts.as_ptr()) })?;
+            return Ok(());
+        }
+        let t = self.target(p)?;
+        // SAFETY: `name` is NUL-terminated and `ts` holds the two timespecs utimensat reads.
+        check(unsafe {
+            libc::utimensat(
+                t.dir.as_raw_fd(),
+                t.name.as_ptr(),
+                ts.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })?;
         Ok(())
     }
 
