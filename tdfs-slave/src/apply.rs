@@ -245,12 +245,16 @@ impl Applier {
                 &t.name,
                 libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
             )?;
-            if self.cache.len() >= WRITE_CACHE_MAX {
-                self.cache.clear();
-            }
-            self.cache.insert(p.clone(), fd);
+            self.cache_fd(p, fd);
         }
         Ok(self.cache[p].as_fd())
+    }
+
+    fn cache_fd(&mut self, p: &WirePath, fd: OwnedFd) {
+        if self.cache.len() >= WRITE_CACHE_MAX {
+            self.cache.clear();
+        }
+        self.cache.insert(p.clone(), fd);
     }
 
     /// Applies one op, then its resulting timestamps.
@@ -492,6 +496,8 @@ impl Applier {
         check(unsafe { libc::fchown(fd.as_raw_fd(), attr.uid, attr.gid) })?;
         // SAFETY: as above.
         check(unsafe { libc::fchmod(fd.as_raw_fd(), attr.mode as libc::mode_t) })?;
+        // A new file's data and times follow at once: keep the write fd already in hand.
+        self.cache_fd(path, fd);
         Ok(())
     }
 
