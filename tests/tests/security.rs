@@ -406,27 +406,23 @@ fn allow_list_closes_other_addresses() {
     allowed.stop();
 }
 
-fn run_slave(env: &Env, args: &[&str]) -> std::process::Child {
-    Command::new(bin("tdfs-slave"))
-        .arg("-m")
+/// `tdfs-slave` on the env's mirror and state dirs with `args`, not yet started.
+fn slave_cmd(env: &Env, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("tdfs-slave"));
+    cmd.arg("-m")
         .arg(env.dir("mirror"))
         .arg("--state-dir")
         .arg(env.root.join("state"))
         .args(args)
         .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stdin(Stdio::null());
+    cmd
 }
 
 #[test]
 fn open_listener_needs_a_secret_or_insecure() {
     let env = Env::new("sec-open");
-    let out = run_slave(&env, &["-l", "0.0.0.0:0"])
-        .wait_with_output()
-        .unwrap();
+    let out = slave_cmd(&env, &["-l", "0.0.0.0:0"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -449,13 +445,7 @@ fn open_listener_needs_a_secret_or_insecure() {
         ],
     ] {
         let log = env.root.join("logs").join("open.log");
-        let mut child = Command::new(bin("tdfs-slave"))
-            .arg("-m")
-            .arg(env.dir("mirror"))
-            .arg("--state-dir")
-            .arg(env.root.join("state"))
-            .args(&args)
-            .stdin(Stdio::null())
+        let mut child = slave_cmd(&env, &args)
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -474,8 +464,8 @@ fn open_listener_needs_a_secret_or_insecure() {
 fn secret_file_readable_by_others_is_refused() {
     let env = Env::new("sec-mode");
     let loose = env.file("loose.secret", SECRET_A, 0o644);
-    let out = run_slave(&env, &["-l", "127.0.0.1:0", "--secret-file", &loose])
-        .wait_with_output()
+    let out = slave_cmd(&env, &["-l", "127.0.0.1:0", "--secret-file", &loose])
+        .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
