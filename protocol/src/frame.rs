@@ -19,6 +19,8 @@
 //! header and both lengths against [`MAX_PAYLOAD`] before anything is allocated, then the crc
 //! before anything is decompressed or parsed. [`parse`] then yields the frame.
 
+use std::borrow::Cow;
+
 use crate::compress::{self, Compression};
 
 pub const MAGIC: [u8; 4] = *b"TDFS";
@@ -201,9 +203,32 @@ fn header(buf: &[u8]) -> Result<Header, FrameError> {
     })
 }
 
-/// Returns the total length of the frame at the front of `buf` once it is all there and its
-/// crc matches.
-pub fn check(buf: &[u8]) -> Result<usize, FrameError> {
+/// A frame whose payload still lies in the buffer it was parsed from (a compressed one's is
+/// decompressed into a buffer of its own), for callers that decode it at once and need no
+/// owned copy of its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    pub kind: FrameType,
+    pub seq: u64,
+    pub payload: Cow<'a, [u8]>,
+    /// Bytes this frame occupied on the wire (header included).
+    pub wire_len: usize,
+}
+
+impl FrameRef<'_> {
+    pub fn into_owned(self) -> Frame {
+        Frame {
+            kind: self.kind,
+            seq: self.seq,
+            payload: self.payload.into_owned(),
+            wire_len: self.wire_len,
+        }
+    }
+}
+
+/// The header of the frame at the front of `buf` and its total length, once the frame is all
+/// there and its crc matches.
+fn checked(buf: &[u8]) -> Result<(Header, usize), FrameError> {
     let h = header(buf)?;
     let total = HEADER_LEN + h.wire_len;
     if buf.len() < total {
@@ -216,25 +241,35 @@ pub fn check(buf: &[u8]) -> Result<usize, FrameError> {
     if want != h.crc {
         return Err(FrameError::BadCrc { got: h.crc, want });
     }
-    Ok(total)
+    Ok((h, total))
 }
 
-/// Parses the frame at the front of `buf`; returns it and the number of bytes it used.
-pub fn parse(buf: &[u8]) -> Result<Frame, FrameError> {
-    let total = check(buf)?;
-    let h = header(buf)?;
+/// Returns the total length of the frame at the front of `buf` once it is all there and its
+/// crc matches.
+pub fn check(buf: &[u8]) -> Result<usize, FrameError> {
+    checked(buf).map(|(_, total)| total)
+}
+
+/// Parses the frame at the front of `buf` without copying an uncompressed payload.
+pub fn parse_ref(buf: &[u8]) -> Result<FrameRef<'_>, FrameError> {
+    let (h, total) = checked(buf)?;
     let wire = &buf[HEADER_LEN..total];
     let payload = if h.flags & FLAG_ANY_COMPRESSION != 0 {
-        compress::decompress(h.flags, wire, h.raw_len).map_err(FrameError::Decompress)?
+        Cow::Owned(compress::decompress(h.flags, wire, h.raw_len).map_err(FrameError::Decompress)?)
     } else {
-        wire.to_vec()
+        Cow::Borrowed(wire)
     };
-    Ok(Frame {
+    Ok(FrameRef {
         kind: h.kind,
         seq: h.seq,
         payload,
         wire_len: total,
     })
+}
+
+/// Parses the frame at the front of `buf` into an owned frame.
+pub fn parse(buf: &[u8]) -> Result<Frame, FrameError> {
+    parse_ref(buf).map(FrameRef::into_owned)
 }
 
 /// Appends a frame carrying `payload` to `out`, compressed when asked and when it shrinks.

@@ -148,6 +148,10 @@ proptest! {
         prop_assert_eq!(f.seq, seq);
         prop_assert_eq!(f.wire_len, bytes.len());
         prop_assert_eq!(op::decode_batch(&f.payload).unwrap(), ops);
+        // The borrowing parse yields the same frame and copies no uncompressed payload.
+        let r = frame::parse_ref(&bytes).unwrap();
+        prop_assert_eq!(r.clone().into_owned(), f);
+        prop_assert_eq!(matches!(r.payload, std::borrow::Cow::Borrowed(_)), bytes[6] == 0);
         // Every strict prefix is Incomplete, never an error and never a frame.
         for cut in [0, 1, 3, HEADER_LEN - 1, HEADER_LEN, bytes.len() - 1] {
             if cut < bytes.len() {
