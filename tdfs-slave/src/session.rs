@@ -10,11 +10,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tdfs_protocol::frame::{self, Frame, FrameType};
+use tdfs_protocol::frame::{self, FrameRef, FrameType};
 use tdfs_protocol::msg::{
     Ack, ApplyError, Hello, HelloAck, MasterId, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN,
 };
-use tdfs_protocol::{op, Compression, FrameError, Op, OpKind, WirePath, HEADER_LEN, MAX_PAYLOAD};
+use tdfs_protocol::{
+    op, Compression, DecodeError, FrameError, Op, OpKind, WirePath, HEADER_LEN, MAX_PAYLOAD,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -185,18 +187,18 @@ impl Session {
 
     /// Takes every whole frame off the front of the buffer (up to a memory budget), and the
     /// framing error that stopped the scan, if any.
-    fn take_frames(&mut self) -> (Vec<Frame>, Option<FrameError>) {
+    fn take_frames(&mut self) -> (Vec<Received>, Option<FrameError>) {
         let mut frames = Vec::new();
         let mut pos = 0;
         let mut budget = 0usize;
         let mut err = None;
         // Compressed frames expand; bound what one round holds in memory.
         while budget < MAX_PAYLOAD {
-            match frame::parse(&self.buf[self.start + pos..]) {
+            match frame::parse_ref(&self.buf[self.start + pos..]) {
                 Ok(f) => {
                     pos += f.wire_len;
                     budget += f.payload.len() + HEADER_LEN;
-                    frames.push(f);
+                    frames.push(Received::new(f));
                 }
                 Err(FrameError::Incomplete) => break,
                 Err(e) => {
@@ -330,7 +332,7 @@ impl Session {
     }
 
     /// Applies every Ops frame in `frames` in one blocking round, then acks once.
-    async fn handle(&mut self, frames: Vec<Frame>) -> Result<(), End> {
+    async fn handle(&mut self, frames: Vec<Received>) -> Result<(), End> {
         let mut batches: Vec<Work> = Vec::new();
         let mut after: Option<End> = None;
         let mut expected = self.expected;
@@ -365,16 +367,16 @@ impl Session {
                         )));
                         break;
                     }
-                    match op::decode_batch(&f.payload) {
+                    let seq = f.seq;
+                    match f.into_ops() {
                         Ok(ops) => match expected.checked_add(ops.len() as u64) {
                             Some(next) => {
                                 expected = next;
-                                batches.push(Work::Ops(f.seq, ops));
+                                batches.push(Work::Ops(seq, ops));
                             }
                             None => {
                                 after = Some(End::Protocol(format!(
-                                    "ops frame at seq {} overflows the sequence space",
-                                    f.seq
+                                    "ops frame at seq {seq} overflows the sequence space"
                                 )));
                                 break;
                             }
@@ -383,7 +385,7 @@ impl Session {
                             after = Some(
                                 self.refuse(
                                     RefuseCode::Malformed,
-                                    format!("undecodable ops frame at seq {}: {e}", f.seq),
+                                    format!("undecodable ops frame at seq {seq}: {e}"),
                                 )
                                 .await,
                             );
@@ -412,7 +414,7 @@ impl Session {
                     }
                     batches.push(Work::End(f.seq));
                 }
-                FrameType::SyncOps => match op::decode_batch(&f.payload) {
+                FrameType::SyncOps => match f.into_ops() {
                     Ok(ops) => batches.push(Work::Sync(ops)),
                     Err(e) => {
                         after = Some(
@@ -426,7 +428,7 @@ impl Session {
                     }
                 },
                 FrameType::ListDir | FrameType::Checksum => {
-                    match tdfs_protocol::sync::decode_path(&f.payload) {
+                    match tdfs_protocol::sync::decode_path(f.payload()) {
                         Ok(p) if f.kind == FrameType::ListDir => batches.push(Work::List(f.seq, p)),
                         Ok(p) => batches.push(Work::Sum(f.seq, p)),
                         Err(e) => {
@@ -579,6 +581,50 @@ struct BatchResult {
     misses: Vec<WirePath>,
     /// Answers to ListDir/Checksum: (frame type, request id, payload).
     replies: Vec<(FrameType, u64, Vec<u8>)>,
+}
+
+/// A frame taken off the read buffer. The ops of an `Ops` or `SyncOps` frame are decoded
+/// there and then, straight from the buffer, so each replicated byte is copied once (into its
+/// op) rather than first into an owned frame payload as well.
+struct Received {
+    kind: FrameType,
+    seq: u64,
+    body: Body,
+}
+
+enum Body {
+    Ops(Result<Vec<Op>, DecodeError>),
+    Bytes(Vec<u8>),
+}
+
+impl Received {
+    fn new(f: FrameRef<'_>) -> Self {
+        let body = match f.kind {
+            FrameType::Ops | FrameType::SyncOps => Body::Ops(op::decode_batch(&f.payload)),
+            _ => Body::Bytes(f.payload.into_owned()),
+        };
+        Received {
+            kind: f.kind,
+            seq: f.seq,
+            body,
+        }
+    }
+
+    /// The payload of a frame that carries no ops (empty for one that does).
+    fn payload(&self) -> &[u8] {
+        match &self.body {
+            Body::Bytes(b) => b,
+            Body::Ops(_) => &[],
+        }
+    }
+
+    /// The ops this frame carries, decoded.
+    fn into_ops(self) -> Result<Vec<Op>, DecodeError> {
+        match self.body {
+            Body::Ops(ops) => ops,
+            Body::Bytes(b) => op::decode_batch(&b),
+        }
+    }
 }
 
 /// One unit of a round, in stream order.
