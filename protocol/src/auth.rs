@@ -66,15 +66,6 @@ pub struct AuthOk {
     pub mac: Tag,
 }
 
-fn array32(r: &mut Reader<'_>, what: &'static str) -> Result<[u8; 32], DecodeError> {
-    let a = r.array16(what)?;
-    let b = r.array16(what)?;
-    let mut out = [0u8; 32];
-    out[..16].copy_from_slice(&a);
-    out[16..].copy_from_slice(&b);
-    Ok(out)
-}
-
 impl AuthRequest {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(2);
@@ -98,7 +89,7 @@ impl AuthChallenge {
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
         let v = AuthChallenge {
-            nonce: array32(&mut r, "slave nonce")?,
+            nonce: r.array("slave nonce")?,
         };
         r.finish()?;
         Ok(v)
@@ -115,8 +106,8 @@ impl AuthResponse {
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
         let v = AuthResponse {
-            nonce: array32(&mut r, "master nonce")?,
-            mac: array32(&mut r, "master mac")?,
+            nonce: r.array("master nonce")?,
+            mac: r.array("master mac")?,
         };
         r.finish()?;
         Ok(v)
@@ -130,7 +121,7 @@ impl AuthOk {
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
         let v = AuthOk {
-            mac: array32(&mut r, "slave mac")?,
+            mac: r.array("slave mac")?,
         };
         r.finish()?;
         Ok(v)

@@ -107,7 +107,7 @@ impl Hello {
         let h = Hello {
             proto_min: r.u16("proto_min")?,
             proto_max: r.u16("proto_max")?,
-            master_id: r.array16("master id")?,
+            master_id: r.array("master id")?,
             next_seq: r.u64("next_seq")?,
             label: read_text(&mut r, "label")?,
         };
@@ -129,7 +129,7 @@ impl HelloAck {
         let mut r = Reader::new(buf);
         let h = HelloAck {
             proto: r.u16("proto")?,
-            last_master: r.array16("master id")?,
+            last_master: r.array("master id")?,
             last_applied: r.u64("last_applied")?,
         };
         r.finish()?;

@@ -184,12 +184,8 @@ impl Digest {
         let mut r = Reader::new(buf);
         let errno = r.i32("errno")?;
         let size = r.u64("size")?;
-        let a = r.array16("sha256")?;
-        let b = r.array16("sha256")?;
+        let sha256 = r.array("sha256")?;
         r.finish()?;
-        let mut sha256 = [0u8; 32];
-        sha256[..16].copy_from_slice(&a);
-        sha256[16..].copy_from_slice(&b);
         Ok(Digest {
             errno,
             size,

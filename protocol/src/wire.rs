@@ -89,11 +89,15 @@ impl<'a> Reader<'a> {
         self.buf = tail;
         Ok(head)
     }
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
-        let s = self.take(N, what)?;
-        let mut a = [0u8; N];
-        a.copy_from_slice(s);
-        Ok(a)
+    /// Exactly `N` bytes (ids, nonces, MACs, digests).
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<[u8; N], DecodeError> {
+        Ok(self
+            .take(N, what)?
+            .try_into()
+            .expect("take returned N bytes"))
     }
     pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
         Ok(self.take(1, what)?[0])
@@ -112,9 +116,6 @@ impl<'a> Reader<'a> {
     }
     pub(crate) fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
         Ok(i64::from_le_bytes(self.array(what)?))
-    }
-    pub(crate) fn array16(&mut self, what: &'static str) -> Result<[u8; 16], DecodeError> {
-        self.array(what)
     }
     /// Length-prefixed bytes, refused above `max` before anything is allocated.
     pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<Vec<u8>, DecodeError> {
