@@ -361,22 +361,28 @@ fn proxy_refuses_new_connections_for_a_while() {
 // ---------------------------------------------------------------------------------------
 // Network namespaces.
 
-/// Runs `ip ARGS...` and returns its stdout, or stderr as the error.
-fn ip(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args)
+/// Runs `prefix... ip ARGS...` and returns its stdout, or stderr as the error.
+fn ip_via(prefix: &[&str], args: &[&str]) -> Result<String, String> {
+    let argv: Vec<&str> = prefix.iter().chain(&["ip"]).chain(args).copied().collect();
+    let shown = argv.join(" ");
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
         .output()
-        .map_err(|e| format!("cannot run `ip {}`: {e}", args.join(" ")))?;
+        .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
-            "`ip {}` failed with {}: {}",
-            args.join(" "),
+            "`{shown}` failed with {}: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// `ip ARGS...` in the root namespace.
+fn ip(args: &[&str]) -> Result<String, String> {
+    ip_via(&[], args)
 }
 
 #[track_caller]
@@ -519,23 +525,9 @@ impl NetNs {
 
     /// `ip ARGS...` inside the namespace.
     fn ip_in_ns(&self, args: &[&str]) -> Result<String, String> {
-        let net = format!("--net={}", self.ns_path());
-        let out = Command::new("nsenter")
-            .arg(&net)
-            .arg("ip")
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run `nsenter {net} ip {}`: {e}", args.join(" ")))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "`nsenter {net} ip {}` failed with {}: {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        let prefix = self.exec_prefix();
+        let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        ip_via(&prefix, args)
     }
 
     /// Sets the slave side of the veth down or up.
