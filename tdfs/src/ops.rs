@@ -92,6 +92,16 @@ struct Watch {
     writers: u32,
 }
 
+/// The op that leaves a replica's entry with `st`'s attributes and times (and `size`).
+fn setattr_op(path: WirePath, size: Option<u64>, st: &libc::stat) -> Op {
+    Op::new(OpKind::SetAttr {
+        path,
+        size,
+        attr: attr_of(st),
+    })
+    .with_touch(Touch::Own(times_of(st)))
+}
+
 fn ctime_of(st: &libc::stat) -> (i64, i64) {
     (st.st_ctime, st.st_ctime_nsec)
 }
@@ -242,14 +252,7 @@ impl Ops {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<(u64, libc::stat)> {
         let p = self.inodes.child_path(parent, name)?;
         let st = self.backing.lstat(&p)?;
-        let id = self.inodes.lookup(
-            parent,
-            name,
-            st.st_dev,
-            st.st_ino,
-            st.st_mode & libc::S_IFMT == libc::S_IFDIR,
-        );
-        Ok((id, st))
+        Ok((self.register_new(parent, name, &st), st))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -360,14 +363,9 @@ impl Ops {
             // SAFETY: ftruncate on an fd we own.
             cvt(unsafe { libc::ftruncate(fd, size as libc::off_t) })?;
             let st = fstat(fd)?;
-            let op = self.replica_path(ino, &st)?.map(|path| {
-                Op::new(OpKind::SetAttr {
-                    path,
-                    size: Some(size),
-                    attr: attr_of(&st),
-                })
-                .with_touch(Touch::Own(times_of(&st)))
-            });
+            let op = self
+                .replica_path(ino, &st)?
+                .map(|path| setattr_op(path, Some(size), &st));
             Ok(((), op))
         })
     }
@@ -474,23 +472,21 @@ impl Ops {
         // any store after this point faults and moves the ctime again, to be seen next time.
         // SAFETY: fdatasync on an fd we own.
         cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) })?;
-        self.repl.mutate(|| {
-            let st = fstat(fd.as_raw_fd())?;
-            if let Some(e) = self.watched.lock().expect("watched poisoned").get_mut(&ino) {
-                e.ctime = ctime_of(&st);
-            }
-            Ok(((), None))
-        })?;
         let mut buf = vec![0u8; RESEND_CHUNK];
         let mut offset = 0u64;
         loop {
-            let (more, _) = self.repl.mutate_encoded(|| {
+            let (n, _) = self.repl.mutate_encoded(|| {
                 let st = fstat(fd.as_raw_fd())?;
+                if offset == 0 {
+                    // After the write-back, under the order lock: the baseline from now on.
+                    if let Some(e) = self.watched.lock().expect("watched poisoned").get_mut(&ino) {
+                        e.ctime = ctime_of(&st);
+                    }
+                }
                 let Some(path) = self.replica_path(ino, &st)? else {
-                    return Ok((false, None));
+                    return Ok((0, None));
                 };
-                let size = st.st_size as u64;
-                let want = RESEND_CHUNK.min(size.saturating_sub(offset) as usize);
+                let want = RESEND_CHUNK.min((st.st_size as u64).saturating_sub(offset) as usize);
                 // SAFETY: `buf` is writable for `want` <= its length bytes.
                 let n = cvt_sz(unsafe {
                     libc::pread(
@@ -500,31 +496,29 @@ impl Ops {
                         offset as libc::off_t,
                     )
                 })?;
-                if n == 0 {
-                    // The end: size (the file may have shrunk meanwhile) and times.
-                    let op = Op::new(OpKind::SetAttr {
-                        path,
-                        size: Some(size),
-                        attr: attr_of(&st),
-                    })
-                    .with_touch(Touch::Own(times_of(&st)));
-                    let mut out = Vec::with_capacity(64);
-                    op.encode(&mut out);
-                    return Ok((false, Some(Arc::<[u8]>::from(out))));
-                }
-                let op = tdfs_protocol::op::encode_write(
-                    &path,
-                    offset,
-                    &buf[..n],
-                    &[Touch::Own(times_of(&st))],
-                );
-                offset += n as u64;
-                Ok((true, Some(op)))
+                let op = (n > 0).then(|| {
+                    tdfs_protocol::op::encode_write(
+                        &path,
+                        offset,
+                        &buf[..n],
+                        &[Touch::Own(times_of(&st))],
+                    )
+                });
+                Ok((n, op))
             })?;
-            if !more {
-                return Ok(());
+            if n == 0 {
+                break;
             }
+            offset += n as u64;
         }
+        // The end: size (the file may have shrunk meanwhile) and times.
+        self.repl.mutate(|| {
+            let st = fstat(fd.as_raw_fd())?;
+            let op = self
+                .replica_path(ino, &st)?
+                .map(|path| setattr_op(path, Some(st.st_size as u64), &st));
+            Ok(((), op))
+        })
     }
 
     /// Sets ownership of a just-created entry to the caller's, the way the kernel would have
@@ -564,6 +558,28 @@ impl Ops {
         )
     }
 
+    /// After `p` was created in the backing tree: the caller's ownership (see `own`), its
+    /// name in the inode table, and the op that recreates it (`kind` from its attributes)
+    /// with its own times and its parent's.
+    #[allow(clippy::too_many_arguments)]
+    fn created(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        p: &WirePath,
+        who: Caller,
+        perm: u32,
+        is_dir: bool,
+        kind: impl FnOnce(Attr, &libc::stat) -> OpKind,
+    ) -> io::Result<(u64, libc::stat, Op)> {
+        let (st, parent_times) = self.own(p, who, perm, is_dir)?;
+        let id = self.register_new(parent, name, &st);
+        let op = Op::new(kind(attr_of(&st), &st))
+            .with_touch(Touch::Own(times_of(&st)))
+            .with_touch(parent_times);
+        Ok((id, st, op))
+    }
+
     fn parent_touch(&self, p: &WirePath) -> io::Result<Touch> {
         Ok(Touch::Parent(times_of(&self.backing.lstat(&p.parent())?)))
     }
@@ -592,15 +608,13 @@ impl Ops {
                 }
                 Err(e) => return Err(e),
             };
-            let (st, parent_times) = self.own(&p, who, perm, false)?;
-            let id = self.register_new(parent, name, &st);
+            let (id, st, op) = self.created(parent, name, &p, who, perm, false, |attr, _| {
+                OpKind::Create {
+                    path: p.clone(),
+                    attr,
+                }
+            })?;
             let fh = self.add_file(id, fd, flags);
-            let op = Op::new(OpKind::Create {
-                path: p.clone(),
-                attr: attr_of(&st),
-            })
-            .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(parent_times);
             Ok(((id, st, fh), Some(op)))
         })
     }
@@ -624,16 +638,15 @@ impl Ops {
         };
         self.repl.mutate(|| {
             self.backing.mknod(&p, mode, rdev)?;
-            let (st, parent_times) = self.own(&p, who, mode & 0o7777, false)?;
-            let id = self.register_new(parent, name, &st);
-            let op = Op::new(OpKind::Mknod {
-                path: p.clone(),
-                kind,
-                rdev: st.st_rdev,
-                attr: attr_of(&st),
-            })
-            .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(parent_times);
+            let (id, st, op) =
+                self.created(parent, name, &p, who, mode & 0o7777, false, |attr, st| {
+                    OpKind::Mknod {
+                        path: p.clone(),
+                        kind,
+                        rdev: st.st_rdev,
+                        attr,
+                    }
+                })?;
             Ok(((id, st), Some(op)))
         })
     }
@@ -648,14 +661,13 @@ impl Ops {
         let p = self.inodes.child_path(parent, name)?;
         self.repl.mutate(|| {
             self.backing.mkdir(&p, mode & 0o7777)?;
-            let (st, parent_times) = self.own(&p, who, mode & 0o7777, true)?;
-            let id = self.register_new(parent, name, &st);
-            let op = Op::new(OpKind::Mkdir {
-                path: p.clone(),
-                attr: attr_of(&st),
-            })
-            .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(parent_times);
+            let (id, st, op) =
+                self.created(parent, name, &p, who, mode & 0o7777, true, |attr, _| {
+                    OpKind::Mkdir {
+                        path: p.clone(),
+                        attr,
+                    }
+                })?;
             Ok(((id, st), Some(op)))
         })
     }
@@ -673,15 +685,13 @@ impl Ops {
         }
         self.repl.mutate(|| {
             self.backing.symlink(target, &p)?;
-            let (st, parent_times) = self.own(&p, who, 0o777, false)?;
-            let id = self.register_new(parent, name, &st);
-            let op = Op::new(OpKind::Symlink {
-                path: p.clone(),
-                target: target.to_vec(),
-                attr: attr_of(&st),
-            })
-            .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(parent_times);
+            let (id, st, op) = self.created(parent, name, &p, who, 0o777, false, |attr, _| {
+                OpKind::Symlink {
+                    path: p.clone(),
+                    target: target.to_vec(),
+                    attr,
+                }
+            })?;
             Ok(((id, st), Some(op)))
         })
     }
@@ -834,15 +844,7 @@ impl Ops {
                 Some(p) => Some(p.clone()),
                 None => self.replica_path(ino, &st)?,
             };
-            let op = rpath.map(|p| {
-                Op::new(OpKind::SetAttr {
-                    path: p,
-                    size: req.size,
-                    attr: attr_of(&st),
-                })
-                .with_touch(Touch::Own(times_of(&st)))
-            });
-            Ok((st, op))
+            Ok((st, rpath.map(|p| setattr_op(p, req.size, &st))))
         })
     }
 
