@@ -884,9 +884,18 @@ impl Ops {
                         break;
                     }
                 }
+                // With no slave, the op's copy of the data would be dropped at once: only its
+                // sequence number is used up (an empty op).
+                let replicating = self.repl.replicating();
+                if !replicating && !watched {
+                    return Ok((done as u32, Some(Arc::from(Vec::new()))));
+                }
                 let st = fstat(f.fd())?;
                 if watched {
                     self.watch_after(ino, &st);
+                }
+                if !replicating {
+                    return Ok((done as u32, Some(Arc::from(Vec::new()))));
                 }
                 // An O_APPEND write landed at the end: send where it actually went.
                 let at = if f.append {
@@ -894,10 +903,6 @@ impl Ops {
                 } else {
                     offset
                 };
-                if !self.repl.replicating() {
-                    // The op's copy of the data would be dropped at once.
-                    return Ok((done as u32, Some(Arc::from(Vec::new()))));
-                }
                 let op = self.replica_path(ino, &st)?.map(|path| {
                     tdfs_protocol::op::encode_write(
                         &path,
