@@ -410,10 +410,8 @@ impl Op {
         w.u8(self.touch.len() as u8);
         for t in &self.touch {
             let times = |w: &mut Writer<'_>, t: &Times| {
-                for ts in [t.atime, t.mtime] {
-                    w.i64(ts.sec);
-                    w.u32(ts.nsec);
-                }
+                w.timespec(t.atime);
+                w.timespec(t.mtime);
             };
             match t {
                 Touch::Own(t) => {
@@ -446,14 +444,6 @@ impl Op {
                 uid: r.u32("uid")?,
                 gid: r.u32("gid")?,
             })
-        }
-        fn ts(r: &mut Reader<'_>) -> Result<Timespec, DecodeError> {
-            let sec = r.i64("seconds")?;
-            let nsec = r.u32("nanoseconds")?;
-            if nsec >= 1_000_000_000 {
-                return Err(DecodeError::BadNanos(nsec));
-            }
-            Ok(Timespec { sec, nsec })
         }
         let tag = r.u8("op tag")?;
         let kind = match tag {
@@ -580,8 +570,8 @@ impl Op {
                 tag => return Err(DecodeError::BadTag { what: "touch", tag }),
             };
             let times = Times {
-                atime: ts(r)?,
-                mtime: ts(r)?,
+                atime: r.timespec("atime")?,
+                mtime: r.timespec("mtime")?,
             };
             touch.push(match (tag, path) {
                 (1, _) => Touch::Own(times),

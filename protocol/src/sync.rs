@@ -66,8 +66,7 @@ impl Listing {
             w.u32(e.uid);
             w.u32(e.gid);
             w.u64(e.size);
-            w.i64(e.mtime.sec);
-            w.u32(e.mtime.nsec);
+            w.timespec(e.mtime);
             w.u64(e.rdev);
             w.u64(e.ino);
             w.u64(e.nlink);
@@ -102,11 +101,7 @@ impl Listing {
             let uid = r.u32("uid")?;
             let gid = r.u32("gid")?;
             let size = r.u64("size")?;
-            let sec = r.i64("mtime")?;
-            let nsec = r.u32("mtime nsec")?;
-            if nsec >= 1_000_000_000 {
-                return Err(DecodeError::BadNanos(nsec));
-            }
+            let mtime = r.timespec("mtime")?;
             let rdev = r.u64("rdev")?;
             let ino = r.u64("ino")?;
             let nlink = r.u64("nlink")?;
@@ -131,7 +126,7 @@ impl Listing {
                 uid,
                 gid,
                 size,
-                mtime: Timespec { sec, nsec },
+                mtime,
                 rdev,
                 ino,
                 nlink,

@@ -1,6 +1,7 @@
 //! Little-endian field encoding shared by ops and messages. The reader checks every length
 //! against the bytes actually present *and* against a per-field maximum before it allocates.
 
+use crate::op::Timespec;
 use crate::path::{PathError, WirePath, MAX_DEPTH, MAX_NAME};
 
 /// Why a payload could not be decoded.
@@ -48,6 +49,10 @@ impl Writer<'_> {
     }
     pub(crate) fn i64(&mut self, v: i64) {
         self.out.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(crate) fn timespec(&mut self, t: Timespec) {
+        self.i64(t.sec);
+        self.u32(t.nsec);
     }
     /// Length-prefixed (u32) bytes.
     pub(crate) fn bytes(&mut self, b: &[u8]) {
@@ -116,6 +121,15 @@ impl<'a> Reader<'a> {
     }
     pub(crate) fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
         Ok(i64::from_le_bytes(self.array(what)?))
+    }
+    /// Seconds and nanoseconds, the latter checked to be below one second.
+    pub(crate) fn timespec(&mut self, what: &'static str) -> Result<Timespec, DecodeError> {
+        let sec = self.i64(what)?;
+        let nsec = self.u32(what)?;
+        if nsec >= 1_000_000_000 {
+            return Err(DecodeError::BadNanos(nsec));
+        }
+        Ok(Timespec { sec, nsec })
     }
     /// Length-prefixed bytes, refused above `max` before anything is allocated.
     pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<Vec<u8>, DecodeError> {
