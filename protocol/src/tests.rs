@@ -258,6 +258,48 @@ fn bad_names_refused_by_decoder() {
 }
 
 #[test]
+fn out_of_range_nanoseconds_refused() {
+    let whole_second = Timespec {
+        sec: 1,
+        nsec: 1_000_000_000,
+    };
+    let o = Op::new(OpKind::SetTimes {
+        path: WirePath::root(),
+    })
+    .with_touch(Touch::Own(Times {
+        atime: Timespec::default(),
+        mtime: whole_second,
+    }));
+    let mut enc = Vec::new();
+    o.encode(&mut enc);
+    assert_eq!(
+        Op::decode(&enc),
+        Err(crate::DecodeError::BadNanos(1_000_000_000))
+    );
+    let l = crate::sync::Listing {
+        errno: 0,
+        more: false,
+        entries: vec![crate::sync::Entry {
+            name: b"f".to_vec(),
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: whole_second,
+            rdev: 0,
+            ino: 1,
+            nlink: 1,
+            target: vec![],
+            xattrs: vec![],
+        }],
+    };
+    assert_eq!(
+        crate::sync::Listing::decode(&l.encode()),
+        Err(crate::DecodeError::BadNanos(1_000_000_000))
+    );
+}
+
+#[test]
 fn messages_roundtrip() {
     let h = Hello {
         proto_min: 1,
