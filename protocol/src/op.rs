@@ -445,6 +445,19 @@ impl Op {
                 gid: r.u32("gid")?,
             })
         }
+        fn xattr_name(r: &mut Reader<'_>) -> Result<Vec<u8>, DecodeError> {
+            let name = r.bytes("xattr name", MAX_XATTR_NAME)?;
+            if name.is_empty() || name.contains(&0) {
+                return Err(DecodeError::Invalid("xattr name empty or has NUL"));
+            }
+            Ok(name)
+        }
+        fn times(r: &mut Reader<'_>) -> Result<Times, DecodeError> {
+            Ok(Times {
+                atime: r.timespec("atime")?,
+                mtime: r.timespec("mtime")?,
+            })
+        }
         let tag = r.u8("op tag")?;
         let kind = match tag {
             1 => Create {
@@ -516,27 +529,16 @@ impl Op {
                 offset: r.u64("offset")?,
                 len: r.u64("length")?,
             },
-            13 => {
-                let path = r.path()?;
-                let name = r.bytes("xattr name", MAX_XATTR_NAME)?;
-                if name.is_empty() || name.contains(&0) {
-                    return Err(DecodeError::Invalid("xattr name empty or has NUL"));
-                }
-                SetXattr {
-                    path,
-                    name,
-                    value: r.bytes("xattr value", MAX_XATTR_VALUE)?,
-                    flags: r.i32("xattr flags")?,
-                }
-            }
-            14 => {
-                let path = r.path()?;
-                let name = r.bytes("xattr name", MAX_XATTR_NAME)?;
-                if name.is_empty() || name.contains(&0) {
-                    return Err(DecodeError::Invalid("xattr name empty or has NUL"));
-                }
-                RemoveXattr { path, name }
-            }
+            13 => SetXattr {
+                path: r.path()?,
+                name: xattr_name(r)?,
+                value: r.bytes("xattr value", MAX_XATTR_VALUE)?,
+                flags: r.i32("xattr flags")?,
+            },
+            14 => RemoveXattr {
+                path: r.path()?,
+                name: xattr_name(r)?,
+            },
             15 => Fsync {
                 path: match r.u8("fsync path flag")? {
                     0 => None,
@@ -563,21 +565,11 @@ impl Op {
         }
         let mut touch = Vec::with_capacity(n);
         for _ in 0..n {
-            let tag = r.u8("touch tag")?;
-            let path = match tag {
-                1 | 2 => None,
-                3 => Some(r.path()?),
+            touch.push(match r.u8("touch tag")? {
+                1 => Touch::Own(times(r)?),
+                2 => Touch::Parent(times(r)?),
+                3 => Touch::Path(r.path()?, times(r)?),
                 tag => return Err(DecodeError::BadTag { what: "touch", tag }),
-            };
-            let times = Times {
-                atime: r.timespec("atime")?,
-                mtime: r.timespec("mtime")?,
-            };
-            touch.push(match (tag, path) {
-                (1, _) => Touch::Own(times),
-                (2, _) => Touch::Parent(times),
-                (_, Some(p)) => Touch::Path(p, times),
-                _ => unreachable!("tag checked above"),
             });
         }
         Ok(Op { kind, touch })
