@@ -335,11 +335,8 @@ impl Op {
                 attr(&mut w, a);
             }
             Write { path, offset, data } => {
-                assert!(data.len() <= MAX_WRITE);
-                w.u8(10);
-                w.path(path);
-                w.u64(*offset);
-                w.bytes(data);
+                write_head(&mut w, path, *offset, data.len());
+                w.out.extend_from_slice(data);
             }
             Fallocate {
                 path,
@@ -406,29 +403,7 @@ impl Op {
                 w.path(path);
             }
         }
-        assert!(self.touch.len() <= MAX_TOUCH);
-        w.u8(self.touch.len() as u8);
-        for t in &self.touch {
-            let times = |w: &mut Writer<'_>, t: &Times| {
-                w.timespec(t.atime);
-                w.timespec(t.mtime);
-            };
-            match t {
-                Touch::Own(t) => {
-                    w.u8(1);
-                    times(&mut w, t);
-                }
-                Touch::Parent(t) => {
-                    w.u8(2);
-                    times(&mut w, t);
-                }
-                Touch::Path(p, t) => {
-                    w.u8(3);
-                    w.path(p);
-                    times(&mut w, t);
-                }
-            }
-        }
+        encode_touches(&mut w, &self.touch);
     }
 
     /// Decodes one op from the front of `r`.
@@ -584,6 +559,40 @@ impl Op {
     }
 }
 
+/// Everything of a Write op before its data: tag, path, offset and the data's length.
+fn write_head(w: &mut Writer<'_>, path: &WirePath, offset: u64, len: usize) {
+    assert!(len <= MAX_WRITE);
+    w.u8(10);
+    w.path(path);
+    w.u64(offset);
+    w.u32(len as u32);
+}
+
+/// The touch list that ends every op.
+fn encode_touches(w: &mut Writer<'_>, touch: &[Touch]) {
+    assert!(touch.len() <= MAX_TOUCH);
+    w.u8(touch.len() as u8);
+    for t in touch {
+        let times = match t {
+            Touch::Own(times) => {
+                w.u8(1);
+                times
+            }
+            Touch::Parent(times) => {
+                w.u8(2);
+                times
+            }
+            Touch::Path(p, times) => {
+                w.u8(3);
+                w.path(p);
+                times
+            }
+        };
+        w.timespec(times.atime);
+        w.timespec(times.mtime);
+    }
+}
+
 /// Encodes a Write op straight into a shared buffer, copying `data` once: the same bytes as
 /// `Op { kind: OpKind::Write { .. }, touch }.encode(..)`, without first copying `data` into
 /// an owned op (the master's write path handles every replicated byte).
@@ -593,24 +602,13 @@ pub fn encode_write(
     data: &[u8],
     touch: &[Touch],
 ) -> std::sync::Arc<[u8]> {
-    assert!(data.len() <= MAX_WRITE);
-    // Everything but the data, encoded the ordinary way, then split around it.
-    let shell = Op {
-        kind: OpKind::Write {
-            path: path.clone(),
-            offset,
-            data: Vec::new(),
-        },
-        touch: touch.to_vec(),
-    };
-    let mut enc = Vec::new();
-    shell.encode(&mut enc);
-    // tag(1) + path + offset(8) + len(4) precede the data; the touch list follows.
-    let prefix = 1 + 2 + path.components().map(|c| 1 + c.len()).sum::<usize>() + 8 + 4;
-    enc[prefix - 4..prefix].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    let mut out = std::sync::Arc::<[u8]>::new_uninit_slice(enc.len() + data.len());
+    let mut head = Vec::new();
+    write_head(&mut Writer { out: &mut head }, path, offset, data.len());
+    let mut tail = Vec::new();
+    encode_touches(&mut Writer { out: &mut tail }, touch);
+    let mut out = std::sync::Arc::<[u8]>::new_uninit_slice(head.len() + data.len() + tail.len());
     let buf = std::sync::Arc::get_mut(&mut out).expect("fresh Arc is unique");
-    let parts: [&[u8]; 3] = [&enc[..prefix], data, &enc[prefix..]];
+    let parts: [&[u8]; 3] = [&head, data, &tail];
     let mut at = 0;
     for part in parts {
         // SAFETY: `buf` has room for every part (its length is their sum); the source and
