@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::compare::{compare_trees, format_diffs, try_wait_identical};
 use crate::daemons::{Master, MasterOpts, Slave, SlaveAddr, SlaveLaunch};
-use crate::util::{require_root_and_fuse, set_times, temp_dir};
+use crate::util::{lazy_unmount, mount_fstype, require_root_and_fuse, set_times, temp_dir};
 
 /// Per-slave options.
 #[derive(Debug, Clone, Copy, Default)]
@@ -31,7 +31,8 @@ pub struct ClusterOpts {
     /// `Slave::restart`, on the same port).
     pub slaves_down: bool,
     /// Runs on each replica directory before its slave starts (e.g. to mount a small tmpfs
-    /// there); the root's mode and times are set after it.
+    /// there); the root's mode and times are set after it. Whatever it mounts on the
+    /// directory is detached when the cluster is dropped (or its start fails).
     pub replica_setup: Option<fn(&Path)>,
     /// Command every slave runs under (e.g. `nsenter --net=/run/netns/NS`); empty: none.
     pub slave_prefix: Vec<String>,
@@ -64,7 +65,7 @@ const ROOT_MODE: u32 = 0o755;
 const ROOT_TIME: (i64, i64) = (1_600_000_000, 123_456_789);
 
 /// A running master (mounted) with its slaves. Fields drop in order: the master (unmount)
-/// first, then the slaves, then the temp dir.
+/// first, then the slaves, then what `replica_setup` mounted, then the temp dir.
 pub struct Cluster {
     pub master: Master,
     /// How the master was started, to start it again.
@@ -78,7 +79,22 @@ pub struct Cluster {
     /// Scratch space outside every tree (tarballs, sources, ...).
     pub scratch: PathBuf,
     pub opts: ClusterOpts,
+    _replica_mounts: ReplicaMounts,
     tmp: Option<tempfile::TempDir>,
+}
+
+/// Replica dirs `ClusterOpts::replica_setup` ran on; a mount on any of them is detached on
+/// drop.
+struct ReplicaMounts(Vec<PathBuf>);
+
+impl Drop for ReplicaMounts {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            if mount_fstype(dir).is_some() {
+                lazy_unmount(dir);
+            }
+        }
+    }
 }
 
 fn mkdir(p: &Path) {
@@ -113,6 +129,8 @@ impl Cluster {
         require_root_and_fuse();
         let tmp = temp_dir(name);
         let base = tmp.path().canonicalize().expect("canonicalize temp dir");
+        // Dropped before `tmp`, also when a slave or the master below fails to start.
+        let mut replica_mounts = ReplicaMounts(Vec::new());
         // Allow non-root callers to traverse to the mountpoint.
         {
             use std::os::unix::fs::PermissionsExt;
@@ -134,6 +152,7 @@ impl Cluster {
             let state = base.join(format!("replica{i}-state"));
             mkdir(&dir);
             if let Some(f) = opts.replica_setup {
+                replica_mounts.0.push(dir.clone());
                 f(&dir);
             }
             init_root(&dir);
@@ -188,6 +207,7 @@ impl Cluster {
             master_state,
             scratch,
             opts,
+            _replica_mounts: replica_mounts,
             tmp: if keep {
                 eprintln!("TDFS_KEEP: leaving {}", base.display());
                 let _ = tmp.keep();
