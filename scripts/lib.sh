@@ -11,8 +11,6 @@
 #   TDFS_NO_BUILD=1   do not run cargo build (use whatever binaries exist)
 #   TDFS_MASTER_ARGS  extra arguments for the master (e.g. "-z 1")
 #   TDFS_SLAVE_ARGS   extra arguments for the slave
-#   TDFS_TREECMP      "python" to force scripts/treecmp.py, "rust" to force the
-#                     tdfs-tests treecmp binary; default: rust if it exists, else python
 #   TDFS_TIMEOUT      seconds to wait for start-up and mount (default 30)
 #   TDFS_DRAIN_TIMEOUT seconds to wait for the master to drain and exit (default 120)
 #   KEEP_TMP=1        keep the temporary directory (logs, trees) after the run
@@ -249,16 +247,8 @@ tdfs_stop_slave() {
 tdfs_treecmp() {
   local ref="$1" rep="$2"
   shift 2
-  local which="${TDFS_TREECMP:-}"
-  if [[ -z "$which" ]]; then
-    if [[ -f "$TDFS_ROOT/tests/src/bin/treecmp.rs" ]]; then which=rust; else which=python; fi
-  fi
-  log "comparing $ref (backing) with $rep (replica) [$which treecmp]"
-  if [[ "$which" == rust ]]; then
-    (cd "$TDFS_ROOT" && cargo run --quiet -p tdfs-tests --bin treecmp -- "$@" "$ref" "$rep")
-  else
-    python3 "$TDFS_SCRIPTS/treecmp.py" "$@" "$ref" "$rep"
-  fi
+  log "comparing $ref (backing) with $rep (replica)"
+  python3 "$TDFS_SCRIPTS/treecmp.py" "$@" "$ref" "$rep"
 }
 
 # tdfs_cleanup: idempotent; unmounts, stops daemons, removes the temp dir. Call from the
