@@ -285,21 +285,14 @@ pub fn encode(kind: FrameType, seq: u64, payload: &[u8], comp: Compression, out:
         out.truncate(start + HEADER_LEN);
         out.extend_from_slice(payload);
     }
-    let wire_len = out.len() - start - HEADER_LEN;
-    let h = &mut out[start..start + HEADER_LEN];
-    h[0..4].copy_from_slice(&MAGIC);
-    h[4] = FRAME_VERSION;
-    h[5] = kind as u8;
-    h[6] = flag.unwrap_or(0);
-    h[7] = 0;
-    h[8..16].copy_from_slice(&seq.to_le_bytes());
-    h[16..20].copy_from_slice(&(wire_len as u32).to_le_bytes());
-    h[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&out[start..start + 24]);
-    hasher.update(&out[start + HEADER_LEN..]);
-    let crc = hasher.finalize();
-    out[start + 24..start + 28].copy_from_slice(&crc.to_le_bytes());
+    let (head, wire) = out[start..].split_at_mut(HEADER_LEN);
+    head.copy_from_slice(&make_header(
+        kind,
+        seq,
+        flag.unwrap_or(0),
+        payload.len(),
+        &[wire],
+    ));
 }
 
 /// The header of an uncompressed frame whose payload is the concatenation of `parts`, so the
@@ -307,16 +300,30 @@ pub fn encode(kind: FrameType, seq: u64, payload: &[u8], comp: Compression, out:
 pub fn header_for_parts(kind: FrameType, seq: u64, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     assert!(len <= MAX_PAYLOAD, "frame payload over limit");
+    make_header(kind, seq, 0, len, parts)
+}
+
+/// A header for the wire payload `wire` (in parts), which is `raw_len` bytes once the
+/// compression named by `flags` is undone.
+fn make_header(
+    kind: FrameType,
+    seq: u64,
+    flags: u8,
+    raw_len: usize,
+    wire: &[&[u8]],
+) -> [u8; HEADER_LEN] {
+    let wire_len: usize = wire.iter().map(|p| p.len()).sum();
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC);
     h[4] = FRAME_VERSION;
     h[5] = kind as u8;
+    h[6] = flags;
     h[8..16].copy_from_slice(&seq.to_le_bytes());
-    h[16..20].copy_from_slice(&(len as u32).to_le_bytes());
-    h[20..24].copy_from_slice(&(len as u32).to_le_bytes());
+    h[16..20].copy_from_slice(&(wire_len as u32).to_le_bytes());
+    h[20..24].copy_from_slice(&(raw_len as u32).to_le_bytes());
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&h[..24]);
-    for p in parts {
+    for p in wire {
         hasher.update(p);
     }
     h[24..28].copy_from_slice(&hasher.finalize().to_le_bytes());
