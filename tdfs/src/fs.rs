@@ -11,7 +11,7 @@ use fuser::{
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -50,11 +50,44 @@ pub struct TdfsFs {
 #[derive(Default)]
 struct Backings {
     by_ino: HashMap<u64, Weak<BackingId>>,
-    by_fh: HashMap<u64, (u64, Option<Arc<BackingId>>)>,
+    by_fh: HashMap<u64, Handle>,
     /// Per inode: (passthrough opens, cached opens).
     modes: HashMap<u64, (u32, u32)>,
-    /// Writable handles sharing the readers' backing file.
-    mixed: HashSet<u64>,
+}
+
+struct Handle {
+    ino: u64,
+    /// Set for a passthrough open.
+    backing: Option<Arc<BackingId>>,
+    /// A writable handle sharing the readers' backing file.
+    mixed: bool,
+}
+
+impl Backings {
+    fn add(&mut self, fh: u64, h: Handle) {
+        let m = self.modes.entry(h.ino).or_default();
+        if h.backing.is_some() {
+            m.0 += 1;
+        } else {
+            m.1 += 1;
+        }
+        self.by_fh.insert(fh, h);
+    }
+
+    fn remove(&mut self, fh: u64) -> Option<Handle> {
+        let h = self.by_fh.remove(&fh)?;
+        let m = self.modes.entry(h.ino).or_default();
+        if h.backing.is_some() {
+            m.0 = m.0.saturating_sub(1);
+        } else {
+            m.1 = m.1.saturating_sub(1);
+        }
+        if *m == (0, 0) {
+            self.modes.remove(&h.ino);
+            self.by_ino.remove(&h.ino);
+        }
+        Some(h)
+    }
 }
 
 impl TdfsFs {
@@ -356,9 +389,14 @@ impl Filesystem for TdfsFs {
                     self.ops.release(fh);
                     return reply.error(errno(e));
                 }
-                b.by_fh.insert(fh, (ino.0, Some(id.clone())));
-                b.mixed.insert(fh);
-                b.modes.entry(ino.0).or_default().0 += 1;
+                b.add(
+                    fh,
+                    Handle {
+                        ino: ino.0,
+                        backing: Some(id.clone()),
+                        mixed: true,
+                    },
+                );
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, &id);
             }
         }
@@ -389,13 +427,25 @@ impl Filesystem for TdfsFs {
             };
             if let Some(id) = id {
                 b.by_ino.insert(ino.0, Arc::downgrade(&id));
-                b.by_fh.insert(fh, (ino.0, Some(id.clone())));
-                b.modes.entry(ino.0).or_default().0 += 1;
+                b.add(
+                    fh,
+                    Handle {
+                        ino: ino.0,
+                        backing: Some(id.clone()),
+                        mixed: false,
+                    },
+                );
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
             }
         }
-        b.by_fh.insert(fh, (ino.0, None));
-        b.modes.entry(ino.0).or_default().1 += 1;
+        b.add(
+            fh,
+            Handle {
+                ino: ino.0,
+                backing: None,
+                mixed: false,
+            },
+        );
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
@@ -460,28 +510,15 @@ impl Filesystem for TdfsFs {
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Release);
         self.ops.release(fh.0);
-        let mut mixed = None;
+        let gone = self
+            .backing
+            .lock()
+            .expect("backing ids poisoned")
+            .remove(fh.0);
+        if let Some(Handle {
+            ino, mixed: true, ..
+        }) = gone
         {
-            let mut b = self.backing.lock().expect("backing ids poisoned");
-            if let Some((ino, id)) = b.by_fh.remove(&fh.0) {
-                if b.mixed.remove(&fh.0) {
-                    mixed = Some(ino);
-                }
-                let pass = id.is_some();
-                drop(id);
-                let m = b.modes.entry(ino).or_default();
-                if pass {
-                    m.0 = m.0.saturating_sub(1);
-                } else {
-                    m.1 = m.1.saturating_sub(1);
-                }
-                if *m == (0, 0) {
-                    b.modes.remove(&ino);
-                    b.by_ino.remove(&ino);
-                }
-            }
-        }
-        if let Some(ino) = mixed {
             if let Err(e) = self.ops.unwatch(ino) {
                 error!(
                     ino,
@@ -505,8 +542,9 @@ impl Filesystem for TdfsFs {
             .backing
             .lock()
             .expect("backing ids poisoned")
-            .mixed
-            .contains(&fh.0);
+            .by_fh
+            .get(&fh.0)
+            .is_some_and(|h| h.mixed);
         if mixed {
             if let Err(e) = self.ops.recheck_watched(ino.0) {
                 return reply.error(errno(e));
@@ -645,9 +683,14 @@ impl Filesystem for TdfsFs {
             Ok((id, st, fh)) => {
                 if self.passthrough.load(Ordering::Acquire) {
                     // A new file has no passthrough readers yet; count the cached open.
-                    let mut b = self.backing.lock().expect("backing ids poisoned");
-                    b.by_fh.insert(fh, (id, None));
-                    b.modes.entry(id).or_default().1 += 1;
+                    self.backing.lock().expect("backing ids poisoned").add(
+                        fh,
+                        Handle {
+                            ino: id,
+                            backing: None,
+                            mixed: false,
+                        },
+                    );
                 }
                 reply.created(
                     &TTL,
