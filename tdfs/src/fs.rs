@@ -190,6 +190,16 @@ fn empty(reply: ReplyEmpty, r: std::io::Result<()>) {
     }
 }
 
+/// Replies to getxattr/listxattr: the length when the caller asked for it (size 0), else
+/// the bytes.
+fn xattr(reply: ReplyXattr, size: u32, r: std::io::Result<Vec<u8>>) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 impl TdfsFs {
     fn entry(&self, reply: ReplyEntry, r: std::io::Result<(u64, libc::stat)>) {
         match r {
@@ -642,20 +652,12 @@ impl Filesystem for TdfsFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Getxattr);
-        match self.ops.getxattr(ino.0, name, size as usize) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno(e)),
-        }
+        xattr(reply, size, self.ops.getxattr(ino.0, name, size as usize))
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Listxattr);
-        match self.ops.listxattr(ino.0, size as usize) {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno(e)),
-        }
+        xattr(reply, size, self.ops.listxattr(ino.0, size as usize))
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
