@@ -15,7 +15,7 @@ use std::path::Path;
 use tdfs_protocol::op::{RENAME_EXCHANGE, RENAME_NOREPLACE};
 use tdfs_protocol::{Attr, NodeKind, Op, OpKind, Times, Touch, WirePath};
 
-use crate::confine::{self, check, cstr, openat, Target};
+use crate::confine::{self, check, cstr, lstat_at, openat, Target};
 
 /// Most write fds kept open between ops; bounded so a master touching many files cannot
 /// exhaust the fd limit.
@@ -37,22 +37,6 @@ fn errno(e: libc::c_int) -> io::Error {
 
 fn to_off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| errno(libc::EFBIG))
-}
-
-fn dot() -> CString {
-    CString::new(".").expect("no NUL")
-}
-
-fn fstatat(dir: BorrowedFd<'_>, name: &CString, flags: libc::c_int) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain old data, so all-zero is a valid value for the kernel to overwrite.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is NUL-terminated and `st` is a valid, writable stat buffer.
-    check(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, flags) })?;
-    Ok(st)
-}
-
-fn lstatat(dir: BorrowedFd<'_>, name: &CString) -> io::Result<libc::stat> {
-    fstatat(dir, name, libc::AT_SYMLINK_NOFOLLOW)
 }
 
 fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
@@ -98,27 +82,18 @@ fn chmod_at(dir: BorrowedFd<'_>, name: &CString, mode: u32) -> io::Result<()> {
         Some(libc::EOPNOTSUPP) => return Ok(()),
         _ => return Err(e),
     }
-    let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW)?;
-    // SAFETY: stat is plain old data; fstat overwrites it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is a live fd and `st` a valid buffer.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    if is_type(&st, libc::S_IFLNK) {
+    let (proc, fd) = confine::proc_path(dir, name)?;
+    if is_type(&confine::fstat(fd.as_fd())?, libc::S_IFLNK) {
         return Ok(());
     }
-    let proc = proc_path(&fd)?;
     // SAFETY: `proc` is NUL-terminated; it is a magic link to the object `fd` refers to.
     check(unsafe { libc::chmod(proc.as_ptr(), mode as libc::mode_t) })?;
     Ok(())
 }
 
-fn proc_path(fd: &OwnedFd) -> io::Result<CString> {
-    cstr(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())
-}
-
 /// Removes `name` unless it is a directory, so that a create-like op can take its place.
 fn unlink_nondir(dir: BorrowedFd<'_>, name: &CString) -> io::Result<()> {
-    let st = lstatat(dir, name)?;
+    let st = lstat_at(dir, name)?;
     if is_type(&st, libc::S_IFDIR) {
         return Err(errno(libc::EISDIR));
     }
@@ -130,7 +105,7 @@ fn unlink_nondir(dir: BorrowedFd<'_>, name: &CString) -> io::Result<()> {
 /// Removes `name` in `dir` and, for a directory, everything beneath it; never follows a
 /// symlink (each level is opened with O_NOFOLLOW relative to its parent's fd).
 fn remove_tree_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<()> {
-    let st = lstatat(dir, name)?;
+    let st = lstat_at(dir, name)?;
     if !is_type(&st, libc::S_IFDIR) {
         // SAFETY: `name` is NUL-terminated; unlinkat never follows the final component.
         check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
@@ -463,13 +438,10 @@ impl Applier {
         }
     }
 
-    /// An `O_PATH` fd on the object at `p` (a symlink itself, not its target) and the
-    /// `/proc/self/fd` name that reaches it, for syscalls with no `*at` form. The fd must stay
-    /// open while the name is used.
+    /// [`confine::proc_path`] of the object at `p`.
     fn object_proc_path(&self, p: &WirePath) -> io::Result<(CString, OwnedFd)> {
         let t = self.target(p)?;
-        let fd = openat(t.dir.as_fd(), &t.name, libc::O_PATH | libc::O_NOFOLLOW)?;
-        Ok((proc_path(&fd)?, fd))
+        confine::proc_path(t.dir.as_fd(), &t.name)
     }
 
     fn create(&mut self, path: &WirePath, attr: &Attr) -> io::Result<()> {
@@ -537,7 +509,7 @@ impl Applier {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 // An existing directory is kept (with its contents); anything else is stale.
-                let st = lstatat(dir, &t.name)?;
+                let st = lstat_at(dir, &t.name)?;
                 if !is_type(&st, libc::S_IFDIR) {
                     unlink_nondir(dir, &t.name)?;
                     mk()?;
@@ -558,7 +530,7 @@ impl Applier {
         }
         let t = self.target(path)?;
         let dir = t.dir.as_fd();
-        let st = lstatat(dir, &t.name)?;
+        let st = lstat_at(dir, &t.name)?;
         let mut chowned = false;
         if st.st_uid != attr.uid || st.st_gid != attr.gid {
             chown_at(dir, &t.name, attr.uid, attr.gid)?;
@@ -584,18 +556,14 @@ impl Applier {
             })
         };
         let Some(path) = path else {
-            let fd = openat(
-                self.root.as_fd(),
-                &dot(),
-                libc::O_RDONLY | libc::O_DIRECTORY,
-            )?;
+            let fd = openat(self.root.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
             // SAFETY: plain syscall on a live fd.
             check(unsafe { libc::syncfs(fd.as_raw_fd()) })?;
             return Ok(());
         };
         let t = self.target(path)?;
         let dir = t.dir.as_fd();
-        let st = lstatat(dir, &t.name)?;
+        let st = lstat_at(dir, &t.name)?;
         // Opening a device or FIFO could block or have side effects; only files and
         // directories hold data worth syncing.
         if is_type(&st, libc::S_IFREG) || is_type(&st, libc::S_IFDIR) {
@@ -607,7 +575,7 @@ impl Applier {
             sync(&fd)?;
         }
         // The entry itself must be durable too, and that lives in the parent directory.
-        let pfd = openat(dir, &dot(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let pfd = openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
         sync(&pfd)?;
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! outside the root. `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` gives that guarantee in
 //! one syscall; kernels without it get a component-wise `O_NOFOLLOW` walk.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -41,9 +41,43 @@ pub fn owned(ret: libc::c_int) -> io::Result<OwnedFd> {
 }
 
 /// `openat` with `O_CLOEXEC` added.
-pub fn openat(dir: BorrowedFd<'_>, name: &CString, flags: libc::c_int) -> io::Result<OwnedFd> {
+pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: `name` is a valid NUL-terminated string and `dir` a live fd for the call.
     owned(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, 0) })
+}
+
+/// `fstatat(AT_SYMLINK_NOFOLLOW)`: the entry `name` in `dir` itself, never a symlink's target.
+pub fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain old data, so all-zero is a valid value for the kernel to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated and `st` is a valid, writable stat buffer.
+    check(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+/// `fstat` of an open fd.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain old data, so all-zero is a valid value for the kernel to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is live and `st` is a valid, writable stat buffer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// An `O_PATH` fd on the object `name` in `dir` (a symlink itself, not its target) and the
+/// `/proc/self/fd` name that reaches it, for syscalls with no `*at` form (xattrs, chmod
+/// without following). The fd must stay open while the name is used.
+pub fn proc_path(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<(CString, OwnedFd)> {
+    let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW)?;
+    let path = cstr(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+    Ok((path, fd))
 }
 
 /// Opens the mirrored root once; everything else is resolved relative to this fd.
@@ -105,7 +139,7 @@ fn openat2_dir(root: BorrowedFd<'_>, rel: &WirePath) -> io::Result<OwnedFd> {
 /// validated names (never `..`), so staying beneath the root only needs symlinks refused.
 pub(crate) fn walk_dir(root: BorrowedFd<'_>, rel: &WirePath) -> io::Result<OwnedFd> {
     let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
-    let mut cur = openat(root, &cstr(b".")?, flags)?;
+    let mut cur = openat(root, c".", flags)?;
     for comp in rel.components() {
         // Each step refuses a symlink (ELOOP/ENOTDIR) because of O_NOFOLLOW|O_DIRECTORY.
         use std::os::fd::AsFd;
@@ -130,7 +164,7 @@ pub fn target(root: BorrowedFd<'_>, path: &WirePath) -> io::Result<Target> {
         }),
         None => Ok(Target {
             dir: open_dir(root, path)?,
-            name: cstr(b".")?,
+            name: c".".to_owned(),
         }),
     }
 }

@@ -13,12 +13,12 @@ use sha2::{Digest as _, Sha256};
 use tdfs_protocol::sync::{Digest, Entry};
 use tdfs_protocol::{Timespec, WirePath};
 
-use crate::confine::{self, check, cstr, openat};
+use crate::confine::{self, cstr, openat};
 
 /// Names in a directory (without `.` and `..`), in the order the directory returns them.
 pub fn read_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     // fdopendir takes ownership of its fd: give it a duplicate opened for reading.
-    let fd = openat(dir, &cstr(b".")?, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let fd = openat(dir, c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
     // SAFETY: `fd` is a directory fd we own; on success the DIR* owns it.
     let d = unsafe { libc::fdopendir(fd.as_raw_fd()) };
     if d.is_null() {
@@ -54,24 +54,9 @@ pub fn read_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     }
 }
 
-fn stat_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<libc::stat> {
-    // SAFETY: valid fd and C string; `st` fully written on success.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        check(libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        ))?;
-        Ok(st)
-    }
-}
-
 /// Extended attributes of the object `name` in `dir` (not following a symlink), sorted.
 fn xattrs_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW)?;
-    let proc = cstr(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+    let (proc, _fd) = confine::proc_path(dir, name)?;
     let mut names = vec![0u8; 4096];
     let n = loop {
         // SAFETY: buffer writable for its length; the magic link names the object itself.
@@ -137,7 +122,7 @@ fn readlink_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<Vec<u8>> {
 /// Describes one directory entry.
 pub fn entry_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Entry> {
     let c = cstr(name)?;
-    let st = stat_at(dir, &c)?;
+    let st = confine::lstat_at(dir, &c)?;
     let kind = st.st_mode & libc::S_IFMT;
     let target = if kind == libc::S_IFLNK {
         readlink_at(dir, &c)?
