@@ -821,11 +821,8 @@ fn apply_blocking(
                 break 'outer;
             }
             if matches!(op.kind, OpKind::Fsync { .. }) {
-                let r = core
-                    .state
-                    .record(master, seq)
-                    .and_then(|()| core.state.sync());
-                match r {
+                // The barrier covers the record just made, so it is durable too.
+                match core.state.sync() {
                     Ok(()) => {
                         res.durable = seq;
                         core.durable = seq;
