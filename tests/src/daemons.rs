@@ -38,18 +38,12 @@ fn log_file(path: &Path) -> (Stdio, Stdio) {
 
 /// Waits for `child` to exit, up to `timeout`; None on timeout.
 pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => return Some(st),
-            Ok(None) => {}
-            Err(e) => panic!("waitpid: {e}"),
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut status = None;
+    wait_until(timeout, || {
+        status = child.try_wait().unwrap_or_else(|e| panic!("waitpid: {e}"));
+        status.is_some()
+    });
+    status
 }
 
 fn signal(child: &Child, sig: libc::c_int) {
