@@ -196,11 +196,10 @@ impl Cluster {
             extra_args: opts.extra_master_args.clone(),
         };
         let master = Master::start(&mopts);
-        let mopts_kept = mopts;
         let keep = std::env::var_os("TDFS_KEEP").is_some();
         Cluster {
             master,
-            mopts: mopts_kept,
+            mopts,
             slaves,
             backing,
             mnt,
