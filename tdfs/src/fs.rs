@@ -207,6 +207,44 @@ impl TdfsFs {
             Err(e) => reply.error(errno(e)),
         }
     }
+
+    /// The passthrough backing id for a read-only open of `ino`: the one its readers already
+    /// share, else a new one registered from the handle's fd (None: serve it cached).
+    fn backing_id(
+        &self,
+        b: &mut Backings,
+        ino: u64,
+        fh: u64,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<BackingId>> {
+        if let Some(id) = b.by_ino.get(&ino).and_then(Weak::upgrade) {
+            return Some(id);
+        }
+        if self.backing_failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let fd = self.ops.file_fd(fh)?;
+        // SAFETY: the fd stays open in the handle table for the whole call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        match reply.open_backing(fd) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                b.by_ino.insert(ino, Arc::downgrade(&id));
+                Some(id)
+            }
+            Err(e) => {
+                // Typically EPERM (registering a backing file needs CAP_SYS_ADMIN): it would
+                // fail for every open, so stop trying, and say so once.
+                if !self.backing_failed.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        "passthrough open failed ({e}); serving every read through the daemon \
+                         from now on"
+                    );
+                }
+                None
+            }
+        }
+    }
 }
 
 impl Filesystem for TdfsFs {
@@ -392,71 +430,35 @@ impl Filesystem for TdfsFs {
         }
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
         let mut b = self.backing.lock().expect("backing ids poisoned");
-        if !read_only && b.modes.get(&ino.0).is_some_and(|m| m.0 > 0) {
-            if let Some(id) = b.by_ino.get(&ino.0).and_then(Weak::upgrade) {
-                if let Err(e) = self.ops.watch(ino.0, fh) {
-                    drop(b);
-                    self.ops.release(fh);
-                    return reply.error(errno(e));
-                }
-                b.add(
-                    fh,
-                    Handle {
-                        ino: ino.0,
-                        backing: Some(id.clone()),
-                        mixed: true,
-                    },
-                );
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, &id);
+        let (pass, cached) = b.modes.get(&ino.0).copied().unwrap_or_default();
+        let (backing, mixed) = if !read_only && pass > 0 {
+            // A writer beside passthrough readers: it must share their backing file.
+            if let Err(e) = self.ops.watch(ino.0, fh) {
+                drop(b);
+                self.ops.release(fh);
+                return reply.error(errno(e));
             }
-        }
-        let cached = b.modes.get(&ino.0).map_or(0, |m| m.1);
-        if read_only && cached == 0 {
-            let id = match b.by_ino.get(&ino.0).and_then(Weak::upgrade) {
-                Some(id) => Some(id),
-                None if self.backing_failed.load(Ordering::Acquire) => None,
-                None => match self.ops.file_fd(fh).map(|fd| {
-                    // SAFETY: the fd stays open in the handle table for the whole call.
-                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                    reply.open_backing(fd)
-                }) {
-                    Some(Ok(id)) => Some(Arc::new(id)),
-                    Some(Err(e)) => {
-                        // Typically EPERM (registering a backing file needs CAP_SYS_ADMIN):
-                        // it would fail for every open, so stop trying, and say so once.
-                        if !self.backing_failed.swap(true, Ordering::AcqRel) {
-                            warn!(
-                                "passthrough open failed ({e}); serving every read through \
-                                 the daemon from now on"
-                            );
-                        }
-                        None
-                    }
-                    None => None,
-                },
-            };
-            if let Some(id) = id {
-                b.by_ino.insert(ino.0, Arc::downgrade(&id));
-                b.add(
-                    fh,
-                    Handle {
-                        ino: ino.0,
-                        backing: Some(id.clone()),
-                        mixed: false,
-                    },
-                );
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-            }
-        }
+            (b.by_ino.get(&ino.0).and_then(Weak::upgrade), true)
+        } else if read_only && cached == 0 {
+            (self.backing_id(&mut b, ino.0, fh, &reply), false)
+        } else {
+            (None, false)
+        };
         b.add(
             fh,
             Handle {
                 ino: ino.0,
-                backing: None,
-                mixed: false,
+                backing: backing.clone(),
+                mixed,
             },
         );
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+        match backing {
+            Some(id) if mixed => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, &id)
+            }
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        }
     }
 
     fn read(
