@@ -211,6 +211,43 @@ mod tests {
         assert!(!is_metrics_get(b""));
     }
 
+    /// One unlabelled row encodes as a plain metric, several rows as labelled series.
+    #[test]
+    fn families_render() {
+        #[derive(Debug)]
+        struct C(Histogram);
+        impl prometheus_client::collector::Collector for C {
+            fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+                counters(&mut enc, "t_ops", "Ops", &[(Vec::new(), 7)])?;
+                gauges(
+                    &mut enc,
+                    "t_lag",
+                    "Lag",
+                    &[
+                        (vec![("slave", "a".to_string())], 1.5),
+                        (vec![("slave", "b".to_string())], 2.0),
+                    ],
+                )?;
+                histograms(
+                    &mut enc,
+                    "t_apply_seconds",
+                    "Apply",
+                    &[(Vec::new(), &self.0)],
+                )
+            }
+        }
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(C(Histogram::default())));
+        let out = render(&reg);
+        for want in [
+            "# TYPE t_ops counter\nt_ops_total 7\n",
+            "t_lag{slave=\"a\"} 1.5\nt_lag{slave=\"b\"} 2.0\n",
+            "# TYPE t_apply_seconds histogram\nt_apply_seconds_sum 0.0\nt_apply_seconds_count 0\n",
+        ] {
+            assert!(out.contains(want), "{want:?} not in:\n{out}");
+        }
+    }
+
     #[test]
     fn serves_and_refuses() {
         use std::io::{Read, Write};
