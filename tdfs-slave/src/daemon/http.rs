@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
@@ -128,6 +128,28 @@ fn is_metrics_get(head: &[u8]) -> bool {
 /// Labels of one series.
 pub type Labels = Vec<(&'static str, String)>;
 
+/// Encodes one metric family: a single unlabelled row as a plain metric, otherwise one series
+/// per row, each value written by `encode`.
+fn family<T>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    rows: &[(Labels, T)],
+    encode: impl Fn(&T, MetricEncoder<'_>) -> std::fmt::Result,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    if let [(labels, v)] = rows {
+        if labels.is_empty() {
+            return encode(v, m);
+        }
+    }
+    for (labels, v) in rows {
+        encode(v, m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 /// Encodes a counter family (`name` gets `_total` appended by the encoder).
 pub fn counters(
     enc: &mut DescriptorEncoder,
@@ -135,16 +157,9 @@ pub fn counters(
     help: &str,
     rows: &[(Labels, u64)],
 ) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    if let [(labels, v)] = rows {
-        if labels.is_empty() {
-            return ConstCounter::new(*v).encode(m);
-        }
-    }
-    for (labels, v) in rows {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(enc, name, help, MetricType::Counter, rows, |v, m| {
+        ConstCounter::new(*v).encode(m)
+    })
 }
 
 /// Encodes a gauge family.
@@ -154,16 +169,9 @@ pub fn gauges(
     help: &str,
     rows: &[(Labels, f64)],
 ) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    if let [(labels, v)] = rows {
-        if labels.is_empty() {
-            return ConstGauge::new(*v).encode(m);
-        }
-    }
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(enc, name, help, MetricType::Gauge, rows, |v, m| {
+        ConstGauge::new(*v).encode(m)
+    })
 }
 
 /// Encodes a histogram family (values in seconds).
@@ -173,19 +181,10 @@ pub fn histograms(
     help: &str,
     rows: &[(Labels, &Histogram)],
 ) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
-    if let [(labels, h)] = rows {
-        if labels.is_empty() {
-            let s = h.snapshot();
-            return m.encode_histogram::<NoLabelSet>(s.sum, s.count, &s.buckets, None);
-        }
-    }
-    for (labels, h) in rows {
+    family(enc, name, help, MetricType::Histogram, rows, |h, mut m| {
         let s = h.snapshot();
-        m.encode_family(labels)?
-            .encode_histogram::<NoLabelSet>(s.sum, s.count, &s.buckets, None)?;
-    }
-    Ok(())
+        m.encode_histogram::<NoLabelSet>(s.sum, s.count, &s.buckets, None)
+    })
 }
 
 /// Renders a registry in the OpenMetrics text format.
