@@ -92,6 +92,14 @@ fn read_text(r: &mut Reader<'_>, what: &'static str) -> Result<String, DecodeErr
 }
 
 impl Hello {
+    /// The version a receiver answers with: the newest both this build and the sender speak,
+    /// or `None` when their ranges do not meet (an empty sender range meets nothing).
+    pub fn common_proto(&self) -> Option<u16> {
+        let lo = self.proto_min.max(PROTO_MIN);
+        let hi = self.proto_max.min(PROTO_MAX);
+        (lo <= hi).then_some(hi)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let mut w = Writer { out: &mut out };

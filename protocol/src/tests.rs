@@ -309,6 +309,16 @@ fn messages_roundtrip() {
         label: "host:/data".into(),
     };
     assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+    let range = |proto_min, proto_max| Hello {
+        proto_min,
+        proto_max,
+        ..h.clone()
+    };
+    assert_eq!(range(1, 1).common_proto(), Some(1));
+    assert_eq!(range(0, 9).common_proto(), Some(crate::msg::PROTO_MAX));
+    assert_eq!(range(7, 9).common_proto(), None);
+    assert_eq!(range(0, 0).common_proto(), None);
+    assert_eq!(range(1, 0).common_proto(), None);
     let a = HelloAck {
         proto: 1,
         last_master: [9; 16],

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tdfs_protocol::frame::{self, FrameType};
-use tdfs_protocol::msg::{Hello, HelloAck, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN};
+use tdfs_protocol::msg::{Hello, HelloAck, Refuse, RefuseCode};
 use tdfs_protocol::{Compression, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -89,21 +89,21 @@ pub async fn serve(
             match (greeted, f.kind) {
                 (false, FrameType::Inspect) => {
                     let h = Hello::decode(&f.payload).map_err(|e| e.to_string())?;
-                    if h.proto_max < PROTO_MIN || h.proto_min > PROTO_MAX {
+                    let Some(proto) = h.common_proto() else {
                         let r = Refuse {
                             code: RefuseCode::Version,
                             message: "no common protocol version".into(),
                         };
                         let _ = send(&mut wr, FrameType::Refuse, 0, &r.encode()).await;
                         return Err("no common protocol version".into());
-                    }
+                    };
                     tracing::info!("verifier {} from {peer} connected", h.label);
                     let (m, a) = {
                         let c = shared.core();
                         (c.state.master, c.state.applied)
                     };
                     let ack = HelloAck {
-                        proto: h.proto_max.min(PROTO_MAX),
+                        proto,
                         last_master: m,
                         last_applied: a,
                     };

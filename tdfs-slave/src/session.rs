@@ -262,10 +262,7 @@ impl Session {
             }
         };
         let peer = self.peer;
-        if hello.proto_min > hello.proto_max
-            || hello.proto_max < PROTO_MIN
-            || hello.proto_min > PROTO_MAX
-        {
+        let Some(proto) = hello.common_proto() else {
             return Err(self
                 .refuse(
                     RefuseCode::Version,
@@ -275,8 +272,7 @@ impl Session {
                     ),
                 )
                 .await);
-        }
-        let proto = hello.proto_max.min(PROTO_MAX);
+        };
         self.shared.set_label(&hello.label);
         let (last_master, last_applied, durable) = {
             let mut core = self.shared.core();
