@@ -1012,6 +1012,49 @@ mod session {
     }
 }
 
+/// A ListDir answer: one frame for an empty directory, an errno for a missing one, and a
+/// big directory split into frames of at most MAX_ENTRIES, all but the last saying `more`.
+#[test]
+fn listing_replies_split_big_directories() {
+    use std::os::fd::AsFd;
+    use tdfs_protocol::sync::{Listing, MAX_ENTRIES};
+    let d = tempfile::tempdir_in("/tmp").unwrap();
+    fs::create_dir(d.path().join("empty")).unwrap();
+    fs::create_dir(d.path().join("big")).unwrap();
+    for i in 0..MAX_ENTRIES + 1 {
+        fs::write(d.path().join(format!("big/{i:05}")), b"").unwrap();
+    }
+    let root = crate::confine::open_root(d.path()).unwrap();
+    let list = |dir: &str| -> Vec<Listing> {
+        crate::session::listing_replies(root.as_fd(), 7, &p(dir))
+            .into_iter()
+            .map(|(kind, id, payload)| {
+                assert_eq!((kind, id), (tdfs_protocol::FrameType::Listing, 7));
+                Listing::decode(&payload).unwrap()
+            })
+            .collect()
+    };
+    let empty = list("empty");
+    assert_eq!(empty.len(), 1);
+    assert_eq!((empty[0].errno, empty[0].more), (0, false));
+    assert!(empty[0].entries.is_empty());
+    let missing = list("missing");
+    assert_eq!(missing.len(), 1);
+    assert_eq!((missing[0].errno, missing[0].more), (libc::ENOENT, false));
+    let big = list("big");
+    assert_eq!(big.len(), 2);
+    assert_eq!((big[0].more, big[1].more), (true, false));
+    assert_eq!(big[0].entries.len(), MAX_ENTRIES);
+    let names: Vec<Vec<u8>> = big
+        .iter()
+        .flat_map(|l| l.entries.iter().map(|e| e.name.clone()))
+        .collect();
+    let want: Vec<Vec<u8>> = (0..MAX_ENTRIES + 1)
+        .map(|i| format!("{i:05}").into_bytes())
+        .collect();
+    assert_eq!(names, want);
+}
+
 /// The pre-openat2 fallback refuses symlinks at every step just like openat2 does.
 #[test]
 fn fallback_walk_refuses_symlinks() {
