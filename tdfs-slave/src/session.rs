@@ -660,49 +660,41 @@ pub(crate) fn listing_replies(
     p: &WirePath,
 ) -> Vec<(FrameType, u64, Vec<u8>)> {
     use tdfs_protocol::sync::{Listing, MAX_ENTRIES};
+    let reply = |errno, more, entries| {
+        let l = Listing {
+            errno,
+            more,
+            entries,
+        };
+        (FrameType::Listing, id, l.encode())
+    };
     let entries = match crate::inspect::list_dir(root, p) {
         Ok(e) => e,
-        Err(e) => {
-            let l = Listing {
-                errno: e.raw_os_error().unwrap_or(libc::EIO),
-                more: false,
-                entries: vec![],
-            };
-            return vec![(FrameType::Listing, id, l.encode())];
-        }
+        Err(e) => return vec![reply(e.raw_os_error().unwrap_or(libc::EIO), false, vec![])],
     };
     let mut out = Vec::new();
-    let mut cur = Vec::new();
-    let mut bytes = 0;
-    let n = entries.len();
-    for (i, e) in entries.into_iter().enumerate() {
-        bytes += 64
-            + e.name.len()
-            + e.target.len()
-            + e.xattrs
-                .iter()
-                .map(|(a, b)| a.len() + b.len() + 8)
-                .sum::<usize>();
-        cur.push(e);
-        if cur.len() >= MAX_ENTRIES || bytes > (2 << 20) || i + 1 == n {
-            let l = Listing {
-                errno: 0,
-                more: i + 1 < n,
-                entries: std::mem::take(&mut cur),
-            };
-            out.push((FrameType::Listing, id, l.encode()));
-            bytes = 0;
+    let mut rest = entries.into_iter().peekable();
+    loop {
+        // Up to MAX_ENTRIES per frame, and about 2 MiB.
+        let mut cur = Vec::new();
+        let mut bytes = 0;
+        while cur.len() < MAX_ENTRIES && bytes <= (2 << 20) {
+            let Some(e) = rest.next() else { break };
+            bytes += 64
+                + e.name.len()
+                + e.target.len()
+                + e.xattrs
+                    .iter()
+                    .map(|(a, b)| a.len() + b.len() + 8)
+                    .sum::<usize>();
+            cur.push(e);
+        }
+        let more = rest.peek().is_some();
+        out.push(reply(0, more, cur));
+        if !more {
+            return out;
         }
     }
-    if out.is_empty() {
-        let l = Listing {
-            errno: 0,
-            more: false,
-            entries: vec![],
-        };
-        out.push((FrameType::Listing, id, l.encode()));
-    }
-    out
 }
 
 fn strerror(e: &io::Error) -> String {
