@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use sha2::{Digest as _, Sha256};
 use tdfs_protocol::sync::{Digest, Entry};
@@ -200,8 +200,7 @@ pub fn digest(root: BorrowedFd<'_>, path: &WirePath) -> Digest {
                 Err(e)
             }
         })?;
-        // SAFETY: we own `fd`; File takes it over.
-        let mut f = unsafe { std::fs::File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+        let mut f = std::fs::File::from(fd);
         if !f.metadata()?.is_file() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
