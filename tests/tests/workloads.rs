@@ -59,19 +59,17 @@ fn unpack_source_trees_with_tar() {
         .arg("-C")
         .arg(c.at("ws")));
     c.finish();
+    // The tarball unpacked again outside the mount, to compare the contents with.
+    let check = c.scratch.join("ws-check");
+    fs::create_dir(&check).unwrap();
+    run(Command::new("tar")
+        .arg("-xpf")
+        .arg(&ws)
+        .arg("-C")
+        .arg(&check));
     for r in c.roots() {
         for p in &parts {
             assert_same_content(&Path::new("/usr").join(p), &r.join(p));
-        }
-        // Unpack the tarball again outside the mount and compare the contents.
-        let check = c.scratch.join("ws-check");
-        if !check.exists() {
-            fs::create_dir(&check).unwrap();
-            run(Command::new("tar")
-                .arg("-xpf")
-                .arg(&ws)
-                .arg("-C")
-                .arg(&check));
         }
         assert_same_content(&check, &r.join("ws"));
         assert!(r.join("ws/Cargo.toml").is_file());
