@@ -49,26 +49,19 @@ fn build(root: &Path) {
     fix_times(root);
 }
 
-/// Sets deterministic times on every entry (children before parents does not matter:
-/// utimensat does not touch the parent's mtime).
+/// Sets deterministic times on every entry, numbered in path order (children before
+/// parents does not matter: utimensat does not touch the parent's mtime).
 fn fix_times(root: &Path) {
     let mut stack = vec![root.to_path_buf()];
-    let mut i = 0i64;
     let mut all = Vec::new();
     while let Some(p) = stack.pop() {
         if fs::symlink_metadata(&p).unwrap().is_dir() {
-            let mut kids: Vec<_> = fs::read_dir(&p)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            kids.sort();
-            stack.extend(kids);
+            stack.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
         }
         all.push(p);
     }
     all.sort();
-    for p in all {
-        i += 1;
+    for (i, p) in (1i64..).zip(all) {
         set_times(&p, (1_500_000_000 + i, 5), (1_400_000_000 + i, 100 + i)).unwrap();
     }
 }
