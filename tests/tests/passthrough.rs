@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use tdfs_tests::cluster::{Cluster, ClusterOpts};
+use tdfs_tests::cluster::Cluster;
 use tdfs_tests::util::{pseudo_random, wait_until};
 
 fn cluster(name: &str) -> Cluster {
-    let c = Cluster::start(name, ClusterOpts::default());
+    let c = Cluster::single(name);
     assert!(
         wait_until(Duration::from_secs(10), || c
             .master
