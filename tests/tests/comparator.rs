@@ -20,7 +20,10 @@ fn is_root() -> bool {
 /// For a test that is about owners or device nodes: without root it could only pass
 /// without checking anything, so it fails and says why.
 fn require_root(what: &str) {
-    assert!(is_root(), "{what} needs root (chown, mknod of devices): run as root");
+    assert!(
+        is_root(),
+        "{what} needs root (chown, mknod of devices): run as root"
+    );
 }
 
 /// Builds the same rich tree every time, with fixed times on every entry.
