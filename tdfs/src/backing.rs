@@ -7,7 +7,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use tdfs_protocol::{Times, Timespec, WirePath};
@@ -46,13 +46,8 @@ pub fn times_of(st: &libc::stat) -> Times {
 }
 
 pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    // SAFETY: `st` is a plain C struct fully written by fstat on success; fd validity is the
-    // kernel's to check (EBADF).
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        cvt(libc::fstat(fd, &mut st))?;
-        Ok(st)
-    }
+    // SAFETY: the caller's fd is open for the duration of the call.
+    tdfs_slave::confine::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
 }
 
 #[derive(Debug)]
@@ -99,18 +94,7 @@ impl Backing {
     }
 
     pub fn lstat(&self, p: &WirePath) -> io::Result<libc::stat> {
-        let c = self.at(p)?;
-        // SAFETY: valid fd and C string; `st` fully written on success.
-        unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            cvt(libc::fstatat(
-                self.root_fd(),
-                c.as_ptr(),
-                &mut st,
-                libc::AT_SYMLINK_NOFOLLOW,
-            ))?;
-            Ok(st)
-        }
+        tdfs_slave::confine::lstat_at(self.root.as_fd(), &self.at(p)?)
     }
 
     pub fn open(&self, p: &WirePath, flags: i32, mode: u32) -> io::Result<OwnedFd> {

@@ -296,14 +296,7 @@ fn read_piece(root_prefix: &str, fd: BorrowedFd<'_>, off: u64) -> io::Result<Pie
     };
     // SAFETY: lseek on an fd we own.
     let data_at = unsafe { libc::lseek(fd.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    let stat = || {
-        // SAFETY: `st` fully written on success.
-        unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            confine::check(libc::fstat(fd.as_raw_fd(), &mut st))?;
-            Ok::<_, io::Error>(st)
-        }
-    };
+    let stat = || confine::fstat(fd.as_fd());
     if data_at < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ENXIO) {
