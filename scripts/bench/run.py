@@ -5,6 +5,7 @@ Usage (as root, from anywhere):
 
     scripts/bench/setup.sh            # once: fio, bindfs, passthrough_hp (built under /opt)
     scripts/bench/run.py [--quick] [--runs N] [--out FILE] [--targets a,b,...] [--sections ...]
+                         [--no-hold-memory] [--prefault-gib N]
 
 Every target is a directory the workloads run in: a fresh directory on the work filesystem
 (native), a FUSE mount over a fresh backing directory (bindfs, passthrough_hp, tdfs). Targets
@@ -17,6 +18,15 @@ Ctrl-C reaches only this script, which then unmounts everything it mounted, stop
 process it started and removes its work directory (try/finally plus signal handlers).
 Readiness is always a condition polled with a deadline (slave logged "listening on", mount in
 /proc/mounts, master logged "connected; streaming" for every slave), never a fixed sleep.
+
+On a VM with free page reporting (Firecracker: /sys/module/page_reporting/parameters/
+min_free_ms), freed guest memory goes back to the host and its next first touch is a host
+fault, which makes page-cache-heavy rows vary several-fold and penalises targets that touch
+more memory. So, by default, the run first sets min_free_ms and max_waiting_mib to the largest
+values the kernel accepts (freed pages then stay in the guest for minutes), pre-touches
+--prefault-gib GiB (default 8, at most half of MemAvailable) of anonymous memory and releases
+it, and writes the saved values back at exit, error, Ctrl-C or SIGTERM; the notes say what it
+did. --no-hold-memory skips all of that.
 
 Needs: python3 (stdlib only), root, /dev/fuse, fusermount3, tar, git, cargo (unless
 --no-build); fio, bindfs and passthrough_hp are optional (a missing one is skipped and noted).
@@ -70,6 +80,7 @@ class Registry:
     def __init__(self):
         self.procs = []  # (name, Popen)
         self.mounts = []  # mountpoints
+        self.knobs = []  # (path, value): kernel settings to write back at exit
         self.work = None
 
     def add_proc(self, name, p):
@@ -85,7 +96,32 @@ class Registry:
     def forget_proc(self, p):
         self.procs = [(n, q) for (n, q) in self.procs if q is not p]
 
+    def add_knob(self, path, value):
+        """Register PATH's saved VALUE before changing it, so an interruption between the
+        save and the write still restores it (writing back an unchanged value is harmless)."""
+        self.knobs.append((path, value))
+
     def cleanup(self, keep=False):
+        try:
+            self._cleanup(keep)
+        finally:
+            # Kernel settings last and whatever happened above: they outlive this script.
+            self.restore_knobs()
+
+    def restore_knobs(self):
+        for path, value in reversed(self.knobs):
+            try:
+                with open(path) as f:
+                    now = f.read().strip()
+                if now != value:
+                    with open(path, "w") as f:
+                        f.write(value)
+                    log(f"cleanup: restored {path} to {value} (was {now})")
+            except OSError as e:
+                warn(f"cleanup: could not restore {path} to {value} ({e}); restore it by hand")
+        self.knobs = []
+
+    def _cleanup(self, keep):
         for mnt in reversed(list(self.mounts)):
             if is_mounted(mnt):
                 log(f"cleanup: unmounting {mnt}")
@@ -216,6 +252,132 @@ def drop_caches():
         return True
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------------------
+# VM memory: hold off free page reporting and pre-touch memory
+# ---------------------------------------------------------------------------------------
+#
+# On a VM with free page reporting (Firecracker guests: /sys/module/page_reporting/parameters/
+# with min_free_ms, max_waiting_mib, ...), memory the guest frees is handed back to the host,
+# and the first touch of such a page again is a host fault. Page-cache-heavy rows then measure
+# that, not the software: writing 1 GiB files in a row natively gave 4647, 774, 415, 4397,
+# 4030 MiB/s, touching 12 GiB of fresh anonymous memory ran at ~0.4 GiB/s, and a target that
+# touches more memory (tdfs with a slave writes every byte twice) is penalised for it. With
+# min_free_ms at its largest accepted value (by its name and effect: how long a page must
+# have stayed free before it is reported) and memory pre-touched once, the same writes gave 4561, 4585, 992, 3803, 3761.
+
+PAGE_REPORTING = "/sys/module/page_reporting/parameters"
+# Largest first: the kernel rejects values above its maximum (300000 is the largest this
+# Firecracker kernel takes for min_free_ms; 3600000 is EINVAL).
+MIN_FREE_MS = (300000, 120000, 60000, 30000, 10000)
+PAGE = 4096
+
+
+def read_knob(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def write_first_accepted(path, candidates):
+    """Write the first of CANDIDATES that PATH accepts (read back to be sure); None if none."""
+    for v in candidates:
+        try:
+            with open(path, "w") as f:
+                f.write(str(v))
+            if read_knob(path) == str(v):
+                return str(v)
+        except OSError:
+            continue
+    return None
+
+
+def mem_available():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pretouch(size):
+    """Map SIZE bytes of anonymous memory, write one byte per page, release it; seconds.
+    All of it is held until every page is touched, so the guest has to back SIZE bytes at
+    once (touching and releasing piecewise would reuse the same few pages). Chunks keep a
+    Ctrl-C prompt."""
+    import mmap
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        chunk = 256 * MiB
+        ones = b"\x01" * (chunk // PAGE)
+        t0 = time.monotonic()
+        for off in range(0, size, chunk):
+            end = min(off + chunk, size)
+            m[off:end:PAGE] = ones[:(end - off + PAGE - 1) // PAGE]
+        return time.monotonic() - t0
+    finally:
+        m.close()
+
+
+def hold_memory(a):
+    """Hold off VM free page reporting for the run (the old values go to REG, which writes
+    them back at exit, error, Ctrl-C or SIGTERM), then pre-touch memory. Returns the note."""
+    if a.no_hold_memory:
+        return ("VM free page reporting not held off and no memory pre-touched "
+                "(--no-hold-memory); on a VM that returns freed memory to the host, "
+                "page-cache-heavy rows can vary several-fold from run to run")
+    mf = os.path.join(PAGE_REPORTING, "min_free_ms")
+    mw = os.path.join(PAGE_REPORTING, "max_waiting_mib")
+    why = None
+    if os.geteuid() != 0:
+        why = "not root"
+    elif not os.path.exists(mf):
+        why = f"no {mf} (no free page reporting to hold off on this machine)"
+    if why:
+        warn(f"memory hold skipped: {why}")
+        # Without the hold, pages released after a pre-touch would be reported again at
+        # once, so there is no point in touching them.
+        return f"VM free page reporting not held off and no memory pre-touched: {why}"
+    # max_waiting_mib: how much freed memory may wait unreported; at least all of the RAM
+    ram_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MiB
+    max_waiting = sorted({max(65536, ram_mib), 65536, 32768, 16384, 8192, 4096}, reverse=True)
+    changes = []
+    for path, candidates in ((mf, MIN_FREE_MS), (mw, max_waiting)):
+        if not os.path.exists(path):
+            continue
+        old = read_knob(path)
+        REG.add_knob(path, old)
+        new = write_first_accepted(path, candidates)
+        name = os.path.basename(path)
+        if new is None:
+            warn(f"memory hold: {path} took none of {', '.join(map(str, candidates))}; "
+                 f"left at {old}")
+            if path == mf:
+                return (f"VM free page reporting not held off and no memory pre-touched: "
+                        f"{mf} took none of {', '.join(map(str, candidates))}")
+            changes.append(f"{name} left at {old}")
+        elif new == old:
+            changes.append(f"{name} already {old}")
+        else:
+            changes.append(f"{name} {old} → {new}")
+    note = (f"VM free page reporting held off for the run ({', '.join(changes)}, "
+            "restored after)")
+    if a.prefault_gib <= 0:
+        return note + "; no memory pre-touched (--prefault-gib 0)"
+    # never more than half of what is available: the pre-touch must not push the page cache
+    # or anything else out
+    want = int(a.prefault_gib * (1 << 30)) // PAGE * PAGE
+    size = min(want, mem_available() // 2 // PAGE * PAGE)
+    capped = " (capped at half of MemAvailable)" if size < want else ""
+    if size <= 0:
+        return note + "; no memory pre-touched (MemAvailable too low)"
+    gib = size / (1 << 30)
+    log(f"pre-touching {gib:.3g} GiB of anonymous memory{capped}")
+    secs = pretouch(size)
+    note += (f"; pre-touched {gib:.3g} GiB{capped} in {secs:.1f} s ({gib / secs:.2f} GiB/s; "
+             "slow when the pages had been returned to the host, each first touch being a "
+             "host fault)")
+    return note
 
 
 # ---------------------------------------------------------------------------------------
@@ -1217,6 +1379,15 @@ def parse_args():
     ap.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp"),
                     help="where the fresh work directory is made (default $TMPDIR or /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--no-hold-memory", action="store_true",
+                    help="do not hold off VM free page reporting nor pre-touch memory (by "
+                         "default, where /sys/module/page_reporting/parameters/min_free_ms "
+                         "exists, the run sets it and max_waiting_mib to their largest "
+                         "accepted values, restoring them at exit, and pre-touches memory)")
+    ap.add_argument("--prefault-gib", type=float, default=8, metavar="N",
+                    help="GiB of anonymous memory touched once before the run while free page "
+                         "reporting is held off (default 8; never more than half of "
+                         "MemAvailable; 0: none)")
     a = ap.parse_args()
     q = a.quick
     a.size_mib = a.size_mib or (64 if q else 1024)
@@ -1304,6 +1475,10 @@ def main():
     b.work = REG.work
     ok = False
     try:
+        # First, inside the try: the registry writes the saved settings back in any case.
+        note = hold_memory(a)
+        log(note)
+        b.notes.append(note)
         b.tarball, b.tar_files, b.tar_bytes = make_tarball(REG.work, a.tar_files)
         b.tar_mib = b.tar_bytes / MiB
         log(f"source tarball: {b.tar_files} files, {b.tar_mib:.1f} MiB from /usr/include")
