@@ -250,6 +250,12 @@ pub fn check(buf: &[u8]) -> Result<usize, FrameError> {
     checked(buf).map(|(_, total)| total)
 }
 
+/// The total length of the frame at the front of `buf` as soon as its header is there (the
+/// rest may still be arriving): a reader can then make room for the whole frame at once.
+pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
+    header(buf).map(|h| HEADER_LEN + h.wire_len)
+}
+
 /// Parses the frame at the front of `buf` without copying an uncompressed payload.
 pub fn parse_ref(buf: &[u8]) -> Result<FrameRef<'_>, FrameError> {
     let (h, total) = checked(buf)?;

@@ -81,6 +81,7 @@ pub mod path;
 pub mod sync;
 mod wire;
 
+pub use bytes::Bytes;
 pub use compress::Compression;
 pub use frame::{Frame, FrameError, FrameType, HEADER_LEN, MAX_PAYLOAD};
 pub use op::{Attr, NodeKind, Op, OpKind, Times, Timespec, Touch};

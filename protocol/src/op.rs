@@ -6,6 +6,8 @@
 //! after the syscall, so that replicas agree on mtime to the nanosecond (web farms derive ETag
 //! and Last-Modified from it).
 
+use bytes::Bytes;
+
 use crate::path::WirePath;
 use crate::wire::{DecodeError, Reader, Writer};
 
@@ -133,7 +135,8 @@ pub enum OpKind {
     Write {
         path: WirePath,
         offset: u64,
-        data: Vec<u8>,
+        /// Shared so that a decoded op points into the received frame instead of a copy.
+        data: Bytes,
     },
     /// `fallocate(2)` with its mode flags (keep-size, punch-hole, zero-range, ...).
     Fallocate {
@@ -489,7 +492,7 @@ impl Op {
             10 => Write {
                 path: r.path()?,
                 offset: r.u64("offset")?,
-                data: r.bytes("write data", MAX_WRITE)?,
+                data: r.data("write data", MAX_WRITE)?,
             },
             11 => Fallocate {
                 path: r.path()?,
@@ -645,7 +648,16 @@ pub fn encode_batch<'a>(ops: impl IntoIterator<Item = &'a Op>, out: &mut Vec<u8>
 
 /// Decodes an ops batch payload.
 pub fn decode_batch(buf: &[u8]) -> Result<Vec<Op>, DecodeError> {
-    let mut r = Reader::new(buf);
+    decode_batch_from(Reader::new(buf))
+}
+
+/// Decodes an ops batch payload whose write data stay slices of `buf`: the slave applies every
+/// replicated byte, and this spares it one copy of each.
+pub fn decode_batch_shared(buf: &Bytes) -> Result<Vec<Op>, DecodeError> {
+    decode_batch_from(Reader::shared(buf))
+}
+
+fn decode_batch_from(mut r: Reader<'_>) -> Result<Vec<Op>, DecodeError> {
     let n = r.u32("batch count")? as usize;
     if n > MAX_BATCH {
         return Err(DecodeError::TooLarge {

@@ -3,6 +3,7 @@ use crate::msg::{Ack, ApplyError, Hello, HelloAck, Refuse, RefuseCode};
 use crate::op::{self, *};
 use crate::path::WirePath;
 use crate::Compression;
+use bytes::Bytes;
 use proptest::prelude::*;
 
 fn name() -> impl Strategy<Value = Vec<u8>> {
@@ -71,7 +72,7 @@ fn kind() -> impl Strategy<Value = OpKind> {
         (path(), any::<u64>(), bytes(3000)).prop_map(|(path, offset, data)| OpKind::Write {
             path,
             offset,
-            data
+            data: data.into()
         }),
         (path(), any::<i32>(), any::<u64>(), any::<u64>()).prop_map(|(path, mode, offset, len)| {
             OpKind::Fallocate {
@@ -113,7 +114,7 @@ fn an_op() -> impl Strategy<Value = Op> {
 proptest! {
     #[test]
     fn encode_write_matches_encode(p in path(), off in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..5000), t in proptest::collection::vec(touch(), 0..3)) {
-        let o = Op { kind: OpKind::Write { path: p.clone(), offset: off, data: data.clone() }, touch: t.clone() };
+        let o = Op { kind: OpKind::Write { path: p.clone(), offset: off, data: data.clone().into() }, touch: t.clone() };
         let mut want = Vec::new();
         o.encode(&mut want);
         prop_assert_eq!(&op::encode_write(&p, off, &data, &t)[..], &want[..]);
@@ -147,7 +148,21 @@ proptest! {
         prop_assert_eq!(f.kind, FrameType::Ops);
         prop_assert_eq!(f.seq, seq);
         prop_assert_eq!(f.wire_len, bytes.len());
-        prop_assert_eq!(op::decode_batch(&f.payload).unwrap(), ops);
+        prop_assert_eq!(op::decode_batch(&f.payload).unwrap(), ops.clone());
+        // Decoding from a shared buffer gives the same ops, with write data pointing into it.
+        let shared = Bytes::from(f.payload.clone());
+        let range = shared.as_ptr_range();
+        let from_shared = op::decode_batch_shared(&shared).unwrap();
+        for o in &from_shared {
+            if let OpKind::Write { data, .. } = &o.kind {
+                prop_assert!(data.is_empty() || range.contains(&data.as_ptr()));
+            }
+        }
+        prop_assert_eq!(from_shared, ops);
+        // The frame's length is known from its header alone.
+        if bytes.len() >= HEADER_LEN {
+            prop_assert_eq!(frame::frame_len(&bytes[..HEADER_LEN]).unwrap(), bytes.len());
+        }
         // The borrowing parse yields the same frame and copies no uncompressed payload.
         let r = frame::parse_ref(&bytes).unwrap();
         prop_assert_eq!(r.clone().into_owned(), f);
@@ -166,6 +181,8 @@ proptest! {
     fn random_bytes_are_harmless(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
         let _ = frame::parse(&bytes);
         let _ = op::decode_batch(&bytes);
+        let _ = op::decode_batch_shared(&Bytes::from(bytes.clone()));
+        let _ = frame::frame_len(&bytes);
         let _ = Op::decode(&bytes);
         let _ = Hello::decode(&bytes);
         let _ = ApplyError::decode(&bytes);
@@ -205,7 +222,7 @@ fn oversize_lengths_refused_before_allocation() {
     let o = Op::new(OpKind::Write {
         path: WirePath::parse(b"f").unwrap(),
         offset: 0,
-        data: vec![1, 2, 3],
+        data: vec![1, 2, 3].into(),
     });
     let mut enc = Vec::new();
     o.encode(&mut enc);

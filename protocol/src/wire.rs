@@ -1,6 +1,8 @@
 //! Little-endian field encoding shared by ops and messages. The reader checks every length
 //! against the bytes actually present *and* against a per-field maximum before it allocates.
 
+use bytes::Bytes;
+
 use crate::op::Timespec;
 use crate::path::{PathError, WirePath, MAX_DEPTH, MAX_NAME};
 
@@ -70,11 +72,20 @@ impl Writer<'_> {
 
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
+    /// The buffer `buf` lies in, when it is shared: bulk data is then handed out as slices of
+    /// it rather than copied.
+    owner: Option<&'a Bytes>,
 }
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Self { buf }
+        Self { buf, owner: None }
+    }
+    pub(crate) fn shared(buf: &'a Bytes) -> Self {
+        Self {
+            buf,
+            owner: Some(buf),
+        }
     }
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len()
@@ -138,6 +149,19 @@ impl<'a> Reader<'a> {
             return Err(DecodeError::TooLarge { what, len, max });
         }
         Ok(self.take(len, what)?.to_vec())
+    }
+    /// Length-prefixed bytes as in [`Self::bytes`], without a copy when the input is shared.
+    pub(crate) fn data(&mut self, what: &'static str, max: usize) -> Result<Bytes, DecodeError> {
+        let len = self.u32(what)? as usize;
+        if len > max {
+            return Err(DecodeError::TooLarge { what, len, max });
+        }
+        let owner = self.owner;
+        let b = self.take(len, what)?;
+        Ok(match owner {
+            Some(o) => o.slice_ref(b),
+            None => Bytes::copy_from_slice(b),
+        })
     }
     /// Exactly `len` bytes (the caller bounded `len`).
     pub(crate) fn bytes_exact(

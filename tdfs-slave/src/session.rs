@@ -4,13 +4,15 @@
 //! frame carrying the next expected sequence number. Anything else ends the connection (and
 //! only the connection).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tdfs_protocol::frame::{self, FrameRef, FrameType};
+use bytes::{Buf, Bytes, BytesMut};
+use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{
     Ack, ApplyError, Hello, HelloAck, MasterId, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN,
 };
@@ -27,6 +29,9 @@ use crate::transport::{BoxRead, BoxWrite};
 const BUF_MAX: usize = MAX_PAYLOAD + HEADER_LEN;
 
 const READ_CHUNK: usize = 256 * 1024;
+
+/// Below this much spare room, a read first makes more.
+const MIN_READ: usize = 64 * 1024;
 
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -70,9 +75,9 @@ struct Session {
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-    /// Received bytes; those before `start` are parsed already.
-    buf: Vec<u8>,
-    start: usize,
+    /// Received bytes not parsed yet. Whole frames are split off the front and frozen, so
+    /// the ops decoded from them point into this allocation instead of copies.
+    buf: BytesMut,
     master: MasterId,
     /// Sequence number the next op must carry.
     expected: u64,
@@ -97,8 +102,7 @@ pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared
         peer,
         shared,
         stop,
-        buf: first,
-        start: 0,
+        buf: BytesMut::from(&first[..]),
         master: [0; 16],
         expected: 0,
         started: false,
@@ -149,23 +153,21 @@ impl Session {
 
     /// Reads more bytes into the buffer; ends the session on EOF or shutdown.
     async fn read_more(&mut self) -> Result<(), End> {
-        let room = BUF_MAX.saturating_sub(self.buf.len() - self.start);
-        if room == 0 {
+        if self.buf.len() >= BUF_MAX {
             // Cannot happen with a valid frame (check() bounds lengths); be safe anyway.
             return Err(self
                 .refuse(RefuseCode::Malformed, "read buffer overflow".into())
                 .await);
         }
-        // Bytes arrive straight after what is buffered; the unparsed tail moves to the front
-        // only when the spare room runs low, so most of the stream is never copied here.
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > 0 && self.buf.capacity() - self.buf.len() < READ_CHUNK {
-            self.buf.drain(..self.start);
-            self.start = 0;
+        // Once a frame's header is in, room is made for all of it: a new allocation then
+        // copies only the part already received, and the rest arrives in place.
+        let rest = match frame::frame_len(&self.buf) {
+            Ok(total) => total.saturating_sub(self.buf.len()),
+            Err(_) => 0,
+        };
+        if self.buf.capacity() - self.buf.len() < rest.max(MIN_READ) {
+            self.buf.reserve(rest.max(READ_CHUNK));
         }
-        self.buf.reserve(room.min(READ_CHUNK));
         let res = tokio::select! {
             // Cancel safe: on cancellation nothing was read.
             r = self.rd.read_buf(&mut self.buf) => Some(r),
@@ -189,25 +191,30 @@ impl Session {
     /// framing error that stopped the scan, if any.
     fn take_frames(&mut self) -> (Vec<Received>, Option<FrameError>) {
         let mut frames = Vec::new();
-        let mut pos = 0;
         let mut budget = 0usize;
         let mut err = None;
         // Compressed frames expand; bound what one round holds in memory.
         while budget < MAX_PAYLOAD {
-            match frame::parse_ref(&self.buf[self.start + pos..]) {
+            let (kind, seq, wire_len, inflated) = match frame::parse_ref(&self.buf) {
                 Ok(f) => {
-                    pos += f.wire_len;
-                    budget += f.payload.len() + HEADER_LEN;
-                    frames.push(Received::new(f));
+                    let inflated = match f.payload {
+                        Cow::Owned(v) => Some(v),
+                        Cow::Borrowed(_) => None,
+                    };
+                    (f.kind, f.seq, f.wire_len, inflated)
                 }
                 Err(FrameError::Incomplete) => break,
                 Err(e) => {
                     err = Some(e);
                     break;
                 }
-            }
+            };
+            let whole = self.buf.split_to(wire_len).freeze();
+            // An uncompressed payload is the frame after its header.
+            let payload = inflated.map_or_else(|| whole.slice(HEADER_LEN..), Bytes::from);
+            budget += payload.len() + HEADER_LEN;
+            frames.push(Received::new(kind, seq, payload));
         }
-        self.start += pos;
         (frames, err)
     }
 
@@ -243,9 +250,9 @@ impl Session {
 
     async fn handshake(&mut self) -> Result<(), End> {
         let hello = loop {
-            match frame::parse(&self.buf[self.start..]) {
+            match frame::parse(&self.buf) {
                 Ok(f) => {
-                    self.start += f.wire_len;
+                    self.buf.advance(f.wire_len);
                     if f.kind != FrameType::Hello {
                         return Err(End::Protocol(format!(
                             "first frame is {:?}, not Hello",
@@ -590,20 +597,16 @@ struct Received {
 
 enum Body {
     Ops(Result<Vec<Op>, DecodeError>),
-    Bytes(Vec<u8>),
+    Bytes(Bytes),
 }
 
 impl Received {
-    fn new(f: FrameRef<'_>) -> Self {
-        let body = match f.kind {
-            FrameType::Ops | FrameType::SyncOps => Body::Ops(op::decode_batch(&f.payload)),
-            _ => Body::Bytes(f.payload.into_owned()),
+    fn new(kind: FrameType, seq: u64, payload: Bytes) -> Self {
+        let body = match kind {
+            FrameType::Ops | FrameType::SyncOps => Body::Ops(op::decode_batch_shared(&payload)),
+            _ => Body::Bytes(payload),
         };
-        Received {
-            kind: f.kind,
-            seq: f.seq,
-            body,
-        }
+        Received { kind, seq, body }
     }
 
     /// The payload of a frame that carries no ops (empty for one that does).
@@ -618,7 +621,7 @@ impl Received {
     fn into_ops(self) -> Result<Vec<Op>, DecodeError> {
         match self.body {
             Body::Ops(ops) => ops,
-            Body::Bytes(b) => op::decode_batch(&b),
+            Body::Bytes(b) => op::decode_batch_shared(&b),
         }
     }
 }

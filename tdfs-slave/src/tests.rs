@@ -265,7 +265,7 @@ fn data_and_metadata_ops() {
         a.apply(&op(OpKind::Write {
             path: p("f"),
             offset: (i * 6) as u64,
-            data: chunk.to_vec(),
+            data: chunk.to_vec().into(),
         }))
         .unwrap();
     }
@@ -273,7 +273,7 @@ fn data_and_metadata_ops() {
         &op(OpKind::Write {
             path: p("f"),
             offset: 20,
-            data: b"!".to_vec(),
+            data: b"!".to_vec().into(),
         })
         .with_touch(Touch::Own(times(1_700_000_000, 999_999_999))),
     )
@@ -431,7 +431,7 @@ fn write_cache_sees_renames() {
         op(OpKind::Write {
             path: p(path),
             offset: 0,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
         })
     };
     a.apply(&w("x", b"1")).unwrap();
@@ -458,7 +458,7 @@ fn apply_error_returns_errno() {
         errno_of(a.apply(&op(OpKind::Write {
             path: p("no/such/dir/f"),
             offset: 0,
-            data: b"x".to_vec(),
+            data: b"x".to_vec().into(),
         }))),
         libc::ENOENT
     );
@@ -506,12 +506,12 @@ fn confinement() {
         OpKind::Write {
             path: p("esc/f"),
             offset: 0,
-            data: b"pwned".to_vec(),
+            data: b"pwned".to_vec().into(),
         },
         OpKind::Write {
             path: p("sub/up/f"),
             offset: 0,
-            data: b"pwned".to_vec(),
+            data: b"pwned".to_vec().into(),
         },
         OpKind::Create {
             path: p("esc/new"),
@@ -588,7 +588,7 @@ fn confinement() {
         OpKind::Write {
             path: p("lnk"),
             offset: 0,
-            data: b"pwned".to_vec(),
+            data: b"pwned".to_vec().into(),
         },
         OpKind::SetAttr {
             path: p("lnk"),
@@ -810,7 +810,7 @@ mod session {
                 Op::new(OpKind::Write {
                     path: p("d/f"),
                     offset: 0,
-                    data: vec![b'z'; 100_000],
+                    data: vec![b'z'; 100_000].into(),
                 }),
             ],
         )

@@ -983,7 +983,7 @@ impl Ops {
                     OpKind::Write {
                         path: dst,
                         offset: off_out,
-                        data,
+                        data: data.into(),
                     }
                 }
             };

@@ -432,7 +432,7 @@ impl Link {
                     let op = Op::new(OpKind::Write {
                         path,
                         offset: at,
-                        data,
+                        data: data.into(),
                     });
                     self.send_sync(vec![enc(&op)]).await?;
                 }
