@@ -309,6 +309,24 @@ pub fn header_for_parts(kind: FrameType, seq: u64, parts: &[&[u8]]) -> [u8; HEAD
     make_header(kind, seq, 0, len, parts)
 }
 
+/// [`header_for_parts`] for an uncompressed payload of `len` bytes whose crc32 state the
+/// caller already holds. crc32 states combine, so a sender fanning the same ops out to several
+/// peers checksums each op once, not once per peer.
+pub fn header_with_crc(
+    kind: FrameType,
+    seq: u64,
+    len: usize,
+    payload: &crc32fast::Hasher,
+) -> [u8; HEADER_LEN] {
+    assert!(len <= MAX_PAYLOAD, "frame payload over limit");
+    let mut h = header_fields(kind, seq, 0, len, len);
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&h[..24]);
+    hasher.combine(payload);
+    h[24..28].copy_from_slice(&hasher.finalize().to_le_bytes());
+    h
+}
+
 /// A header for the wire payload `wire` (in parts), which is `raw_len` bytes once the
 /// compression named by `flags` is undone.
 fn make_header(
@@ -319,6 +337,24 @@ fn make_header(
     wire: &[&[u8]],
 ) -> [u8; HEADER_LEN] {
     let wire_len: usize = wire.iter().map(|p| p.len()).sum();
+    let mut h = header_fields(kind, seq, flags, wire_len, raw_len);
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&h[..24]);
+    for p in wire {
+        hasher.update(p);
+    }
+    h[24..28].copy_from_slice(&hasher.finalize().to_le_bytes());
+    h
+}
+
+/// Every header field but the crc.
+fn header_fields(
+    kind: FrameType,
+    seq: u64,
+    flags: u8,
+    wire_len: usize,
+    raw_len: usize,
+) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC);
     h[4] = FRAME_VERSION;
@@ -327,12 +363,6 @@ fn make_header(
     h[8..16].copy_from_slice(&seq.to_le_bytes());
     h[16..20].copy_from_slice(&(wire_len as u32).to_le_bytes());
     h[20..24].copy_from_slice(&(raw_len as u32).to_le_bytes());
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&h[..24]);
-    for p in wire {
-        hasher.update(p);
-    }
-    h[24..28].copy_from_slice(&hasher.finalize().to_le_bytes());
     h
 }
 

@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use super::journal;
 use super::transport::{self, BoxRead, BoxWrite};
-use super::{BatchResult, LinkState, Shared, SlaveStatus};
+use super::{BatchResult, LinkState, LogOp, Shared, SlaveStatus};
 
 /// Largest batch of ops in one frame (the frame limit is 8 MiB; one write op is ≤ 1 MiB plus
 /// its path, so this always fits).
@@ -202,11 +202,11 @@ impl Link {
         Ok(())
     }
 
-    async fn send_ops(
+    async fn send_ops<O: WireOp>(
         &mut self,
         kind: FrameType,
         seq: u64,
-        ops: &[Arc<[u8]>],
+        ops: &[O],
     ) -> Result<(), LinkError> {
         let count = (ops.len() as u32).to_le_bytes();
         if self.me.config.compression == Compression::None {
@@ -214,8 +214,14 @@ impl Link {
             // data into a frame buffer.
             let mut parts: Vec<&[u8]> = Vec::with_capacity(ops.len() + 2);
             parts.push(&count);
-            parts.extend(ops.iter().map(|o| &o[..]));
-            let header = frame::header_for_parts(kind, seq, &parts);
+            parts.extend(ops.iter().map(|o| o.bytes()));
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&count);
+            for o in ops {
+                o.add_crc(&mut crc);
+            }
+            let len = parts.iter().map(|p| p.len()).sum();
+            let header = frame::header_with_crc(kind, seq, len, &crc);
             parts.insert(0, &header);
             let total: usize = parts.iter().map(|p| p.len()).sum();
             write_all_parts(&mut self.wr, &parts).await?;
@@ -231,7 +237,7 @@ impl Link {
         payload.clear();
         payload.extend_from_slice(&count);
         for o in ops {
-            payload.extend_from_slice(o);
+            payload.extend_from_slice(o.bytes());
         }
         let r = self.send_frame(kind, seq, &payload).await;
         self.payload = payload;
@@ -353,6 +359,41 @@ impl Link {
                     Some(_) => {}
                 },
             }
+        }
+    }
+}
+
+/// Below this size, an op's bytes are checksummed in place: combining crc states costs
+/// about as much as checksumming a few KiB.
+const COMBINE_MIN: usize = 16 * 1024;
+
+/// An encoded op as a link sends it.
+pub(super) trait WireOp {
+    fn bytes(&self) -> &[u8];
+    /// Adds this op's bytes to a frame's running crc.
+    fn add_crc(&self, crc: &mut crc32fast::Hasher);
+}
+
+/// Sync and journal ops: each goes to one slave only.
+impl WireOp for Arc<[u8]> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn add_crc(&self, crc: &mut crc32fast::Hasher) {
+        crc.update(self);
+    }
+}
+
+/// Live ops from the log, which go to every slave.
+impl WireOp for Arc<LogOp> {
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+    fn add_crc(&self, crc: &mut crc32fast::Hasher) {
+        if self.bytes.len() < COMBINE_MIN {
+            crc.update(&self.bytes);
+        } else {
+            crc.combine(self.crc());
         }
     }
 }

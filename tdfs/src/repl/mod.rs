@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use tdfs_protocol::msg::MasterId;
@@ -151,9 +151,34 @@ impl SlaveStatus {
     }
 }
 
+/// An encoded op in the log. Its crc32 state is worked out once, by the first link that sends
+/// it, and combined by every other into its frame's crc: with N slaves, a byte is checksummed
+/// once instead of N times.
+pub(crate) struct LogOp {
+    pub(crate) bytes: Arc<[u8]>,
+    crc: OnceLock<crc32fast::Hasher>,
+}
+
+impl LogOp {
+    fn new(bytes: Arc<[u8]>) -> Self {
+        Self {
+            bytes,
+            crc: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn crc(&self) -> &crc32fast::Hasher {
+        self.crc.get_or_init(|| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&self.bytes);
+            h
+        })
+    }
+}
+
 struct Entry {
     seq: u64,
-    data: Arc<[u8]>,
+    data: Arc<LogOp>,
     /// When the op was issued, for lag in seconds.
     at: Instant,
 }
@@ -229,7 +254,7 @@ impl Default for Policy {
 pub(crate) enum BatchResult {
     Empty,
     /// Encoded ops from the given sequence number, from memory.
-    Ops(u64, Vec<Arc<[u8]>>),
+    Ops(u64, Vec<Arc<LogOp>>),
     /// The next ops are in the journal (read them without the lock), up to `stop`.
     Journal(Vec<SegmentView>, u64),
     /// The slave needs ops that are held nowhere any more.
@@ -265,10 +290,11 @@ impl Shared {
         let mut out = Vec::new();
         let mut bytes = 0;
         for e in log.entries.iter().skip(start) {
-            if !out.is_empty() && (bytes + e.data.len() > max_bytes || out.len() >= max_ops) {
+            let len = e.data.bytes.len();
+            if !out.is_empty() && (bytes + len > max_bytes || out.len() >= max_ops) {
                 break;
             }
-            bytes += e.data.len();
+            bytes += len;
             out.push(e.data.clone());
         }
         if out.is_empty() {
@@ -351,12 +377,12 @@ impl Shared {
             .unwrap_or(NEEDS_NOTHING);
         while let Some(e) = log.entries.front() {
             if e.seq < need {
-                log.bytes -= e.data.len();
+                log.bytes -= e.data.bytes.len();
                 log.entries.pop_front();
             } else if log.bytes > self.mem_cap {
                 let e = log.entries.pop_front().expect("front exists");
-                log.bytes -= e.data.len();
-                match log.journal.append(e.seq, &e.data) {
+                log.bytes -= e.data.bytes.len();
+                match log.journal.append(e.seq, &e.data.bytes) {
                     Ok(Some(below)) => {
                         for s in self.slaves().iter() {
                             if s.need_from.load(Ordering::Acquire) < below {
@@ -550,7 +576,7 @@ impl Replicator {
         log.bytes += data.len();
         log.entries.push_back(Entry {
             seq,
-            data,
+            data: Arc::new(LogOp::new(data)),
             at: Instant::now(),
         });
         self.shared.trim(&mut log);
@@ -708,7 +734,7 @@ impl Replicator {
                 let lag_ops = head.saturating_sub(applied + 1);
                 let (mut lag_bytes, mut oldest) = (0u64, None);
                 for e in log.entries.iter().filter(|e| e.seq > applied) {
-                    lag_bytes += e.data.len() as u64;
+                    lag_bytes += e.data.bytes.len() as u64;
                     oldest.get_or_insert(e.at);
                 }
                 if applied + 1 < mem_front {
@@ -825,7 +851,7 @@ impl Replicator {
             let entries: Vec<Entry> = log.entries.drain(..).collect();
             log.bytes = 0;
             for e in entries.into_iter().filter(|e| e.seq >= need) {
-                if let Err(err) = log.journal.append(e.seq, &e.data) {
+                if let Err(err) = log.journal.append(e.seq, &e.data.bytes) {
                     error!("writing the journal at exit: {err}");
                     break;
                 }
