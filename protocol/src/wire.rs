@@ -142,22 +142,22 @@ impl<'a> Reader<'a> {
         }
         Ok(Timespec { sec, nsec })
     }
-    /// Length-prefixed bytes, refused above `max` before anything is allocated.
-    pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<Vec<u8>, DecodeError> {
+    /// Length-prefixed (u32) bytes, refused above `max` before anything is allocated.
+    fn prefixed(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], DecodeError> {
         let len = self.u32(what)? as usize;
         if len > max {
             return Err(DecodeError::TooLarge { what, len, max });
         }
-        Ok(self.take(len, what)?.to_vec())
+        self.take(len, what)
+    }
+    /// Length-prefixed bytes, copied out.
+    pub(crate) fn bytes(&mut self, what: &'static str, max: usize) -> Result<Vec<u8>, DecodeError> {
+        Ok(self.prefixed(what, max)?.to_vec())
     }
     /// Length-prefixed bytes as in [`Self::bytes`], without a copy when the input is shared.
     pub(crate) fn data(&mut self, what: &'static str, max: usize) -> Result<Bytes, DecodeError> {
-        let len = self.u32(what)? as usize;
-        if len > max {
-            return Err(DecodeError::TooLarge { what, len, max });
-        }
         let owner = self.owner;
-        let b = self.take(len, what)?;
+        let b = self.prefixed(what, max)?;
         Ok(match owner {
             Some(o) => o.slice_ref(b),
             None => Bytes::copy_from_slice(b),
