@@ -292,26 +292,16 @@ pub fn encode(kind: FrameType, seq: u64, payload: &[u8], comp: Compression, out:
         out.extend_from_slice(payload);
     }
     let (head, wire) = out[start..].split_at_mut(HEADER_LEN);
-    head.copy_from_slice(&make_header(
-        kind,
-        seq,
-        flag.unwrap_or(0),
-        payload.len(),
-        &[wire],
-    ));
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(wire);
+    let fields = header_fields(kind, seq, flag.unwrap_or(0), wire.len(), payload.len());
+    head.copy_from_slice(&seal(fields, &crc));
 }
 
-/// The header of an uncompressed frame whose payload is the concatenation of `parts`, so the
-/// parts can be written with one vectored write instead of being copied together.
-pub fn header_for_parts(kind: FrameType, seq: u64, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    assert!(len <= MAX_PAYLOAD, "frame payload over limit");
-    make_header(kind, seq, 0, len, parts)
-}
-
-/// [`header_for_parts`] for an uncompressed payload of `len` bytes whose crc32 state the
-/// caller already holds. crc32 states combine, so a sender fanning the same ops out to several
-/// peers checksums each op once, not once per peer.
+/// The header of an uncompressed frame of `len` payload bytes whose crc32 state the caller
+/// already holds. crc32 states combine, so a sender fanning the same ops out to several peers
+/// checksums each op once, not once per peer, and sends header and ops without assembling
+/// them in one buffer.
 pub fn header_with_crc(
     kind: FrameType,
     seq: u64,
@@ -319,31 +309,16 @@ pub fn header_with_crc(
     payload: &crc32fast::Hasher,
 ) -> [u8; HEADER_LEN] {
     assert!(len <= MAX_PAYLOAD, "frame payload over limit");
-    let mut h = header_fields(kind, seq, 0, len, len);
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&h[..24]);
-    hasher.combine(payload);
-    h[24..28].copy_from_slice(&hasher.finalize().to_le_bytes());
-    h
+    seal(header_fields(kind, seq, 0, len, len), payload)
 }
 
-/// A header for the wire payload `wire` (in parts), which is `raw_len` bytes once the
-/// compression named by `flags` is undone.
-fn make_header(
-    kind: FrameType,
-    seq: u64,
-    flags: u8,
-    raw_len: usize,
-    wire: &[&[u8]],
-) -> [u8; HEADER_LEN] {
-    let wire_len: usize = wire.iter().map(|p| p.len()).sum();
-    let mut h = header_fields(kind, seq, flags, wire_len, raw_len);
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&h[..24]);
-    for p in wire {
-        hasher.update(p);
-    }
-    h[24..28].copy_from_slice(&hasher.finalize().to_le_bytes());
+/// `h` with its crc filled in: over the first 24 header bytes, then the wire payload (whose
+/// crc32 state is `payload`).
+fn seal(mut h: [u8; HEADER_LEN], payload: &crc32fast::Hasher) -> [u8; HEADER_LEN] {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..24]);
+    crc.combine(payload);
+    h[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
     h
 }
 

@@ -216,18 +216,18 @@ impl Link {
         if self.me.config.compression == Compression::None {
             // Header, count and each encoded op go out in vectored writes: no copy of the
             // data into a frame buffer.
-            let mut parts: Vec<&[u8]> = Vec::with_capacity(ops.len() + 2);
-            parts.push(&count);
-            parts.extend(ops.iter().map(|o| o.bytes()));
             let mut crc = crc32fast::Hasher::new();
             crc.update(&count);
+            let mut len = count.len();
             for o in ops {
                 o.add_crc(&mut crc);
+                len += o.bytes().len();
             }
-            let len = parts.iter().map(|p| p.len()).sum();
             let header = frame::header_with_crc(kind, seq, len, &crc);
-            parts.insert(0, &header);
-            let total: usize = parts.iter().map(|p| p.len()).sum();
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(ops.len() + 2);
+            parts.extend([&header[..], &count[..]]);
+            parts.extend(ops.iter().map(|o| o.bytes()));
+            let total = tdfs_protocol::HEADER_LEN + len;
             write_all_parts(&mut self.wr, &parts).await?;
             self.me
                 .bytes_sent
