@@ -16,9 +16,7 @@ use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{
     Ack, ApplyError, Hello, HelloAck, MasterId, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN,
 };
-use tdfs_protocol::{
-    op, Compression, DecodeError, FrameError, Op, OpKind, WirePath, HEADER_LEN, MAX_PAYLOAD,
-};
+use tdfs_protocol::{op, Compression, FrameError, Op, OpKind, WirePath, HEADER_LEN, MAX_PAYLOAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -213,7 +211,7 @@ impl Session {
             // An uncompressed payload is the frame after its header.
             let payload = inflated.map_or_else(|| whole.slice(HEADER_LEN..), Bytes::from);
             budget += payload.len() + HEADER_LEN;
-            frames.push(Received::new(kind, seq, payload));
+            frames.push(Received { kind, seq, payload });
         }
         (frames, err)
     }
@@ -371,7 +369,7 @@ impl Session {
                         break;
                     }
                     let seq = f.seq;
-                    match f.into_ops() {
+                    match op::decode_batch_shared(&f.payload) {
                         Ok(ops) => match expected.checked_add(ops.len() as u64) {
                             Some(next) => {
                                 expected = next;
@@ -417,7 +415,7 @@ impl Session {
                     }
                     batches.push(Work::End(f.seq));
                 }
-                FrameType::SyncOps => match f.into_ops() {
+                FrameType::SyncOps => match op::decode_batch_shared(&f.payload) {
                     Ok(ops) => batches.push(Work::Sync(ops)),
                     Err(e) => {
                         after = Some(
@@ -431,7 +429,7 @@ impl Session {
                     }
                 },
                 FrameType::ListDir | FrameType::Checksum => {
-                    match tdfs_protocol::sync::decode_path(f.payload()) {
+                    match tdfs_protocol::sync::decode_path(&f.payload) {
                         Ok(p) if f.kind == FrameType::ListDir => batches.push(Work::List(f.seq, p)),
                         Ok(p) => batches.push(Work::Sum(f.seq, p)),
                         Err(e) => {
@@ -586,44 +584,12 @@ struct BatchResult {
     replies: Vec<(FrameType, u64, Vec<u8>)>,
 }
 
-/// A frame taken off the read buffer. The ops of an `Ops` or `SyncOps` frame are decoded
-/// there and then, straight from the buffer, so each replicated byte is copied once (into its
-/// op) rather than first into an owned frame payload as well.
+/// A frame taken off the read buffer. Its payload is a slice of the buffer (an uncompressed
+/// frame) or the inflated bytes, so ops decoded from it point into it instead of copying.
 struct Received {
     kind: FrameType,
     seq: u64,
-    body: Body,
-}
-
-enum Body {
-    Ops(Result<Vec<Op>, DecodeError>),
-    Bytes(Bytes),
-}
-
-impl Received {
-    fn new(kind: FrameType, seq: u64, payload: Bytes) -> Self {
-        let body = match kind {
-            FrameType::Ops | FrameType::SyncOps => Body::Ops(op::decode_batch_shared(&payload)),
-            _ => Body::Bytes(payload),
-        };
-        Received { kind, seq, body }
-    }
-
-    /// The payload of a frame that carries no ops (empty for one that does).
-    fn payload(&self) -> &[u8] {
-        match &self.body {
-            Body::Bytes(b) => b,
-            Body::Ops(_) => &[],
-        }
-    }
-
-    /// The ops this frame carries, decoded.
-    fn into_ops(self) -> Result<Vec<Op>, DecodeError> {
-        match self.body {
-            Body::Ops(ops) => ops,
-            Body::Bytes(b) => op::decode_batch_shared(&b),
-        }
-    }
+    payload: Bytes,
 }
 
 /// One unit of a round, in stream order.
