@@ -885,17 +885,17 @@ impl Ops {
                     }
                 }
                 // With no slave, the op's copy of the data would be dropped at once: only its
-                // sequence number is used up (an empty op).
+                // sequence number is used up.
                 let replicating = self.repl.replicating();
                 if !replicating && !watched {
-                    return Ok((done as u32, Some(Arc::from(Vec::new()))));
+                    return Ok((done as u32, Some(Replicator::seq_only())));
                 }
                 let st = fstat(f.fd())?;
                 if watched {
                     self.watch_after(ino, &st);
                 }
                 if !replicating {
-                    return Ok((done as u32, Some(Arc::from(Vec::new()))));
+                    return Ok((done as u32, Some(Replicator::seq_only())));
                 }
                 // An O_APPEND write landed at the end: send where it actually went.
                 let at = if f.append {

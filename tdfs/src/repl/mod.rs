@@ -590,9 +590,14 @@ impl Replicator {
         Ok((value, Some(seq)))
     }
 
+    /// An op for [`Replicator::mutate_encoded`] that only uses up a sequence number.
+    pub fn seq_only() -> Arc<[u8]> {
+        Arc::from(Vec::new())
+    }
+
     /// Whether any slave is configured. Called under the order lock by a mutation that
-    /// may skip encoding its op when nobody would read it (it then yields an empty op, which
-    /// only uses up a sequence number). A slave added meanwhile is safe: it starts with a
+    /// may skip encoding its op when nobody would read it (it then yields
+    /// [`Replicator::seq_only`]). A slave added meanwhile is safe: it starts with a
     /// sync from the head it reads under this lock, after that mutation.
     pub fn replicating(&self) -> bool {
         !self.shared.slaves().is_empty()
