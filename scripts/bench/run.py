@@ -111,8 +111,7 @@ class Registry:
     def restore_knobs(self):
         for path, value in reversed(self.knobs):
             try:
-                with open(path) as f:
-                    now = f.read().strip()
+                now = read_knob(path)
                 if now != value:
                     with open(path, "w") as f:
                         f.write(value)
@@ -898,24 +897,20 @@ class Bench:
         measures that scan (perf: find_inode_bit/recently_deleted on top), and a target that
         creates every file twice (tdfs with a local slave) pays it twice. Dropping the cached
         table blocks ends the scan, for every target alike."""
-        if drop_caches():
-            if not self.dropped_note:
-                self.dropped_note = True
-                self.notes.append("Before each file-creating workload (untar, clone, small "
-                                  "files): sync and drop caches, then re-read its input — "
-                                  "see `before_creates` (ext4 without a journal scans past "
-                                  "recently deleted inodes while their table blocks are "
-                                  "cached).")
-        else:
-            os.sync()
+        # drop_caches() syncs first, whether or not the drop itself is allowed
+        if drop_caches() and not self.dropped_note:
+            self.dropped_note = True
+            self.notes.append("Before each file-creating workload (untar, clone, small "
+                              "files): sync and drop caches, then re-read its input — "
+                              "see `before_creates` (ext4 without a journal scans past "
+                              "recently deleted inodes while their table blocks are "
+                              "cached).")
         for w in warm:
             paths = [w] if os.path.isfile(w) else [
                 os.path.join(dp, fn) for dp, _, fns in os.walk(w) for fn in fns]
             for p in paths:
                 try:
-                    with open(p, "rb") as f:
-                        while f.read(MiB):
-                            pass
+                    read_file(p)
                 except OSError:
                     pass
 
