@@ -367,3 +367,66 @@ pub fn names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A shared read-write mapping of the first `len` bytes of a file: stores through it reach
+/// the file without a write(2). Unmapped by [`SharedMap::unmap`], or on drop when a test
+/// fails while it is mapped.
+pub struct SharedMap {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl SharedMap {
+    pub fn new(file: &std::fs::File, len: usize) -> SharedMap {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh mapping chosen by the kernel (no fixed address); `file` is open
+        // for the call, and the mapping keeps its own reference to it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            io::Error::last_os_error()
+        );
+        SharedMap { ptr, len }
+    }
+
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as
+        // `self`; `&mut self` makes this the only slice over it.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u8>(), self.len) }
+    }
+
+    /// msync(MS_SYNC): the stores so far are written back to the file.
+    pub fn sync(&self) {
+        // SAFETY: `ptr` and `len` are the mapping made in `new`.
+        let r = unsafe { libc::msync(self.ptr, self.len, libc::MS_SYNC) };
+        assert_eq!(r, 0, "msync: {}", io::Error::last_os_error());
+    }
+
+    pub fn unmap(mut self) {
+        // SAFETY: `ptr` and `len` are the mapping made in `new`; it is not used again (the
+        // null pointer tells drop so).
+        let r = unsafe { libc::munmap(self.ptr, self.len) };
+        assert_eq!(r, 0, "munmap: {}", io::Error::last_os_error());
+        self.ptr = std::ptr::null_mut();
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: as in `unmap`; nothing uses the mapping after drop.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use tdfs_tests::cluster::Cluster;
-use tdfs_tests::util::{pseudo_random, wait_until};
+use tdfs_tests::util::{pseudo_random, wait_until, SharedMap};
 
 fn cluster(name: &str) -> Cluster {
     let c = Cluster::single(name);
@@ -86,34 +86,21 @@ fn shared_mmap_beside_passthrough_readers_is_replicated() {
         .open(c.at("m"))
         .unwrap();
     let replica = c.replica(0).join("m");
-    // SAFETY: a fresh shared mapping of an fd we hold, of its current size; unmapped below
-    // before anything else touches it.
-    unsafe {
-        use std::os::fd::AsRawFd;
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            w.as_raw_fd(),
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
-        let s = std::slice::from_raw_parts_mut(p.cast::<u8>(), size);
-        s[10..20].copy_from_slice(b"first one!");
-        // fsync of that writer is a replication barrier for its mapping too.
-        w.sync_all().unwrap();
-        let r = fs::read(&replica).unwrap();
-        assert_eq!(
-            &r[10..20],
-            b"first one!",
-            "fsync returned before the replica had it"
-        );
-        // The same page again: it must fault again (and so be noticed) after the resend.
-        s[10..20].copy_from_slice(b"via mmap!!");
-        s[size - 5..].copy_from_slice(b"tail!");
-        assert_eq!(libc::munmap(p, size), 0);
-    }
+    let mut map = SharedMap::new(&w, size);
+    let s = map.bytes();
+    s[10..20].copy_from_slice(b"first one!");
+    // fsync of that writer is a replication barrier for its mapping too.
+    w.sync_all().unwrap();
+    let r = fs::read(&replica).unwrap();
+    assert_eq!(
+        &r[10..20],
+        b"first one!",
+        "fsync returned before the replica had it"
+    );
+    // The same page again: it must fault again (and so be noticed) after the resend.
+    s[10..20].copy_from_slice(b"via mmap!!");
+    s[size - 5..].copy_from_slice(b"tail!");
+    map.unmap();
     drop(w);
     drop(reader);
     let master = fs::read(c.at("m")).unwrap();

@@ -5,13 +5,12 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdfs_tests::util::{names, pseudo_random, run};
+use tdfs_tests::util::{names, pseudo_random, run, SharedMap};
 use tdfs_tests::{Cluster, ClusterOpts, SlaveOpts};
 
 fn as_nobody(script: &str) -> Command {
@@ -159,35 +158,14 @@ fn mmap_shared_writes() {
         .open(c.at("mapped"))
         .unwrap();
     f.set_len(len as u64).unwrap();
-    // SAFETY: a fresh shared mapping of a file we own, unmapped below.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        let s = std::slice::from_raw_parts_mut(p as *mut u8, len);
-        s[..5].copy_from_slice(b"first");
-        s[4096..4096 + 6].copy_from_slice(b"second");
-        s[len - 4..].copy_from_slice(b"last");
-        assert_eq!(
-            libc::msync(p, len, libc::MS_SYNC),
-            0,
-            "msync: {}",
-            std::io::Error::last_os_error()
-        );
-        s[8192] = b'Z';
-        assert_eq!(libc::munmap(p, len), 0);
-    }
+    let mut map = SharedMap::new(&f, len);
+    let s = map.bytes();
+    s[..5].copy_from_slice(b"first");
+    s[4096..4096 + 6].copy_from_slice(b"second");
+    s[len - 4..].copy_from_slice(b"last");
+    map.sync();
+    map.bytes()[8192] = b'Z';
+    map.unmap();
     drop(f);
     c.finish();
     let mut want = vec![0u8; len];
