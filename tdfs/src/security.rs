@@ -49,39 +49,37 @@ impl SlaveAuthArgs {
             self.tls_ca.clone(),
         )
         .map_err(anyhow::Error::msg)?;
-        init(self.secret_file.as_deref(), tls)
+        let secret = self
+            .secret_file
+            .as_deref()
+            .map(Secret::load)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let tls = tls
+            .as_ref()
+            .map(tdfs_slave::security::tls::connector)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        match (&secret, &tls) {
+            (None, None) => tracing::warn!(
+                "no --secret-file and no TLS: slaves are not authenticated and the stream is \
+                 plain TCP (fine on loopback or a trusted network only)"
+            ),
+            (s, t) => tracing::info!(
+                "slave connections: shared-secret authentication {}, TLS {}",
+                if s.is_some() { "on" } else { "off" },
+                if t.is_some() { "on" } else { "off" }
+            ),
+        }
+        if SECURITY.set(Security { secret, tls }).is_err() {
+            anyhow::bail!("security settings initialised twice");
+        }
+        Ok(())
     }
 }
 
-/// Loads the given secret and TLS files (see [`SlaveAuthArgs::init`]).
-fn init(secret_file: Option<&std::path::Path>, tls: Option<TlsFiles>) -> anyhow::Result<()> {
-    let secret = secret_file
-        .map(Secret::load)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let tls = tls
-        .as_ref()
-        .map(tdfs_slave::security::tls::connector)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    match (&secret, &tls) {
-        (None, None) => tracing::warn!(
-            "no --secret-file and no TLS: slaves are not authenticated and the stream is \
-             plain TCP (fine on loopback or a trusted network only)"
-        ),
-        (s, t) => tracing::info!(
-            "slave connections: shared-secret authentication {}, TLS {}",
-            if s.is_some() { "on" } else { "off" },
-            if t.is_some() { "on" } else { "off" }
-        ),
-    }
-    if SECURITY.set(Security { secret, tls }).is_err() {
-        anyhow::bail!("security settings initialised twice");
-    }
-    Ok(())
-}
-
-/// The settings in force (none when [`init`] was never called, as in unit tests).
+/// The settings in force (none when [`SlaveAuthArgs::init`] was never called, as in unit
+/// tests).
 pub fn get() -> &'static Security {
     SECURITY.get_or_init(Security::default)
 }
