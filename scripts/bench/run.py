@@ -55,6 +55,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 MiB = 1 << 20
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Small-file creates: the rate over this many first files is recorded too (see w_smallfiles).
+CREATE_SPLIT = 10000
 PTHP_DEFAULT = os.path.join(os.environ.get("TDFS_BENCH_OPT", "/opt/tdfs-bench"), "passthrough_hp")
 
 
@@ -846,6 +848,10 @@ class Bench:
         paths = []
         for i in range(n):
             paths.append(os.path.join(d, f"d{i // per_dir:03d}", f"f{i:06d}"))
+        # passthrough_hp holds an fd per inode and fails (EMFILE/EBADF) near the open-file
+        # limit (20,000 here); the rate over the first CREATE_SPLIT files is recorded on the
+        # way, so the create goal compares every target on the same count.
+        split = min(CREATE_SPLIT, n)
         self.before_creates()
         t0 = time.monotonic()
         for i, p in enumerate(paths):
@@ -854,6 +860,8 @@ class Bench:
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.write(fd, data)
             os.close(fd)
+            if i + 1 == split:
+                self.rec(t.name, "create_first", split / (time.monotonic() - t0))
         self.rec(t.name, "create", n / (time.monotonic() - t0))
         self.settle(t, root, os.path.basename(d), "create")
         t0 = time.monotonic()
@@ -1168,6 +1176,7 @@ def report(b, targets, skipped, env):
         ("randread", f"4 KiB random read, {a.rand_mib} MiB file (warm)", "IOPS", True),
         ("randwrite", f"4 KiB random write, {a.rand_mib} MiB file", "IOPS", True),
         ("create", f"create {a.files:,} × 4 KiB files", "files/s", True),
+        ("create_first", f"… the first {min(CREATE_SPLIT, a.files):,} of them", "files/s", True),
         ("stat", f"stat {a.files:,} files", "files/s", True),
         ("delete", f"delete {a.files:,} files", "files/s", True),
         ("untar", f"untar {b.tar_files:,} files ({b.tar_mib:.0f} MiB)", "s", False),
@@ -1317,8 +1326,8 @@ def goals(b, names, P):
           m("passthrough_hp", "seqwrite"), 0.8)
     ratio("untar time, tdfs-1 / passthrough_hp", m("tdfs-1", "untar"),
           m("passthrough_hp", "untar"), 1.0, lower_is_better=True)
-    ratio("create files/s, tdfs-1 / passthrough_hp", m("tdfs-1", "create"),
-          m("passthrough_hp", "create"), 1.0)
+    ratio(f"create files/s (first {min(CREATE_SPLIT, a.files):,}), tdfs-1 / passthrough_hp",
+          m("tdfs-1", "create_first"), m("passthrough_hp", "create_first"), 1.0)
     ratio("daemon CPU per GiB (write + fsync), tdfs-1 master / passthrough_hp",
           m("tdfs-1", "cpu_daemon_per_gib"), m("passthrough_hp", "cpu_daemon_per_gib"), 1.5,
           lower_is_better=True)
