@@ -401,15 +401,17 @@ fn pump(dir: Dir, mut from: TcpStream, mut to: TcpStream, id: u64, inner: &Inner
                 inner.truncated.fetch_add(1, Ordering::SeqCst);
             }
         }
-        if to.write_all(&chunk[..len]).is_err() {
-            inner.close(id);
-            return;
-        }
+        // Counted before the write: whoever reads the bytes at the other end must find them
+        // counted already (counting after let a test see its echo before the count).
         let counter = match dir {
             Dir::ToSlave => &inner.to_slave,
             Dir::ToMaster => &inner.to_master,
         };
         counter.fetch_add(len as u64, Ordering::SeqCst);
+        if to.write_all(&chunk[..len]).is_err() {
+            inner.close(id);
+            return;
+        }
         if cut {
             inner.close(id);
             return;
