@@ -164,12 +164,14 @@ impl Proxy {
         self.inner.refusing.store(on, Ordering::SeqCst);
     }
 
-    /// Bytes forwarded master→slave.
+    /// Bytes forwarded master→slave (counted as each chunk is handed on, so a chunk whose write
+    /// failed as the connection died is counted too).
     pub fn to_slave(&self) -> u64 {
         self.inner.to_slave.load(Ordering::SeqCst)
     }
 
-    /// Bytes forwarded slave→master.
+    /// Bytes forwarded slave→master (counted as each chunk is handed on, so a chunk whose write
+    /// failed as the connection died is counted too).
     pub fn to_master(&self) -> u64 {
         self.inner.to_master.load(Ordering::SeqCst)
     }
