@@ -414,19 +414,25 @@ impl SharedMap {
     }
 
     pub fn unmap(mut self) {
-        // SAFETY: `ptr` and `len` are the mapping made in `new`; it is not used again (the
-        // null pointer tells drop so).
-        let r = unsafe { libc::munmap(self.ptr, self.len) };
+        let r = self.release();
         assert_eq!(r, 0, "munmap: {}", io::Error::last_os_error());
+    }
+
+    /// munmap's result (0 when already unmapped); the null pointer marks it done.
+    fn release(&mut self) -> libc::c_int {
+        if self.ptr.is_null() {
+            return 0;
+        }
+        // SAFETY: `ptr` and `len` are the mapping made in `new`, not yet unmapped; no slice
+        // over it outlives this call (`bytes` borrows `self`), and it is not used again.
+        let r = unsafe { libc::munmap(self.ptr, self.len) };
         self.ptr = std::ptr::null_mut();
+        r
     }
 }
 
 impl Drop for SharedMap {
     fn drop(&mut self) {
-        if !self.ptr.is_null() {
-            // SAFETY: as in `unmap`; nothing uses the mapping after drop.
-            unsafe { libc::munmap(self.ptr, self.len) };
-        }
+        self.release();
     }
 }
