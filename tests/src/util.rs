@@ -394,16 +394,26 @@ pub fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// A shared read-write mapping of the first `len` bytes of a file: stores through it reach
-/// the file without a write(2). Unmapped by [`SharedMap::unmap`], or on drop when a test
-/// fails while it is mapped.
+/// A shared mapping of the first `len` bytes of a file: stores through a read-write one
+/// reach the file without a write(2), and a read-only one shows what the file holds now.
+/// Unmapped by [`SharedMap::unmap`], or on drop when a test fails while it is mapped.
 pub struct SharedMap {
     ptr: *mut libc::c_void,
     len: usize,
 }
 
 impl SharedMap {
+    /// Read-write: `file` must be open for reading and writing.
     pub fn new(file: &std::fs::File, len: usize) -> SharedMap {
+        Self::map(file, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Read-only, for watching a file change under the mapping ([`SharedMap::byte`]).
+    pub fn new_read_only(file: &std::fs::File, len: usize) -> SharedMap {
+        Self::map(file, len, libc::PROT_READ)
+    }
+
+    fn map(file: &std::fs::File, len: usize, prot: libc::c_int) -> SharedMap {
         use std::os::fd::AsRawFd;
         // SAFETY: a fresh mapping chosen by the kernel (no fixed address); `file` is open
         // for the call, and the mapping keeps its own reference to it.
@@ -411,7 +421,7 @@ impl SharedMap {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
@@ -426,6 +436,18 @@ impl SharedMap {
         SharedMap { ptr, len }
     }
 
+    /// The byte at `i` as the file holds it now. A volatile read: other writers change the
+    /// memory under the mapping, so no Rust reference may be held over it.
+    pub fn byte(&self, i: usize) -> u8 {
+        assert!(
+            i < self.len && !self.ptr.is_null(),
+            "byte {i} outside the mapping"
+        );
+        // SAFETY: `i` is inside the live `len`-byte mapping, which is at least readable.
+        unsafe { self.ptr.cast::<u8>().add(i).read_volatile() }
+    }
+
+    /// Read-write mappings only (see [`SharedMap::new`]).
     pub fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as
         // `self`; `&mut self` makes this the only slice over it.
