@@ -5,9 +5,11 @@
 # unmount, wait for the master to drain and exit 0, and check that the replica file is
 # byte-identical to the backing file and the whole replica tree equals the backing tree.
 #
-# Usage: scripts/fsx.sh [--tdfs|--native] [--basic] [-N OPS] [-S SEED]
+# Usage: scripts/fsx.sh [--tdfs|--native] [--direct] [--basic] [-N OPS] [-S SEED]
 #   --tdfs      through tdfs (default)
 #   --native    on a plain temp directory, for reference
+#   --direct    hold a write-only open of the file for the whole run, so fsx's read-write
+#               opens join its direct I/O mode (see README, Reads) instead of the page cache
 #   --basic     fsx's default operation mix only (pread/pwrite/mmap/truncate)
 #   -N OPS      number of operations (default 20000, or $FSX_OPS)
 #   -S SEED     RNG seed (default 4731, or $FSX_SEED); the run is reproducible per seed
@@ -19,6 +21,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 MODE=tdfs
 BASIC=0
+DIRECT=0
 OPS="${FSX_OPS:-20000}"
 SEED="${FSX_SEED:-4731}"
 while [[ $# -gt 0 ]]; do
@@ -26,9 +29,10 @@ while [[ $# -gt 0 ]]; do
     --tdfs) MODE=tdfs ;;
     --native) MODE=native ;;
     --basic) BASIC=1 ;;
+    --direct) DIRECT=1 ;;
     -N) OPS="$2"; shift ;;
     -S) SEED="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
   shift
@@ -104,7 +108,13 @@ tdfs_bins
 tdfs_start_slave "$TDFS_WORK/replica" "$TDFS_WORK/slave-state" "$TDFS_WORK/slave.log"
 tdfs_start_master "$TDFS_WORK/backing" "$TDFS_WORK/mnt" "$TDFS_WORK/master-state" \
   "$TDFS_WORK/master.log" "$SLAVE_PORT"
+if [[ "$DIRECT" == 1 ]]; then
+  # O_WRONLY|O_APPEND|O_CREAT: the first open of the file, write-only, so it is direct I/O.
+  exec 9>>"$TDFS_WORK/mnt/fsx.file"
+  log "holding a write-only open of fsx.file: fsx's opens join its direct I/O"
+fi
 run_fsx "$TDFS_WORK/mnt/fsx.file"
+[[ "$DIRECT" == 1 ]] && exec 9>&-
 proc_alive "$MASTER_PID" || { show_log master "$MASTER_LOG"; die "the master died during fsx"; }
 tdfs_unmount_and_drain "$TDFS_WORK/mnt"
 

@@ -189,8 +189,8 @@ fn passthrough_file_replaced_by_rename_is_never_blocked() {
     c.finish();
 }
 
-/// A writer opened first gets direct I/O (no FUSE page cache), and readers opened beside it
-/// join that mode: every read(), and a reader's shared mapping, sees each write the moment
+/// A write-only open made first gets direct I/O (no FUSE page cache), and readers opened
+/// beside it join that mode: every read(), and a reader's shared mapping, sees each write the moment
 /// it returns; nothing stale is cached for later readers.
 #[test]
 fn readers_beside_a_direct_writer_see_every_write() {
@@ -225,14 +225,16 @@ fn readers_beside_a_direct_writer_see_every_write() {
     assert_eq!(fs::read(c.replica(0).join("d")).unwrap(), vec![40u8; size]);
 }
 
-/// A direct-I/O writer may still map the file shared (FUSE_DIRECT_IO_ALLOW_MMAP): its stores
-/// reach the daemon by writeback, so they are replicated, and a reader that opens while
-/// the mapping lives reads them (a direct read writes dirty pages back first).
+/// A read-write open beside a write-only one joins its direct I/O, and may still map the
+/// file shared (FUSE_DIRECT_IO_ALLOW_MMAP): its stores reach the daemon by writeback, so
+/// they are replicated, and a reader that opens while the mapping lives reads them (a
+/// direct read writes dirty pages back first).
 #[test]
 fn shared_mmap_of_a_direct_writer_is_replicated() {
     let mut c = cluster("direct-mmap");
     let size = 2 * 1024 * 1024 + 77;
     fs::write(c.at("m"), pseudo_random(3, size)).unwrap();
+    let first = OpenOptions::new().write(true).open(c.at("m")).unwrap();
     let w = OpenOptions::new()
         .read(true)
         .write(true)
@@ -256,6 +258,7 @@ fn shared_mmap_of_a_direct_writer_is_replicated() {
     map.unmap();
     drop(r);
     drop(w);
+    drop(first);
     let master = fs::read(c.at("m")).unwrap();
     assert_eq!(&master[size - 4..], b"end!");
     c.finish();
@@ -315,4 +318,40 @@ fn concurrent_readers_beside_a_direct_writer_never_read_stale() {
     drop(w);
     c.finish();
     assert_eq!(fs::read(c.replica(0).join("v")).unwrap(), vec![200u8; size]);
+}
+
+/// A read-write open made first (a database's) keeps the page cache: what it reads back is
+/// served by the kernel, and writers and readers opened beside it share that cache, so
+/// they stay coherent with it, on the master and the replica.
+#[test]
+fn read_write_open_keeps_the_page_cache_coherent() {
+    let mut c = cluster("rw-cached");
+    let size = 256 * 1024;
+    fs::write(c.at("db"), vec![0u8; size]).unwrap();
+    let db = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(c.at("db"))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    for v in 1..=30u8 {
+        let off = (v as u64 * 7919 % 60) * 4096;
+        db.write_all_at(&[v; 4096], off).unwrap();
+        db.read_exact_at(&mut buf, off).unwrap();
+        assert!(buf.iter().all(|&b| b == v), "read-back of page write {v}");
+        // A write-only open beside it joins the cache; the database reads its write.
+        let w = OpenOptions::new().write(true).open(c.at("db")).unwrap();
+        w.write_all_at(&[v; 100], 4096 * 63).unwrap();
+        drop(w);
+        db.read_exact_at(&mut buf[..100], 4096 * 63).unwrap();
+        assert_eq!(&buf[..100], &[v; 100][..], "write-only open's write {v}");
+        // So does a reader.
+        let r = fs::File::open(c.at("db")).unwrap();
+        r.read_exact_at(&mut buf, off).unwrap();
+        assert!(buf.iter().all(|&b| b == v), "reader beside it, write {v}");
+    }
+    drop(db);
+    let master = fs::read(c.at("db")).unwrap();
+    c.finish();
+    assert_eq!(fs::read(c.replica(0).join("db")).unwrap(), master);
 }
