@@ -12,6 +12,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -285,13 +286,13 @@ impl TdfsFs {
     }
 
     /// The passthrough backing id for a read-only open of `ino`: the one its readers already
-    /// share, else a new one registered from the handle's fd (None: serve it cached).
+    /// share, else a new one `register`ed from the handle's fd (None: serve it cached).
     fn backing_id(
         &self,
         b: &mut Backings,
         ino: u64,
         fh: u64,
-        reply: &ReplyOpen,
+        register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
         if let Some(id) = b.by_ino.get(&ino).and_then(Weak::upgrade) {
             return Some(id);
@@ -301,8 +302,8 @@ impl TdfsFs {
         }
         let fd = self.ops.file_fd(fh)?;
         // SAFETY: the fd stays open in the handle table for the whole call.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        match reply.open_backing(fd) {
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        match register(fd) {
             Ok(id) => {
                 let id = Arc::new(id);
                 b.by_ino.insert(ino, Arc::downgrade(&id));
@@ -320,6 +321,64 @@ impl TdfsFs {
                 None
             }
         }
+    }
+
+    /// Takes handle `fh` of `ino`, just opened (or created) with `flags`, into the
+    /// bookkeeping in the mode its inode's opens allow (see `Backings`). Returns the backing
+    /// id to reply with, if it passes through, and the open flags. `may_register`: a first
+    /// reader may register a backing file (with `register`). On error `fh` is released.
+    fn admit(
+        &self,
+        ino: u64,
+        fh: u64,
+        flags: i32,
+        may_register: bool,
+        register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> std::io::Result<(Option<Arc<BackingId>>, FopenFlags)> {
+        let access = Access::of(flags);
+        let mut b = self.backing.lock().expect("backing ids poisoned");
+        let modes = b.modes.get(&ino).copied().unwrap_or_default();
+        let mut mode = modes.choose(
+            access,
+            self.direct.load(Ordering::Acquire),
+            may_register && !self.backing_failed.load(Ordering::Acquire),
+        );
+        let mixed = access != Access::Read && mode == Mode::Passthrough;
+        if mixed {
+            // A writer beside passthrough readers: it must share their backing file.
+            if let Err(e) = self.ops.watch(ino, fh) {
+                drop(b);
+                self.ops.release(fh);
+                return Err(e);
+            }
+        }
+        let backing = match mode {
+            Mode::Passthrough => {
+                let id = self.backing_id(&mut b, ino, fh, register);
+                if id.is_none() {
+                    // Only a first reader gets here (later ones share its id): registering
+                    // failed, so it and those after it are served cached.
+                    mode = Mode::Cached;
+                }
+                id
+            }
+            Mode::Direct | Mode::Cached => None,
+        };
+        b.add(
+            fh,
+            Handle {
+                ino,
+                mode,
+                _backing: backing.clone(),
+                mixed,
+            },
+        );
+        let flags = match mode {
+            Mode::Passthrough if !mixed => FopenFlags::empty(),
+            Mode::Passthrough | Mode::Direct => FopenFlags::FOPEN_DIRECT_IO,
+            Mode::Cached => FopenFlags::FOPEN_KEEP_CACHE,
+        };
+        Ok((backing, flags))
     }
 }
 
@@ -516,52 +575,10 @@ impl Filesystem for TdfsFs {
         if !self.passthrough.load(Ordering::Acquire) {
             return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
         }
-        let access = Access::of(flags.0);
-        let writable = access != Access::Read;
-        let mut b = self.backing.lock().expect("backing ids poisoned");
-        let modes = b.modes.get(&ino.0).copied().unwrap_or_default();
-        let mut mode = modes.choose(
-            access,
-            self.direct.load(Ordering::Acquire),
-            !self.backing_failed.load(Ordering::Acquire),
-        );
-        let mixed = writable && mode == Mode::Passthrough;
-        if mixed {
-            // A writer beside passthrough readers: it must share their backing file.
-            if let Err(e) = self.ops.watch(ino.0, fh) {
-                drop(b);
-                self.ops.release(fh);
-                return reply.error(errno(e));
-            }
-        }
-        let backing = match mode {
-            Mode::Passthrough => {
-                let id = self.backing_id(&mut b, ino.0, fh, &reply);
-                if id.is_none() {
-                    // Only a first reader gets here (later ones share its id): registering
-                    // failed, so it and those after it are served cached.
-                    mode = Mode::Cached;
-                }
-                id
-            }
-            Mode::Direct | Mode::Cached => None,
-        };
-        b.add(
-            fh,
-            Handle {
-                ino: ino.0,
-                mode,
-                _backing: backing.clone(),
-                mixed,
-            },
-        );
-        match (backing, mode) {
-            (Some(id), _) if mixed => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, &id)
-            }
-            (Some(id), _) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
-            (None, Mode::Direct) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
-            (None, _) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        match self.admit(ino.0, fh, flags.0, true, |fd| reply.open_backing(fd)) {
+            Ok((Some(id), f)) => reply.opened_passthrough(FileHandle(fh), f, &id),
+            Ok((None, f)) => reply.opened(FileHandle(fh), f),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -798,52 +815,18 @@ impl Filesystem for TdfsFs {
                         FopenFlags::empty(),
                     );
                 }
-                let access = Access::of(flags);
-                let writable = access != Access::Read;
-                let mut b = self.backing.lock().expect("backing ids poisoned");
-                let modes = b.modes.get(&id).copied().unwrap_or_default();
                 // Usually a new file, with no opens (a read-only create is rare enough not
                 // to register a backing file for: it is served cached). Without O_EXCL it
-                // may be an existing file that another opener holds: then join their mode,
-                // as `open` does.
-                let mode = modes.choose(access, self.direct.load(Ordering::Acquire), false);
-                let mixed = writable && mode == Mode::Passthrough;
-                if mixed {
-                    if let Err(e) = self.ops.watch(id, fh) {
-                        drop(b);
-                        self.ops.release(fh);
-                        return reply.error(errno(e));
+                // may be an existing file that another opener holds: then it joins their
+                // mode, as in `open`.
+                let admitted = self.admit(id, fh, flags, false, |fd| reply.open_backing(fd));
+                let (a, fh) = (attr(id, &st), FileHandle(fh));
+                match admitted {
+                    Ok((Some(bid), f)) => {
+                        reply.created_passthrough(&TTL, &a, Generation(0), fh, f, &bid)
                     }
-                }
-                let backing = match mode {
-                    Mode::Passthrough => b.by_ino.get(&id).and_then(Weak::upgrade),
-                    Mode::Direct | Mode::Cached => None,
-                };
-                b.add(
-                    fh,
-                    Handle {
-                        ino: id,
-                        mode,
-                        _backing: backing.clone(),
-                        mixed,
-                    },
-                );
-                drop(b);
-                let a = attr(id, &st);
-                let fh = FileHandle(fh);
-                match (backing, mode) {
-                    (Some(bid), _) => {
-                        let flags = if mixed {
-                            FopenFlags::FOPEN_DIRECT_IO
-                        } else {
-                            FopenFlags::empty()
-                        };
-                        reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &bid)
-                    }
-                    (None, Mode::Direct) => {
-                        reply.created(&TTL, &a, Generation(0), fh, FopenFlags::FOPEN_DIRECT_IO)
-                    }
-                    (None, _) => reply.created(&TTL, &a, Generation(0), fh, FopenFlags::empty()),
+                    Ok((None, f)) => reply.created(&TTL, &a, Generation(0), fh, f),
+                    Err(e) => reply.error(errno(e)),
                 }
             }
             Err(e) => reply.error(errno(e)),

@@ -190,8 +190,8 @@ fn passthrough_file_replaced_by_rename_is_never_blocked() {
 }
 
 /// A write-only open made first gets direct I/O (no FUSE page cache), and readers opened
-/// beside it join that mode: every read(), and a reader's shared mapping, sees each write the moment
-/// it returns; nothing stale is cached for later readers.
+/// beside it join that mode: every read(), and a reader's shared mapping, sees each write
+/// the moment it returns; nothing stale is cached for later readers.
 #[test]
 fn readers_beside_a_direct_writer_see_every_write() {
     let mut c = cluster("direct-coherent");
