@@ -369,7 +369,7 @@ impl Link {
 
 /// Below this size, an op's bytes are checksummed in place: combining crc states costs
 /// about as much as checksumming a few KiB.
-const COMBINE_MIN: usize = 16 * 1024;
+pub(super) const COMBINE_MIN: usize = 16 * 1024;
 
 /// An encoded op as a link sends it.
 pub(super) trait WireOp {

@@ -34,7 +34,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use journal::{Journal, SegmentView};
-pub use state::MasterState;
+pub use state::{MasterState, SAVE_EVERY};
 pub use transport::{connect, BoxRead, BoxWrite};
 
 /// A slave as configured on the command line.
@@ -151,9 +151,8 @@ impl SlaveStatus {
     }
 }
 
-/// An encoded op in the log. Its crc32 state is worked out once, by the first link that sends
-/// it, and combined by every other into its frame's crc: with N slaves, a byte is checksummed
-/// once instead of N times.
+/// An encoded op in the log. Its crc32 state is worked out once and combined by every link
+/// into its frame's crc: with N slaves, a byte is checksummed once instead of N times.
 pub(crate) struct LogOp {
     pub(crate) bytes: Arc<[u8]>,
     crc: OnceLock<crc32fast::Hasher>,
@@ -161,10 +160,16 @@ pub(crate) struct LogOp {
 
 impl LogOp {
     fn new(bytes: Arc<[u8]>) -> Self {
-        Self {
+        let op = Self {
             bytes,
             crc: OnceLock::new(),
+        };
+        if op.bytes.len() >= link::COMBINE_MIN {
+            // Now, while the encoder's copy is still in this core's cache: a link thread
+            // would read it back from memory (measured: 0.09 s per GiB there).
+            op.crc();
         }
+        op
     }
 
     pub(crate) fn crc(&self) -> &crc32fast::Hasher {
