@@ -295,6 +295,13 @@ def write_first_accepted(path, candidates):
     return None
 
 
+def cpu_times():
+    """(total, steal) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v[:8]), (v[7] if len(v) > 7 else 0)
+
+
 def mem_available():
     with open("/proc/meminfo") as f:
         for line in f:
@@ -494,6 +501,7 @@ class SimpleFuse(Target):
 
     def start(self, base):
         src = os.path.join(base, "src")
+        self.src = src
         self.mnt = os.path.join(base, "mnt")
         os.makedirs(src)
         os.makedirs(self.mnt)
@@ -514,6 +522,9 @@ class SimpleFuse(Target):
             self.proc.wait(timeout=10)
         REG.forget_proc(self.proc)
         return {}
+
+    def backing(self):
+        return self.src
 
 
 class Tdfs(Target):
@@ -836,11 +847,24 @@ class Bench:
         self.settle(t, root, os.path.basename(d), "layout")
         read_file(p)  # warm
         os.sync()
-        for rw in ("randread", "randwrite"):
+        def rand_io(path, rw, share=1.0):
             if shutil.which("fio") and not a.no_fio:
-                iops = fio_run(p, rw, a.rand_mib, a.fio_runtime)
+                return fio_run(path, rw, a.rand_mib, max(1, round(a.fio_runtime * share)))
+            return py_random_io(path, rw, a.rand_mib, max(1, int(a.py_ops * share)))
+
+        back = t.backing()
+        for rw in ("randread", "randwrite"):
+            if rw == "randread" and back is not None:
+                # Paired: the same file, read straight from the backing directory just
+                # before and just after (half as long each), so that the ratio is free of
+                # the box's drift over the minutes between this target and native.
+                bp = os.path.join(back, os.path.relpath(p, root))
+                before = rand_io(bp, rw, 0.5)
+                iops = rand_io(p, rw)
+                after = rand_io(bp, rw, 0.5)
+                self.rec(t.name, "randread_paired", iops / ((before + after) / 2))
             else:
-                iops = py_random_io(p, rw, a.rand_mib, a.py_ops)
+                iops = rand_io(p, rw)
             self.rec(t.name, rw, iops)
         self.settle(t, root, os.path.basename(d), "randwrite")
         os.unlink(p)
@@ -1204,6 +1228,11 @@ def report(b, targets, skipped, env):
     P("| daemon CPU per GiB, seq write + fsync (lower is better) | s/GiB | " + " | ".join(
         "–" if n == "native" else fmt(med(R.get(n, {}).get("cpu_daemon_per_gib", [])))
         for n in names) + " |")
+    paired = [med(R.get(n, {}).get("randread_paired", [])) for n in names]
+    if any(v is not None for v in paired):
+        P("| 4 KiB random read, paired: through the mount / the same file read directly just "
+          "before and after | × | " + " | ".join(
+              "–" if v is None else f"{v:.2f}×" for v in paired) + " |")
     P("")
     if not b.can_drop:
         P("Cold reads: could not write /proc/sys/vm/drop_caches; cold numbers are missing.\n")
@@ -1296,7 +1325,10 @@ def report(b, targets, skipped, env):
         P(f"- Random I/O: python os.pread/os.pwrite loop of {a.py_ops:,} ops (fio not used).")
     else:
         P(f"- Random I/O: fio, psync engine, 1 job, 4 KiB, {a.fio_runtime} s time-based, "
-          "--invalidate=0 on a file just read in full (warm).")
+          "--invalidate=0 on a file just read in full (warm). On FUSE targets the paired "
+          "row reads the same file from the backing directory for half as long just before "
+          "and just after the mount's run and divides by their mean: the box drifts over the "
+          "minutes between targets, and this ratio is free of that drift.")
     for n in b.notes:
         P(f"- {n}")
     return "\n".join(out) + "\n"
@@ -1326,6 +1358,8 @@ def goals(b, names, P):
         for k, what in (("seqread_cold", "seq read cold"), ("seqread_warm", "seq read warm"),
                         ("randread", "4 KiB random read")):
             ratio(f"{what}, {t} / native", m(t, k), m("native", k), 0.9)
+        ratio(f"4 KiB random read, {t} / the same file read directly (paired)",
+              m(t, "randread_paired"), 1.0, 0.9)
     ratio("seq write, tdfs-0 / passthrough_hp", m("tdfs-0", "seqwrite"),
           m("passthrough_hp", "seqwrite"), 1.0)
     ratio("seq write, tdfs-1 / passthrough_hp", m("tdfs-1", "seqwrite"),
@@ -1526,6 +1560,7 @@ def main():
         b.tar_mib = b.tar_bytes / MiB
         log(f"source tarball: {b.tar_files} files, {b.tar_mib:.1f} MiB from /usr/include")
         t_start = time.monotonic()
+        cpu0 = cpu_times()
         for run in range(1, a.runs + 1):
             if "workloads" in a.sections:
                 for t in targets:
@@ -1536,6 +1571,8 @@ def main():
                 b.repl_wire(run)
             if "scale" in a.sections:
                 b.scale(run)
+        cpu1 = cpu_times()
+        stolen = (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]) * 100
         rev = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
                              capture_output=True, text=True).stdout.strip()
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
@@ -1547,7 +1584,9 @@ def main():
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "cmd": " ".join(["scripts/bench/run.py"] + sys.argv[1:]),
             "machine": f"{platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs, "
-                       f"{mem:.0f} GiB RAM, work dir on {fstype} ({a.workdir})",
+                       f"{mem:.0f} GiB RAM, work dir on {fstype} ({a.workdir}); "
+                       f"{stolen:.1f}% of CPU time stolen by the hypervisor during the run "
+                       "(more than a few % makes single rows noisy)",
             "rev": rev or "?",
         }
         text = report(b, targets, skipped, env)
