@@ -43,6 +43,32 @@ fn compress_with(c: Compression, input: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Whether a payload made of `parts` (in order) is large enough to be probed and its sample
+/// does not shrink: then it goes raw, and a sender holding the parts apart can send them as
+/// they are, without assembling the payload first.
+pub fn sample_is_incompressible(c: Compression, parts: &[&[u8]]) -> bool {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    if c == Compression::None || total < PROBE_OVER {
+        return false;
+    }
+    // The middle: the start of a batch is headers and paths, which compress.
+    let mut skip = total / 2;
+    let mut sample = Vec::with_capacity(PROBE);
+    for p in parts {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let take = (p.len() - skip).min(PROBE - sample.len());
+        sample.extend_from_slice(&p[skip..skip + take]);
+        skip = 0;
+        if sample.len() == PROBE {
+            break;
+        }
+    }
+    !compress_with(c, &sample).is_some_and(|z| shrinks(sample.len(), z.len()))
+}
+
 /// Appends the compressed form of `input` to `out` and returns the flag naming the codec,
 /// or leaves `out` as it was and returns `None` when compression would not save at least
 /// 1/16 of the size.
@@ -50,13 +76,8 @@ pub(crate) fn compress_into(c: Compression, input: &[u8], out: &mut Vec<u8>) -> 
     if input.len() < MIN_COMPRESS || c == Compression::None {
         return None;
     }
-    if input.len() >= PROBE_OVER {
-        // Probe the middle (the start of a batch is headers and paths, which compress).
-        let mid = input.len() / 2;
-        let sample = &input[mid..mid + PROBE];
-        if !compress_with(c, sample).is_some_and(|s| shrinks(PROBE, s.len())) {
-            return None;
-        }
+    if sample_is_incompressible(c, &[input]) {
+        return None;
     }
     match compress_with(c, input) {
         Some(z) if shrinks(input.len(), z.len()) => {

@@ -387,3 +387,49 @@ fn incompressible_payload_stored_raw() {
         assert_eq!(frame::parse(&b).unwrap().payload, text);
     }
 }
+
+/// The probe a sender uses to send a batch raw without assembling it: it reads its sample
+/// from the middle of the whole payload, across part boundaries, and agrees with what
+/// `encode` does with the assembled payload.
+#[test]
+fn sample_probe_reads_across_parts() {
+    use crate::compress::sample_is_incompressible;
+    let mut x = 0x9e37_79b9u32;
+    let random: Vec<u8> = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let text = b"hello tdfs ".repeat(20_000);
+    for c in [Compression::Lzf, Compression::Lz4] {
+        assert!(sample_is_incompressible(c, &[&random]));
+        assert!(!sample_is_incompressible(c, &[&text]));
+        // Too small to probe: the caller compresses (or not) the whole payload.
+        assert!(!sample_is_incompressible(c, &[&random[..1000]]));
+        assert!(!sample_is_incompressible(Compression::None, &[&random]));
+        // Text before and random after the middle: the sample is random.
+        assert!(sample_is_incompressible(
+            c,
+            &[&text[..100_000], &random[..100_000]]
+        ));
+        // Random before, text from the middle on.
+        assert!(!sample_is_incompressible(
+            c,
+            &[&random[..100_000], &text[..100_000]]
+        ));
+        // The middle falls in tiny parts around a boundary: the sample spans several.
+        let small: Vec<&[u8]> = random[..70_000].chunks(100).collect();
+        assert!(sample_is_incompressible(c, &small));
+        let small: Vec<&[u8]> = text[..70_000].chunks(100).collect();
+        assert!(!sample_is_incompressible(c, &small));
+        // Whatever the probe says, encode agrees on the assembled payload.
+        for parts in [vec![&random[..]], vec![&text[..]]] {
+            let whole = parts.concat();
+            let b = frame::encode_vec(FrameType::Ops, 1, &whole, c);
+            assert_eq!(b[6] == 0, sample_is_incompressible(c, &parts));
+        }
+    }
+}

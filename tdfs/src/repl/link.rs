@@ -8,7 +8,7 @@ use std::time::Duration;
 use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{self, Ack, ApplyError, Hello, HelloAck, Refuse};
 use tdfs_protocol::sync::{Digest, Listing, Misses};
-use tdfs_protocol::{Compression, Frame, FrameError, WirePath};
+use tdfs_protocol::{compress, Compression, Frame, FrameError, WirePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -213,9 +213,18 @@ impl Link {
         ops: &[O],
     ) -> Result<(), LinkError> {
         let count = (ops.len() as u32).to_le_bytes();
-        if self.me.config.compression == Compression::None {
+        let comp = self.me.config.compression;
+        let raw = comp == Compression::None || {
+            let parts: Vec<&[u8]> = std::iter::once(&count[..])
+                .chain(ops.iter().map(|o| o.bytes()))
+                .collect();
+            compress::sample_is_incompressible(comp, &parts)
+        };
+        if raw {
             // Header, count and each encoded op go out in vectored writes: no copy of the
-            // data into a frame buffer.
+            // data into a frame buffer. With compression on, so does a batch whose sample
+            // does not shrink: it would go raw anyway, after a copy into the frame buffer and
+            // a second checksum of every byte.
             let mut crc = crc32fast::Hasher::new();
             crc.update(&count);
             let mut len = count.len();
