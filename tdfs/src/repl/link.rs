@@ -403,10 +403,9 @@ impl WireOp for Arc<LogOp> {
         &self.bytes
     }
     fn add_crc(&self, crc: &mut crc32fast::Hasher) {
-        if self.bytes.len() < COMBINE_MIN {
-            crc.update(&self.bytes);
-        } else {
-            crc.combine(self.crc());
+        match &self.crc {
+            Some(h) => crc.combine(h),
+            None => crc.update(&self.bytes),
         }
     }
 }

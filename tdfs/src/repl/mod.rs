@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use tdfs_protocol::msg::MasterId;
@@ -151,33 +151,26 @@ impl SlaveStatus {
     }
 }
 
-/// An encoded op in the log. Its crc32 state is worked out once and combined by every link
-/// into its frame's crc: with N slaves, a byte is checksummed once instead of N times.
+/// An encoded op in the log. A big op's crc32 state is worked out once, when it is logged,
+/// and combined by every link into its frame's crc: with N slaves, a byte is checksummed once
+/// instead of N times.
 pub(crate) struct LogOp {
     pub(crate) bytes: Arc<[u8]>,
-    crc: OnceLock<crc32fast::Hasher>,
+    /// The crc32 state of `bytes`, for an op of at least [`link::COMBINE_MIN`] bytes (a
+    /// smaller one is checksummed in place). Worked out while the encoder's copy is still in
+    /// this core's cache: a link thread would read it back from memory (measured: 0.09 s per
+    /// GiB there).
+    pub(crate) crc: Option<crc32fast::Hasher>,
 }
 
 impl LogOp {
     fn new(bytes: Arc<[u8]>) -> Self {
-        let op = Self {
-            bytes,
-            crc: OnceLock::new(),
-        };
-        if op.bytes.len() >= link::COMBINE_MIN {
-            // Now, while the encoder's copy is still in this core's cache: a link thread
-            // would read it back from memory (measured: 0.09 s per GiB there).
-            op.crc();
-        }
-        op
-    }
-
-    pub(crate) fn crc(&self) -> &crc32fast::Hasher {
-        self.crc.get_or_init(|| {
+        let crc = (bytes.len() >= link::COMBINE_MIN).then(|| {
             let mut h = crc32fast::Hasher::new();
-            h.update(&self.bytes);
+            h.update(&bytes);
             h
-        })
+        });
+        Self { bytes, crc }
     }
 }
 
