@@ -213,29 +213,25 @@ impl Link {
         ops: &[O],
     ) -> Result<(), LinkError> {
         let count = (ops.len() as u32).to_le_bytes();
+        let header;
+        // The frame as it goes out raw: its header (made below), the op count, each op.
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(ops.len() + 2);
+        parts.extend([&[][..], &count[..]]);
+        parts.extend(ops.iter().map(|o| o.bytes()));
         let comp = self.me.config.compression;
-        let raw = comp == Compression::None || {
-            let parts: Vec<&[u8]> = std::iter::once(&count[..])
-                .chain(ops.iter().map(|o| o.bytes()))
-                .collect();
-            compress::sample_is_incompressible(comp, &parts)
-        };
-        if raw {
+        if comp == Compression::None || compress::sample_is_incompressible(comp, &parts[1..]) {
             // Header, count and each encoded op go out in vectored writes: no copy of the
             // data into a frame buffer. With compression on, so does a batch whose sample
             // does not shrink: it would go raw anyway, after a copy into the frame buffer and
             // a second checksum of every byte.
             let mut crc = crc32fast::Hasher::new();
             crc.update(&count);
-            let mut len = count.len();
             for o in ops {
                 o.add_crc(&mut crc);
-                len += o.bytes().len();
             }
-            let header = frame::header_with_crc(kind, seq, len, &crc);
-            let mut parts: Vec<&[u8]> = Vec::with_capacity(ops.len() + 2);
-            parts.extend([&header[..], &count[..]]);
-            parts.extend(ops.iter().map(|o| o.bytes()));
+            let len = parts[1..].iter().map(|p| p.len()).sum();
+            header = frame::header_with_crc(kind, seq, len, &crc);
+            parts[0] = &header;
             let total = tdfs_protocol::HEADER_LEN + len;
             write_all_parts(&mut self.wr, &parts).await?;
             self.me
@@ -248,9 +244,8 @@ impl Link {
         }
         let mut payload = std::mem::take(&mut self.payload);
         payload.clear();
-        payload.extend_from_slice(&count);
-        for o in ops {
-            payload.extend_from_slice(o.bytes());
+        for p in &parts[1..] {
+            payload.extend_from_slice(p);
         }
         let r = self.send_frame(kind, seq, &payload).await;
         self.payload = payload;
