@@ -53,20 +53,29 @@ pub fn sample_is_incompressible(c: Compression, parts: &[&[u8]]) -> bool {
     }
     // The middle: the start of a batch is headers and paths, which compress.
     let mut skip = total / 2;
-    let mut sample = Vec::with_capacity(PROBE);
+    let mut gathered = Vec::new();
     for p in parts {
         if skip >= p.len() {
             skip -= p.len();
             continue;
         }
-        let take = (p.len() - skip).min(PROBE - sample.len());
-        sample.extend_from_slice(&p[skip..skip + take]);
+        let rest = &p[skip..];
         skip = 0;
-        if sample.len() == PROBE {
+        if gathered.is_empty() && rest.len() >= PROBE {
+            // Within one part (always so for a contiguous payload): probe it in place.
+            return incompressible(c, &rest[..PROBE]);
+        }
+        let take = rest.len().min(PROBE - gathered.len());
+        gathered.extend_from_slice(&rest[..take]);
+        if gathered.len() == PROBE {
             break;
         }
     }
-    !compress_with(c, &sample).is_some_and(|z| shrinks(sample.len(), z.len()))
+    incompressible(c, &gathered)
+}
+
+fn incompressible(c: Compression, sample: &[u8]) -> bool {
+    !compress_with(c, sample).is_some_and(|z| shrinks(sample.len(), z.len()))
 }
 
 /// Appends the compressed form of `input` to `out` and returns the flag naming the codec,
