@@ -360,17 +360,22 @@ fn messages_roundtrip() {
     assert_eq!(ApplyError::decode(&e.encode()).unwrap(), e);
 }
 
-#[test]
-fn incompressible_payload_stored_raw() {
-    let mut x = 0x12345678u32;
-    let payload: Vec<u8> = (0..100_000)
+/// `len` incompressible bytes (xorshift32 from `seed`), the same for every run.
+fn noise(seed: u32, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
             x as u8
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn incompressible_payload_stored_raw() {
+    let payload = noise(0x12345678, 100_000);
     let b = frame::encode_vec(FrameType::Ops, 1, &payload, Compression::Lzf);
     assert_eq!(b[6], 0, "random data must be sent raw");
     assert_eq!(b.len(), HEADER_LEN + payload.len());
@@ -394,15 +399,7 @@ fn incompressible_payload_stored_raw() {
 #[test]
 fn sample_probe_reads_across_parts() {
     use crate::compress::sample_is_incompressible;
-    let mut x = 0x9e37_79b9u32;
-    let random: Vec<u8> = (0..200_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect();
+    let random = noise(0x9e37_79b9, 200_000);
     let text = b"hello tdfs ".repeat(20_000);
     for c in [Compression::Lzf, Compression::Lz4] {
         assert!(sample_is_incompressible(c, &[&random]));
