@@ -455,10 +455,11 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
                     // Three fsyncs: on a blocking thread, so the links that share this
                     // runtime are never held behind the disk.
                     let state = state.clone();
-                    match tokio::task::spawn_blocking(move || state.save(next, false)).await {
-                        Ok(Err(e)) => error!("saving master state: {e}"),
-                        Err(e) => error!("saving master state: {e}"),
-                        Ok(Ok(())) => {}
+                    let saved = tokio::task::spawn_blocking(move || state.save(next, false))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                    if let Err(e) = saved {
+                        error!("saving master state: {e}");
                     }
                     last = next;
                 }
