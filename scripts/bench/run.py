@@ -498,6 +498,7 @@ class SimpleFuse(Target):
         self.argv_fn = argv_fn
         self.proc = None
         self.mnt = None
+        self.src = None
 
     def start(self, base):
         src = os.path.join(base, "src")
