@@ -285,8 +285,10 @@ impl TdfsFs {
         }
     }
 
-    /// The passthrough backing id for a read-only open of `ino`: the one its readers already
-    /// share, else a new one `register`ed from the handle's fd (None: serve it cached).
+    /// The passthrough backing id for an open of `ino` that `admit` chose to pass through:
+    /// the one its readers already share, else a new one `register`ed from the handle's fd
+    /// (None: serve it cached). `admit` chooses a first reader only while registering has
+    /// never failed.
     fn backing_id(
         &self,
         b: &mut Backings,
@@ -296,9 +298,6 @@ impl TdfsFs {
     ) -> Option<Arc<BackingId>> {
         if let Some(id) = b.by_ino.get(&ino).and_then(Weak::upgrade) {
             return Some(id);
-        }
-        if self.backing_failed.load(Ordering::Acquire) {
-            return None;
         }
         let fd = self.ops.file_fd(fh)?;
         // SAFETY: the fd stays open in the handle table for the whole call.
