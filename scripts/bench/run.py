@@ -302,6 +302,14 @@ def cpu_times():
     return sum(v[:8]), (v[7] if len(v) > 7 else 0)
 
 
+def box_busy():
+    """CPU seconds the whole box has been busy (user, nice, system, irq, softirq; not idle,
+    iowait or steal), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
 def mem_available():
     with open("/proc/meminfo") as f:
         for line in f:
@@ -808,11 +816,23 @@ class Bench:
             d = self.fresh(root, f"{key}-{run}")
             os.sync()
             c0 = cpu_of(t)
+            b0 = box_busy()
             t0 = time.monotonic()
             write_file(os.path.join(d, "big"), size, self.buf, fsync=fs)
             el = time.monotonic() - t0
+            b1 = box_busy()
             c1 = cpu_of(t)
             self.rec(t.name, key, size / MiB / el)
+            if fs:
+                gib = size / (1 << 30)
+                # The whole box: the writer, the daemon and the kernel's threads. A
+                # writeback-caching daemon (passthrough_hp) leaves the copy into the page
+                # cache to the writer and the flushing to kernel threads, so its own CPU
+                # is not the cost of a GiB through it. A replica's cost is not the master's
+                # either (on its own machine in use): the slave processes' CPU is taken out
+                # (what the kernel does for them, e.g. their writeback, stays in).
+                slaves = sum(x - y for x, y in zip(c1[1], c0[1])) if c0 is not None else 0
+                self.rec(t.name, "cpu_box_per_gib", (b1 - b0 - slaves) / gib)
             if fs and c0 is not None:
                 # Write + fsync: a writeback-caching daemon (passthrough_hp) has done all its
                 # work by then, so this compares daemons fairly.
@@ -1111,12 +1131,22 @@ class Bench:
             d = self.fresh(root, "w")
             wait_replicas(t, "w")
             os.sync()
+            c0, b0 = cpu_of(t), box_busy()
             t0 = time.monotonic()
             write_file(os.path.join(d, "big"), size, self.buf)
             el = time.monotonic() - t0
+            c1, b1 = cpu_of(t), box_busy()
+            gib = size / (1 << 30)
             self.rec("scale", f"master_{n}", size / MiB / el)
+            self.rec("scale", f"cpu_master_{n}", (c1[0] - c0[0]) / gib)
+            # How busy both cores were while the master wrote: near 100% means the row is
+            # bound by this box's CPU, which master, slaves and writer share.
+            self.rec("scale", f"busy_{n}", (b1 - b0) / (el * os.cpu_count()) * 100)
             if n:
                 c = wait_replicas(t, "w")
+                c2 = cpu_of(t)
+                self.rec("scale", f"cpu_slaves_{n}",
+                         sum(x - y for x, y in zip(c2[1], c0[1])) / gib)
                 if c is not None:
                     self.rec("scale", f"repl_{n}", size / MiB / (el + c))
                 if t.lost():
@@ -1125,6 +1155,65 @@ class Bench:
             if info.get("lost"):
                 self.notes.append(f"scale {n} slaves run {run}: a slave was marked out of sync")
             self.trash(base)
+        snd, rcv = tcp_floor(self.buf, a.scale_mib, self.work)
+        self.rec("scale", "tcp_send", snd)
+        self.rec("scale", "tcp_recv", rcv)
+
+
+TCP_SINK = r"""
+import os, resource, socket, sys
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+buf = memoryview(bytearray(1 << 20))
+n = 0
+while True:
+    k = c.recv_into(buf)
+    if not k:
+        break
+    n += k
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(n, r.ru_utime + r.ru_stime, flush=True)
+"""
+
+TCP_SOURCE = r"""
+import resource, socket, sys
+port, mib = int(sys.argv[1]), int(sys.argv[2])
+buf = open(sys.argv[3], "rb").read()
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+r0 = resource.getrusage(resource.RUSAGE_SELF)
+for _ in range(mib):
+    s.sendall(buf)
+s.shutdown(socket.SHUT_WR)
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+print(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, flush=True)
+s.recv(1)
+"""
+
+
+def tcp_floor(buf, mib, work):
+    """CPU seconds per GiB of a bare loopback TCP stream: (sender, receiver). What any
+    replicating master pays per slave on this box before doing anything of its own."""
+    blk = os.path.join(work, "tcp-floor-block")
+    with open(blk, "wb") as f:
+        f.write(buf)
+    sink = subprocess.Popen([sys.executable, "-c", TCP_SINK], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(sink.stdout.readline())
+        src = subprocess.run([sys.executable, "-c", TCP_SOURCE, str(port), str(mib), blk],
+                             capture_output=True, text=True, timeout=300)
+        if src.returncode != 0:
+            raise BenchError(f"tcp floor sender failed: {src.stderr.strip()[:300]}")
+        got, rcpu = sink.stdout.readline().split()
+        if int(got) != mib * MiB:
+            raise BenchError(f"tcp floor: {got} bytes received of {mib * MiB}")
+        gib = mib / 1024
+        return float(src.stdout) / gib, float(rcpu) / gib
+    finally:
+        sink.kill()
+        sink.wait()
+        os.unlink(blk)
 
 
 def lag_poller(conn, mirror, contents, timeout):
@@ -1229,6 +1318,9 @@ def report(b, targets, skipped, env):
     P("| daemon CPU per GiB, seq write + fsync (lower is better) | s/GiB | " + " | ".join(
         "–" if n == "native" else fmt(med(R.get(n, {}).get("cpu_daemon_per_gib", [])))
         for n in names) + " |")
+    P("| CPU per GiB, seq write + fsync, whole box (writer, daemon, kernel threads; not the "
+      "slave processes) | s/GiB | " + " | ".join(
+          fmt(med(R.get(n, {}).get("cpu_box_per_gib", []))) for n in names) + " |")
     paired = [med(R.get(n, {}).get("randread_paired", [])) for n in names]
     if any(v is not None for v in paired):
         P("| 4 KiB random read, paired: through the mount / the same file read directly just "
@@ -1292,8 +1384,10 @@ def report(b, targets, skipped, env):
     if sc:
         P(f"## Scale: master seq write {a.scale_mib} MiB with N local slaves (median)\n")
         P("| slaves | master MiB/s | vs 0 slaves | cost per added slave (vs previous row) | "
-          "replicated MiB/s (until every replica identical) | slave marked out of sync |")
-        P("|---|---|---|---|---|---|")
+          "replicated MiB/s (until every replica identical) | master CPU s/GiB | "
+          "slaves' CPU s/GiB (all, write + catch-up) | box busy while the master wrote | "
+          "slave marked out of sync |")
+        P("|---|---|---|---|---|---|---|---|---|")
         base = med(sc.get("master_0", []))
         prev_n, prev = None, None
         for n in a.scale_slaves:
@@ -1305,10 +1399,20 @@ def report(b, targets, skipped, env):
             if prev is not None and n != prev_n:
                 per = f"{(1 - v / prev) / (n - prev_n) * 100:.1f}%"
             lost = len(sc.get(f"lost_{n}", []))
+            busy = med(sc.get(f"busy_{n}", []))
             P(f"| {n} | {fmt(v)} | {vs0} | {per} | {fmt(med(sc.get(f'repl_{n}', [])))} | "
+              f"{fmt(med(sc.get(f'cpu_master_{n}', [])))} | "
+              f"{fmt(med(sc.get(f'cpu_slaves_{n}', [])))} | "
+              f"{'–' if busy is None else f'{busy:.0f}%'} | "
               f"{f'{lost} of {a.runs} runs' if lost else 'no'} |")
             prev_n, prev = n, v
         P("")
+        snd, rcv = med(sc.get("tcp_send", [])), med(sc.get("tcp_recv", []))
+        if snd is not None:
+            P(f"A bare loopback TCP stream of {a.scale_mib} MiB (1 MiB sends, no filesystem) "
+              f"costs its sender {snd:.2f} and its receiver {rcv:.2f} CPU s/GiB on this box: "
+              "the least any master pays per slave, and any slave per GiB, before writing a "
+              "byte. Every row shares the same cores (`box busy`).\n")
 
     goals(b, [t.name for t in targets], P)
     P("## Notes\n")
@@ -1372,6 +1476,9 @@ def goals(b, names, P):
     ratio("daemon CPU per GiB (write + fsync), tdfs-1 master / passthrough_hp",
           m("tdfs-1", "cpu_daemon_per_gib"), m("passthrough_hp", "cpu_daemon_per_gib"), 1.5,
           lower_is_better=True)
+    ratio("CPU per GiB (write + fsync), whole box minus the slave process, tdfs-1 / "
+          "passthrough_hp", m("tdfs-1", "cpu_box_per_gib"), m("passthrough_hp", "cpu_box_per_gib"),
+          1.5, lower_is_better=True)
     if b.lag_samples:
         s = b.lag_samples
         rows.append(("replication lag p50", f"{pct(s, .5):.2f} ms", "≤ 1 ms",
