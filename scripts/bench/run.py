@@ -853,9 +853,18 @@ class Bench:
                     self.can_drop = False
                     read_file(p)
                 # A warm pass takes ~50 ms at native speed, where this VM's jitter is ±15%:
-                # WARM_PASSES passes, each one sample of the median.
+                # WARM_PASSES passes, each one sample of the median. On FUSE targets each
+                # pass is paired, as random reads are: the backing file read just before and
+                # just after, so that the ratio is free of the box's drift.
+                back = t.backing()
+                bp = os.path.join(back, os.path.relpath(p, root)) if back else None
                 for _ in range(WARM_PASSES):
-                    self.rec(t.name, "seqread_warm", size / MiB / timed(read_file, p))
+                    before = timed(read_file, bp) if bp else None
+                    el = timed(read_file, p)
+                    self.rec(t.name, "seqread_warm", size / MiB / el)
+                    if bp:
+                        after = timed(read_file, bp)
+                        self.rec(t.name, "seqread_warm_paired", (before + after) / 2 / el)
             # leave no GiB files behind (a single unlink is cheap)
             os.unlink(os.path.join(d, "big"))
             self.settle(t, root, os.path.basename(d), "unlink")
@@ -1321,11 +1330,13 @@ def report(b, targets, skipped, env):
     P("| CPU per GiB, seq write + fsync, whole box (writer, daemon, kernel threads; not the "
       "slave processes) | s/GiB | " + " | ".join(
           fmt(med(R.get(n, {}).get("cpu_box_per_gib", []))) for n in names) + " |")
-    paired = [med(R.get(n, {}).get("randread_paired", [])) for n in names]
-    if any(v is not None for v in paired):
-        P("| 4 KiB random read, paired: through the mount / the same file read directly just "
-          "before and after | × | " + " | ".join(
-              "–" if v is None else f"{v:.2f}×" for v in paired) + " |")
+    for key, what in (("seqread_warm_paired", "seq read warm"),
+                      ("randread_paired", "4 KiB random read")):
+        paired = [med(R.get(n, {}).get(key, [])) for n in names]
+        if any(v is not None for v in paired):
+            P(f"| {what}, paired: through the mount / the same file read directly just "
+              "before and after | × | " + " | ".join(
+                  "–" if v is None else f"{v:.2f}×" for v in paired) + " |")
     P("")
     if not b.can_drop:
         P("Cold reads: could not write /proc/sys/vm/drop_caches; cold numbers are missing.\n")
@@ -1423,7 +1434,13 @@ def report(b, targets, skipped, env):
       "of the previous one are not flushed inside it.")
     P("- Cold reads: `sync; echo 3 > /proc/sys/vm/drop_caches` before the read; it also drops "
       "the backing file's cache under a FUSE target. Warm: the same file read again at once, "
-      f"{WARM_PASSES} times in a row, each pass one sample of the median.")
+      f"{WARM_PASSES} times in a row, each pass one sample of the median. On FUSE targets "
+      "each warm pass is paired: the backing file is read just before and just after it, "
+      "and the paired row divides the mount's speed by their mean.")
+    P("- CPU per GiB: the daemon row counts the daemon process only; the whole-box row counts "
+      "every CPU's busy time (/proc/stat) during write + fsync, minus the slave processes' "
+      "own CPU. passthrough_hp's writeback cache moves the copy into the page cache to the "
+      "writer and the flush to kernel threads, which its daemon row does not see.")
     P("- tdfs is asynchronous: its write numbers are the master's speed; the catch-up table "
       "shows how far the replicas were behind when the workload ended.")
     if not shutil.which("fio") or a.no_fio:
@@ -1463,6 +1480,8 @@ def goals(b, names, P):
         for k, what in (("seqread_cold", "seq read cold"), ("seqread_warm", "seq read warm"),
                         ("randread", "4 KiB random read")):
             ratio(f"{what}, {t} / native", m(t, k), m("native", k), 0.9)
+        ratio(f"seq read warm, {t} / the same file read directly (paired)",
+              m(t, "seqread_warm_paired"), 1.0, 0.9)
         ratio(f"4 KiB random read, {t} / the same file read directly (paired)",
               m(t, "randread_paired"), 1.0, 0.9)
     ratio("seq write, tdfs-0 / passthrough_hp", m("tdfs-0", "seqwrite"),
