@@ -742,6 +742,26 @@ def timed(fn, *a, **kw):
     return time.monotonic() - t0
 
 
+def thread_cpu(pid):
+    """{thread name: utime+stime seconds} of PID's threads (same names summed)."""
+    out = {}
+    tck = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        name = st[st.index("(") + 1:st.rindex(")")]
+        fields = st[st.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0) + (int(fields[11]) + int(fields[12])) / tck
+    return out
+
+
 def cpu_of(target):
     """(daemon CPU seconds, [slave CPU seconds]) of a FUSE target; None for native."""
     if isinstance(target, Tdfs):
@@ -816,12 +836,18 @@ class Bench:
             d = self.fresh(root, f"{key}-{run}")
             os.sync()
             c0 = cpu_of(t)
+            th0 = thread_cpu(t.master.pid) if isinstance(t, Tdfs) else {}
             b0 = box_busy()
             t0 = time.monotonic()
             write_file(os.path.join(d, "big"), size, self.buf, fsync=fs)
             el = time.monotonic() - t0
             b1 = box_busy()
             c1 = cpu_of(t)
+            if th0:
+                # Raw numbers only (the .json): where the master's CPU went, by thread.
+                th1 = thread_cpu(t.master.pid)
+                for name, v in th1.items():
+                    self.rec(t.name, f"threads_{key}:{name}", v - th0.get(name, 0))
             self.rec(t.name, key, size / MiB / el)
             if fs:
                 gib = size / (1 << 30)
