@@ -297,6 +297,11 @@ fn hard_link_join_detected() {
     // separate in a (content made equal first in both).
     fs::write(p.a.join("x1"), b"same").unwrap();
     fs::write(p.a.join("x2"), b"same").unwrap();
+    // One time for both: b's two names are one inode, so copying a's times name by name
+    // leaves it with x2's, which differ from x1's whenever the writes straddle a clock tick.
+    for x in ["x1", "x2"] {
+        set_times(&p.a.join(x), (1_600_000_000, 0), (1_600_000_000, 0)).unwrap();
+    }
     fs::write(p.b.join("x1"), b"same").unwrap();
     fs::hard_link(p.b.join("x1"), p.b.join("x2")).unwrap();
     resync_times(&p.a, &p.b);
