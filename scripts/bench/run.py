@@ -239,12 +239,18 @@ def spawn(name, argv, logfile):
     return p
 
 
-def proc_cpu(pid):
-    """utime+stime of PID (all threads) in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
+def stat_cpu(path):
+    """(comm, utime+stime in seconds) from a /proc/<pid>[/task/<tid>]/stat file."""
+    with open(path) as f:
         s = f.read()
     fields = s[s.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (s[s.index("(") + 1:s.rindex(")")],
+            (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+
+
+def proc_cpu(pid):
+    """utime+stime of PID (all threads) in seconds."""
+    return stat_cpu(f"/proc/{pid}/stat")[1]
 
 
 def drop_caches():
@@ -295,18 +301,23 @@ def write_first_accepted(path, candidates):
     return None
 
 
-def cpu_times():
-    """(total, steal) jiffies of all CPUs, from /proc/stat."""
+def all_cpus():
+    """Jiffies of all CPUs from /proc/stat: user nice system idle iowait irq softirq steal."""
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return sum(v[:8]), (v[7] if len(v) > 7 else 0)
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return v + [0] * (8 - len(v))
+
+
+def cpu_times():
+    """(total, steal) jiffies of all CPUs."""
+    v = all_cpus()
+    return sum(v), v[7]
 
 
 def box_busy():
     """CPU seconds the whole box has been busy (user, nice, system, irq, softirq; not idle,
-    iowait or steal), from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
+    iowait or steal)."""
+    v = all_cpus()
     return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
 
 
@@ -745,21 +756,28 @@ def timed(fn, *a, **kw):
 def thread_cpu(pid):
     """{thread name: utime+stime seconds} of PID's threads (same names summed)."""
     out = {}
-    tck = os.sysconf("SC_CLK_TCK")
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                st = f.read()
+            name, sec = stat_cpu(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        name = st[st.index("(") + 1:st.rindex(")")]
-        fields = st[st.rindex(")") + 2:].split()
-        out[name] = out.get(name, 0) + (int(fields[11]) + int(fields[12])) / tck
+        out[name] = out.get(name, 0) + sec
     return out
+
+
+def slaves_cpu(c0, c1):
+    """CPU seconds all slaves spent between two `cpu_of` samples."""
+    return sum(b - a for a, b in zip(c0[1], c1[1]))
+
+
+def backing_twin(target, root, path):
+    """PATH (under the mount ROOT) in the target's backing directory; None without one."""
+    back = target.backing()
+    return os.path.join(back, os.path.relpath(path, root)) if back else None
 
 
 def cpu_of(target):
@@ -849,27 +867,25 @@ class Bench:
                 for name, v in th1.items():
                     self.rec(t.name, f"threads_{key}:{name}", v - th0.get(name, 0))
             self.rec(t.name, key, size / MiB / el)
+            gib = size / (1 << 30)
             if fs:
-                gib = size / (1 << 30)
                 # The whole box: the writer, the daemon and the kernel's threads. A
                 # writeback-caching daemon (passthrough_hp) leaves the copy into the page
                 # cache to the writer and the flushing to kernel threads, so its own CPU
                 # is not the cost of a GiB through it. A replica's cost is not the master's
                 # either (on its own machine in use): the slave processes' CPU is taken out
                 # (what the kernel does for them, e.g. their writeback, stays in).
-                slaves = sum(x - y for x, y in zip(c1[1], c0[1])) if c0 is not None else 0
+                slaves = slaves_cpu(c0, c1) if c0 is not None else 0
                 self.rec(t.name, "cpu_box_per_gib", (b1 - b0 - slaves) / gib)
             if fs and c0 is not None:
                 # Write + fsync: a writeback-caching daemon (passthrough_hp) has done all its
                 # work by then, so this compares daemons fairly.
-                self.rec(t.name, "cpu_daemon_per_gib", (c1[0] - c0[0]) / (size / (1 << 30)))
+                self.rec(t.name, "cpu_daemon_per_gib", (c1[0] - c0[0]) / gib)
             self.settle(t, root, os.path.basename(d), key)
             if c0 is not None and t.replicated and not fs:
                 c2 = cpu_of(t)
-                gib = size / (1 << 30)
                 self.rec(t.name, "cpu_master_per_gib", (c1[0] - c0[0]) / gib)
-                self.rec(t.name, "cpu_slave_per_gib",
-                         statistics.mean(x - y for x, y in zip(c2[1], c0[1])) / gib)
+                self.rec(t.name, "cpu_slave_per_gib", slaves_cpu(c0, c2) / len(c0[1]) / gib)
             if fs:
                 # read the fsynced file back: cold, then warm
                 p = os.path.join(d, "big")
@@ -882,8 +898,7 @@ class Bench:
                 # WARM_PASSES passes, each one sample of the median. On FUSE targets each
                 # pass is paired, as random reads are: the backing file read just before and
                 # just after, so that the ratio is free of the box's drift.
-                back = t.backing()
-                bp = os.path.join(back, os.path.relpath(p, root)) if back else None
+                bp = backing_twin(t, root, p)
                 for _ in range(WARM_PASSES):
                     before = timed(read_file, bp) if bp else None
                     el = timed(read_file, p)
@@ -908,13 +923,12 @@ class Bench:
                 return fio_run(path, rw, a.rand_mib, max(1, round(a.fio_runtime * share)))
             return py_random_io(path, rw, a.rand_mib, max(1, int(a.py_ops * share)))
 
-        back = t.backing()
+        bp = backing_twin(t, root, p)
         for rw in ("randread", "randwrite"):
-            if rw == "randread" and back is not None:
+            if rw == "randread" and bp is not None:
                 # Paired: the same file, read straight from the backing directory just
                 # before and just after (half as long each), so that the ratio is free of
                 # the box's drift over the minutes between this target and native.
-                bp = os.path.join(back, os.path.relpath(p, root))
                 before = rand_io(bp, rw, 0.5)
                 iops = rand_io(p, rw)
                 after = rand_io(bp, rw, 0.5)
@@ -1180,8 +1194,7 @@ class Bench:
             if n:
                 c = wait_replicas(t, "w")
                 c2 = cpu_of(t)
-                self.rec("scale", f"cpu_slaves_{n}",
-                         sum(x - y for x, y in zip(c2[1], c0[1])) / gib)
+                self.rec("scale", f"cpu_slaves_{n}", slaves_cpu(c0, c2) / gib)
                 if c is not None:
                     self.rec("scale", f"repl_{n}", size / MiB / (el + c))
                 if t.lost():
@@ -1237,7 +1250,10 @@ def tcp_floor(buf, mib, work):
         f.write(buf)
     sink = subprocess.Popen([sys.executable, "-c", TCP_SINK], stdout=subprocess.PIPE, text=True)
     try:
-        port = int(sink.stdout.readline())
+        line = sink.stdout.readline()
+        if not line.strip().isdigit():
+            raise BenchError("tcp floor: the receiver did not start")
+        port = int(line)
         src = subprocess.run([sys.executable, "-c", TCP_SOURCE, str(port), str(mib), blk],
                              capture_output=True, text=True, timeout=300)
         if src.returncode != 0:
