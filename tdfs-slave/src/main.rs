@@ -398,6 +398,11 @@ fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::
             .stats
             .applied
             .store(applied0, std::sync::atomic::Ordering::Relaxed);
+        // Before anything announces us: a SIGTERM sent the moment "listening on" or
+        // "ready" appears must find its handler, not the default action.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let l =
             listener::bind(cli.listen).with_context(|| format!("listening on {}", cli.listen))?;
         let addr = l.local_addr()?;
@@ -424,9 +429,6 @@ fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::
             control.path.display()
         );
         daemon::notify("ready");
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let serve = tokio::spawn(listener::serve(l, shared.clone()));
         loop {
             tokio::select! {

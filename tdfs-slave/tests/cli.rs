@@ -36,6 +36,13 @@ fn listens_and_exits_zero_on_sigterm() {
             break line[i + "listening on ".len()..].trim().to_owned();
         }
     };
+    // The moment it says it listens, a stop signal must be caught, not fatal.
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        assert!(
+            catches(child.id(), sig),
+            "signal {sig} not caught once listening"
+        );
+    }
     let addr: std::net::SocketAddr = addr.parse().unwrap();
     assert_ne!(addr.port(), 0);
     assert!(std::net::TcpStream::connect(addr).is_ok());
@@ -95,4 +102,14 @@ fn bad_listen_address_is_a_usage_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Whether `pid` has a handler for `sig` (the `SigCgt` mask in `/proc/<pid>/status`).
+fn catches(pid: u32, sig: libc::c_int) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .unwrap();
+    u64::from_str_radix(mask.trim(), 16).unwrap() & (1 << (sig - 1)) != 0
 }
