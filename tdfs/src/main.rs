@@ -16,6 +16,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -470,13 +471,17 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     }
 
     // SIGTERM/SIGINT: detach the mount; the session then ends and we drain. SIGHUP: reload.
+    // The handlers are installed here, not inside the task: a signal sent right after
+    // "mounted" must find them in place, or its default action kills us mid-session.
+    let stop = Arc::new(Unmounter::new(&mountpoint)?);
     {
-        let mp = CString::new(mountpoint.as_os_str().as_bytes())?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let stop = stop.clone();
         rt.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
             loop {
                 tokio::select! {
                     _ = term.recv() => { info!("SIGTERM: unmounting"); break }
@@ -492,11 +497,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
                 }
             }
             tdfs_slave::daemon::notify("stopping");
-            // SAFETY: mp is a valid C string; MNT_DETACH makes the unmount succeed even while
-            // files are open, after which the FUSE session ends.
-            if unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH) } != 0 {
-                error!("unmount failed: {}", std::io::Error::last_os_error());
-            }
+            stop.request();
         });
     }
 
@@ -517,6 +518,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     let session = fuser::Session::new(fs, &mountpoint, &config)
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
     info!(mountpoint = %mountpoint.display(), "mounted");
+    stop.mounted();
     tdfs_slave::daemon::notify("ready");
     let result = session.run();
     info!("unmounted; waiting for slaves to acknowledge every op");
@@ -661,8 +663,90 @@ fn main() -> ExitCode {
     }
 }
 
+/// Unmounts on a stop signal, whenever it comes. A signal caught before the mount exists
+/// must not be lost (the daemon would then run on, deaf to it) and must not unmount
+/// whatever else sits on the mountpoint: it is remembered and carried out once we mount.
+struct Unmounter {
+    detach: Box<dyn Fn() + Send + Sync>,
+    /// (mounted, stop requested): one lock, so exactly one side sees both set.
+    state: std::sync::Mutex<(bool, bool)>,
+}
+
+impl Unmounter {
+    fn new(mountpoint: &Path) -> anyhow::Result<Self> {
+        let mp = CString::new(mountpoint.as_os_str().as_bytes())?;
+        Ok(Self::with(move || {
+            // SAFETY: mp is a valid C string; MNT_DETACH makes the unmount succeed even
+            // while files are open, after which the FUSE session ends.
+            if unsafe { libc::umount2(mp.as_ptr(), libc::MNT_DETACH) } != 0 {
+                error!("unmount failed: {}", std::io::Error::last_os_error());
+            }
+        }))
+    }
+
+    fn with(detach: impl Fn() + Send + Sync + 'static) -> Self {
+        Self {
+            detach: Box::new(detach),
+            state: Default::default(),
+        }
+    }
+
+    /// A stop signal arrived.
+    fn request(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1 = true;
+        if st.0 {
+            (self.detach)();
+        }
+    }
+
+    /// Our mount now exists.
+    fn mounted(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = true;
+        if st.1 {
+            (self.detach)();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::Unmounter;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    fn counted() -> (Unmounter, Arc<AtomicU32>) {
+        let n = Arc::new(AtomicU32::new(0));
+        let m = n.clone();
+        let u = Unmounter::with(move || {
+            m.fetch_add(1, Ordering::SeqCst);
+        });
+        (u, n)
+    }
+
+    #[test]
+    fn stop_before_mount_is_carried_out_at_mount() {
+        let (u, n) = counted();
+        u.request();
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            0,
+            "nothing of ours to unmount yet"
+        );
+        u.mounted();
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn stop_after_mount_unmounts_once() {
+        let (u, n) = counted();
+        u.mounted();
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+        u.request();
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
     use super::*;
 
     #[test]

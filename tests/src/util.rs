@@ -484,3 +484,16 @@ impl Drop for SharedMap {
         self.release();
     }
 }
+
+/// Whether process `pid` has a handler installed for `sig` (the `SigCgt` mask in
+/// `/proc/<pid>/status`): a daemon that announces itself before this holds dies of the
+/// default action when stopped right after.
+pub fn catches_signal(pid: u32, sig: libc::c_int) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .expect("SigCgt line");
+    let mask = u64::from_str_radix(mask.trim(), 16).expect("SigCgt is hex");
+    mask & (1 << (sig - 1)) != 0
+}

@@ -392,6 +392,25 @@ fn slave_stops_cleanly_on_sigterm() {
 }
 
 #[test]
+fn master_catches_stop_signals_once_mounted() {
+    let mut c = Cluster::single("mastersig");
+    let pid = c.master.pid().expect("master running");
+    // Checked the moment the mount is visible: a stop sent then must be caught, not fatal.
+    for (sig, name) in [
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGHUP, "SIGHUP"),
+    ] {
+        assert!(
+            tdfs_tests::util::catches_signal(pid, sig),
+            "{name} not caught once mounted"
+        );
+    }
+    let st = c.master.terminate_and_wait();
+    assert!(st.success(), "tdfs exited with {st} on SIGTERM");
+}
+
+#[test]
 fn master_sigterm_drains_and_unmounts() {
     let mut c = Cluster::single("masterterm");
     for i in 0..100 {
