@@ -107,8 +107,10 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
         }
         let r = session(&shared, &me).await;
         if r.is_ok() {
-            // An orderly end (master closing or slave removed): not news.
+            // An orderly end (master closing or slave removed): not news. Settled before
+            // it reads as disconnected, so the drain never sees it gone but unsettled.
             me.in_sync.store(false, Ordering::Release);
+            me.settled.store(true, Ordering::Release);
         } else {
             shared.drop_out(&me, "disconnected");
         }
@@ -118,8 +120,6 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
         match r {
             Ok(()) => {
                 info!(slave = %addr, "session ended: every op acknowledged");
-                me.settled.store(true, Ordering::Release);
-                shared.note_ack();
                 return;
             }
             Err(LinkError::Lost) => {
