@@ -668,13 +668,21 @@ fn main() -> ExitCode {
 /// whatever else sits on the mountpoint: it is remembered and carried out once we mount.
 struct Unmounter {
     detach: Box<dyn Fn() + Send + Sync>,
-    /// (mounted, stop requested): one lock, so exactly one side sees both set.
-    state: std::sync::Mutex<(bool, bool)>,
+    /// Under one lock, so that whichever of the two comes second detaches, exactly once.
+    state: std::sync::Mutex<StopState>,
+}
+
+#[derive(Default)]
+struct StopState {
+    mounted: bool,
+    requested: bool,
 }
 
 impl Unmounter {
     fn new(mountpoint: &Path) -> anyhow::Result<Self> {
         let mp = CString::new(mountpoint.as_os_str().as_bytes())?;
+        // Not fuser's SessionUnmounter: as root it uses a plain umount(2), which fails with
+        // EBUSY while any file on the mount is open.
         Ok(Self::with(move || {
             // SAFETY: mp is a valid C string; MNT_DETACH makes the unmount succeed even
             // while files are open, after which the FUSE session ends.
@@ -693,18 +701,19 @@ impl Unmounter {
 
     /// A stop signal arrived.
     fn request(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.1 = true;
-        if st.0 {
-            (self.detach)();
-        }
+        self.set(|st| st.requested = true);
     }
 
     /// Our mount now exists.
     fn mounted(&self) {
+        self.set(|st| st.mounted = true);
+    }
+
+    fn set(&self, mark: impl FnOnce(&mut StopState)) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 = true;
-        if st.1 {
+        let done = st.mounted && st.requested;
+        mark(&mut st);
+        if !done && st.mounted && st.requested {
             (self.detach)();
         }
     }
@@ -712,9 +721,30 @@ impl Unmounter {
 
 #[cfg(test)]
 mod tests {
-    use super::Unmounter;
+    use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Arc;
+
+    #[test]
+    fn slave_specs() {
+        let s = parse_slave("host", Compression::None, true).unwrap();
+        assert_eq!(s.addr, "host:4731");
+        let s = parse_slave("10.0.0.1:99,z=1", Compression::None, true).unwrap();
+        assert_eq!(s.addr, "10.0.0.1:99");
+        assert_eq!(s.compression, Compression::Lzf);
+        assert_eq!(
+            parse_slave("::1", Compression::None, true).unwrap().addr,
+            "[::1]:4731"
+        );
+        assert_eq!(
+            parse_slave("[::1]:5", Compression::None, true)
+                .unwrap()
+                .addr,
+            "[::1]:5"
+        );
+        assert!(parse_slave("h:notaport", Compression::None, true).is_err());
+        assert!(parse_slave("h,z=7", Compression::None, true).is_err());
+        assert!(parse_slave("h,q=1", Compression::None, true).is_err());
+    }
 
     fn counted() -> (Unmounter, Arc<AtomicU32>) {
         let n = Arc::new(AtomicU32::new(0));
@@ -745,29 +775,11 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 0);
         u.request();
         assert_eq!(n.load(Ordering::SeqCst), 1);
-    }
-
-    use super::*;
-
-    #[test]
-    fn slave_specs() {
-        let s = parse_slave("host", Compression::None, true).unwrap();
-        assert_eq!(s.addr, "host:4731");
-        let s = parse_slave("10.0.0.1:99,z=1", Compression::None, true).unwrap();
-        assert_eq!(s.addr, "10.0.0.1:99");
-        assert_eq!(s.compression, Compression::Lzf);
+        u.request();
         assert_eq!(
-            parse_slave("::1", Compression::None, true).unwrap().addr,
-            "[::1]:4731"
+            n.load(Ordering::SeqCst),
+            1,
+            "a second stop detaches nothing more"
         );
-        assert_eq!(
-            parse_slave("[::1]:5", Compression::None, true)
-                .unwrap()
-                .addr,
-            "[::1]:5"
-        );
-        assert!(parse_slave("h:notaport", Compression::None, true).is_err());
-        assert!(parse_slave("h,z=7", Compression::None, true).is_err());
-        assert!(parse_slave("h,q=1", Compression::None, true).is_err());
     }
 }
