@@ -836,14 +836,17 @@ impl Replicator {
         let deadline = Instant::now() + timeout;
         self.shared.closing.store(true, Ordering::Release);
         self.shared.wake.notify_waiters();
-        let pending = |s: &SlaveStatus| s.pending_at_close(last);
         self.shared.wait_acked(deadline, || {
-            !self.shared.slaves().iter().any(|s| pending(s))
+            !self
+                .shared
+                .slaves()
+                .iter()
+                .any(|s| s.pending_at_close(last))
         });
         let mut failed = Vec::new();
         for s in self.shared.slaves().iter() {
             let applied = s.applied.load(Ordering::Acquire);
-            if pending(s) {
+            if s.pending_at_close(last) {
                 error!(slave = %s.config.addr, applied, last, "slave did not acknowledge every op before the deadline");
                 failed.push(s.config.addr.clone());
             } else if !s.connected.load(Ordering::Acquire) && applied < last {
