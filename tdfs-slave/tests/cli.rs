@@ -39,7 +39,7 @@ fn listens_and_exits_zero_on_sigterm() {
     // The moment it says it listens, a stop signal must be caught, not fatal.
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         assert!(
-            catches(child.id(), sig),
+            tdfs_tests::util::catches_signal(child.id(), sig),
             "signal {sig} not caught once listening"
         );
     }
@@ -102,14 +102,4 @@ fn bad_listen_address_is_a_usage_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-}
-
-/// Whether `pid` has a handler for `sig` (the `SigCgt` mask in `/proc/<pid>/status`).
-fn catches(pid: u32, sig: libc::c_int) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let mask = status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .unwrap();
-    u64::from_str_radix(mask.trim(), 16).unwrap() & (1 << (sig - 1)) != 0
 }
