@@ -37,10 +37,38 @@ fn shrinks(input_len: usize, compressed_len: usize) -> bool {
 fn compress_with(c: Compression, input: &[u8]) -> Option<Vec<u8>> {
     match c {
         Compression::None => None,
-        // The lzf crate reports incompressible input as an error: "send raw" either way.
-        Compression::Lzf => lzf::compress(input).ok(),
+        Compression::Lzf => lzf_compress(input),
         Compression::Lz4 => Some(lz4_flex::block::compress(input)),
     }
+}
+
+/// LZF by liblzf, the reference implementation (TDFS r3's codec, also Redis's), through
+/// `lzf-sys`. The `lzf` crate's own compressor writes one byte past its buffer when a run of
+/// exactly 32 literals fills it and a match follows (an index panic that ended a master's
+/// link to a compressing slave for good); its decompressor is fuzzed here and stays. Only a
+/// result that saves what [`shrinks`] asks for is of any use, so liblzf gets no more room
+/// than that and gives up (returns 0) once past it.
+fn lzf_compress(input: &[u8]) -> Option<Vec<u8>> {
+    let room = input.len() - input.len() / 16;
+    if input.len() > u32::MAX as usize || room == 0 {
+        return None;
+    }
+    let mut out = vec![0u8; room];
+    // SAFETY: liblzf reads `input.len()` bytes from `input` and writes at most `room` bytes
+    // into `out`, which has exactly that many; neither buffer outlives the call.
+    let n = unsafe {
+        lzf_sys::lzf_compress(
+            input.as_ptr().cast(),
+            input.len() as std::os::raw::c_uint,
+            out.as_mut_ptr().cast(),
+            room as std::os::raw::c_uint,
+        )
+    };
+    if n == 0 {
+        return None;
+    }
+    out.truncate(n as usize);
+    Some(out)
 }
 
 /// Whether a payload made of `parts` (in order) is large enough to be probed and its sample
