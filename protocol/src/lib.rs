@@ -47,6 +47,7 @@
 //! | 15 | fsync | has-path u8, [path], datasync u8 |
 //! | 16 | settimes | path |
 //! | 17 | remove_tree | path (sync only) |
+//! | 18 | setflags | path, inode flags u32, project id u32 |
 //!
 //! `attr` is mode (u32, only the 0o7777 bits), uid u32, gid u32.
 //!

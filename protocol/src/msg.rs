@@ -9,8 +9,8 @@ use crate::wire::{DecodeError, Reader, Writer};
 
 /// Payload encoding versions this build understands (carried in `Hello`/`HelloAck` so that a
 /// later build can negotiate down; the frame header version guards the framing itself).
-pub const PROTO_MIN: u16 = 1;
-pub const PROTO_MAX: u16 = 1;
+pub const PROTO_MIN: u16 = 2;
+pub const PROTO_MAX: u16 = 2;
 
 /// Longest human-readable string in a message.
 pub const MAX_TEXT: usize = 4096;

@@ -177,7 +177,40 @@ pub enum OpKind {
     RemoveTree {
         path: WirePath,
     },
+    /// Inode flags (`chattr`: append-only, immutable, noatime, nodump, ...) and project id,
+    /// as the master's inode holds them after the change. Only the bits of
+    /// [`REPLICATED_FLAGS`] are meaningful; a replica keeps its own others (ext4's extents
+    /// flag, say).
+    SetFlags {
+        path: WirePath,
+        flags: u32,
+        projid: u32,
+    },
 }
+
+/// The inode flags (`FS_*_FL`) a mirror keeps: those a user sets with `chattr`. Flags a
+/// filesystem manages itself (extents, inline data, encryption, verity, ...) are not.
+pub const REPLICATED_FLAGS: u32 = 0x0000_0001 // FS_SECRM_FL
+    | 0x0000_0002 // FS_UNRM_FL
+    | 0x0000_0004 // FS_COMPR_FL
+    | 0x0000_0008 // FS_SYNC_FL
+    | 0x0000_0010 // FS_IMMUTABLE_FL
+    | 0x0000_0020 // FS_APPEND_FL
+    | 0x0000_0040 // FS_NODUMP_FL
+    | 0x0000_0080 // FS_NOATIME_FL
+    | 0x0000_0400 // FS_NOCOMP_FL
+    | 0x0000_4000 // FS_JOURNAL_DATA_FL
+    | 0x0000_8000 // FS_NOTAIL_FL
+    | 0x0001_0000 // FS_DIRSYNC_FL
+    | 0x0002_0000 // FS_TOPDIR_FL
+    | 0x0080_0000 // FS_NOCOW_FL
+    | 0x0200_0000 // FS_DAX_FL
+    | 0x2000_0000 // FS_PROJINHERIT_FL
+    | 0x4000_0000; // FS_CASEFOLD_FL
+
+/// Flags that stop changes to an inode (immutable, append-only): a replica lifts them for
+/// the moment it applies a change the master made before they were set.
+pub const GUARD_FLAGS: u32 = 0x0000_0010 | 0x0000_0020;
 
 /// A mutation plus the timestamps it produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,7 +249,8 @@ impl Op {
             | SetXattr { path, .. }
             | RemoveXattr { path, .. }
             | SetTimes { path }
-            | RemoveTree { path } => Some(path),
+            | RemoveTree { path }
+            | SetFlags { path, .. } => Some(path),
             Link { new, .. } => Some(new),
             Rename { to, .. } => Some(to),
             Fsync { path, .. } => path.as_ref(),
@@ -244,6 +278,7 @@ impl Op {
             Fsync { .. } => "fsync",
             SetTimes { .. } => "settimes",
             RemoveTree { .. } => "remove_tree",
+            SetFlags { .. } => "setflags",
         }
     }
 
@@ -405,6 +440,16 @@ impl Op {
                 w.u8(17);
                 w.path(path);
             }
+            SetFlags {
+                path,
+                flags,
+                projid,
+            } => {
+                w.u8(18);
+                w.path(path);
+                w.u32(*flags);
+                w.u32(*projid);
+            }
         }
         encode_touches(&mut w, &self.touch);
     }
@@ -531,6 +576,11 @@ impl Op {
             },
             16 => SetTimes { path: r.path()? },
             17 => RemoveTree { path: r.path()? },
+            18 => SetFlags {
+                path: r.path()?,
+                flags: r.u32("inode flags")?,
+                projid: r.u32("project id")?,
+            },
             tag => return Err(DecodeError::BadTag { what: "op", tag }),
         };
         let n = r.u8("touch count")? as usize;

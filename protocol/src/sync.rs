@@ -33,6 +33,11 @@ pub struct Entry {
     pub target: Vec<u8>,
     /// Extended attributes, sorted by name.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Inode flags, only the bits of [`op::REPLICATED_FLAGS`] (0 where the filesystem has
+    /// none, and for anything but regular files and directories).
+    pub flags: u32,
+    /// Project id (0 where the filesystem has none).
+    pub projid: u32,
 }
 
 impl Entry {
@@ -76,6 +81,8 @@ impl Listing {
                 w.bytes(n);
                 w.bytes(v);
             }
+            w.u32(e.flags);
+            w.u32(e.projid);
         }
         out
     }
@@ -120,6 +127,8 @@ impl Listing {
                 let v = r.bytes("xattr value", op::MAX_XATTR_VALUE)?;
                 xattrs.push((n, v));
             }
+            let flags = r.u32("inode flags")?;
+            let projid = r.u32("project id")?;
             entries.push(Entry {
                 name,
                 mode,
@@ -132,6 +141,8 @@ impl Listing {
                 nlink,
                 target,
                 xattrs,
+                flags,
+                projid,
             });
         }
         r.finish()?;
@@ -247,6 +258,8 @@ mod tests {
                 nlink: 2,
                 target: vec![],
                 xattrs: vec![(b"user.a".to_vec(), b"v".to_vec())],
+                flags: 0x20,
+                projid: 7,
             }],
         };
         assert_eq!(Listing::decode(&l.encode()).unwrap(), l);

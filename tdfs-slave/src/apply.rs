@@ -106,22 +106,80 @@ fn unlink_nondir(dir: BorrowedFd<'_>, name: &CString) -> io::Result<()> {
 /// symlink (each level is opened with O_NOFOLLOW relative to its parent's fd).
 fn remove_tree_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<()> {
     let st = lstat_at(dir, name)?;
-    if !is_type(&st, libc::S_IFDIR) {
-        // SAFETY: `name` is NUL-terminated; unlinkat never follows the final component.
-        check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
-        return Ok(());
+    let is_dir = is_type(&st, libc::S_IFDIR);
+    if is_dir {
+        let d = openat(
+            dir,
+            name,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        )?;
+        for child in crate::inspect::read_names(d.as_fd())? {
+            remove_tree_at(d.as_fd(), &cstr(&child)?)?;
+        }
     }
-    let d = openat(
-        dir,
-        name,
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-    )?;
-    for child in crate::inspect::read_names(d.as_fd())? {
-        remove_tree_at(d.as_fd(), &cstr(&child)?)?;
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: `name` is NUL-terminated; unlinkat never follows the final component.
+    let unlink = || check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) });
+    match unlink() {
+        // An immutable or append-only entry (or directory holding it) cannot be removed:
+        // the whole tree goes, so its guards go first.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let mut lifted: Vec<Lifted> =
+                unguard_at(dir, name.as_bytes(), &st)?.into_iter().collect();
+            lifted.extend(unguard_fd(openat(
+                dir,
+                c".",
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )?)?);
+            if lifted.is_empty() {
+                return Err(e);
+            }
+            let r = unlink();
+            // The directory stays: its guards come back.
+            for l in lifted.into_iter().filter(|l| l.ino != st.st_ino) {
+                l.restore();
+            }
+            r?;
+        }
+        r => {
+            r?;
+        }
     }
-    // SAFETY: as above, removing the now empty directory.
-    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
     Ok(())
+}
+
+/// An inode whose immutable/append-only flags were lifted for a moment.
+struct Lifted {
+    fd: OwnedFd,
+    ino: u64,
+    flags: u32,
+}
+
+impl Lifted {
+    fn restore(self) {
+        if let Err(e) = crate::flags::set_raw(self.fd.as_fd(), self.flags) {
+            tracing::warn!("could not restore inode flags {:#x}: {e}", self.flags);
+        }
+    }
+}
+
+/// Lifts the guard flags of an open file or directory, if it has any.
+fn unguard_fd(fd: OwnedFd) -> io::Result<Option<Lifted>> {
+    let flags = crate::flags::get_raw(fd.as_fd())?;
+    if flags & crate::flags::GUARD_FLAGS == 0 {
+        return Ok(None);
+    }
+    crate::flags::set_raw(fd.as_fd(), flags & !crate::flags::GUARD_FLAGS)?;
+    let ino = confine::fstat(fd.as_fd())?.st_ino;
+    Ok(Some(Lifted { fd, ino, flags }))
+}
+
+/// Lifts the guard flags of `name` in `dir` (described by `st`), if it has any.
+fn unguard_at(dir: BorrowedFd<'_>, name: &[u8], st: &libc::stat) -> io::Result<Option<Lifted>> {
+    match crate::flags::open_at(dir, name, st)? {
+        Some(fd) => unguard_fd(fd),
+        None => Ok(None),
+    }
 }
 
 /// Runs `f` and, when it fails with EEXIST, removes the non-directory in the way and runs it
@@ -237,7 +295,7 @@ impl Applier {
         if !keeps_cache(&op.kind) {
             self.cache.clear();
         }
-        self.apply_kind(&op.kind)?;
+        self.guarded(op, |a| a.apply_kind(&op.kind))?;
         for t in &op.touch {
             match t {
                 Touch::Own(times) => {
@@ -246,18 +304,93 @@ impl Applier {
                         continue;
                     }
                     if let Some(p) = op.primary_path() {
-                        self.set_times(p, times)?;
+                        self.guarded(op, |a| a.set_times(p, times))?;
                     }
                 }
                 Touch::Parent(times) => {
                     if let Some(p) = op.primary_path() {
-                        self.set_times(&p.parent(), times)?;
+                        self.guarded(op, |a| a.set_times(&p.parent(), times))?;
                     }
                 }
-                Touch::Path(p, times) => self.set_times(p, times)?,
+                Touch::Path(p, times) => self.guarded(op, |a| a.set_times(p, times))?,
             }
         }
         Ok(())
+    }
+
+    /// Runs `f`, a step of `op`. The master made the change before anything was made
+    /// immutable or append-only (else it would have failed there too), but the replica holds
+    /// the flags by now: a write and then `chattr +a` arrive in that order, and the write's
+    /// times are set after the data. So when a step fails with EPERM, the guard flags of
+    /// the inodes it touches are lifted, the step runs again, and they are put back.
+    fn guarded(
+        &mut self,
+        op: &Op,
+        mut f: impl FnMut(&mut Self) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let e = match f(self) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => e,
+            r => return r,
+        };
+        let lifted = self.lift_guards(op)?;
+        if lifted.is_empty() {
+            return Err(e);
+        }
+        // Write fds opened while the flags were down must not outlive them.
+        self.cache.clear();
+        let r = f(self);
+        self.cache.clear();
+        // A SetFlags op's own inode keeps what the op gave it.
+        let own = match &op.kind {
+            OpKind::SetFlags { path, .. } => self
+                .target(path)
+                .and_then(|t| lstat_at(t.dir.as_fd(), &t.name))
+                .ok()
+                .map(|st| st.st_ino),
+            _ => None,
+        };
+        for l in lifted {
+            if Some(l.ino) != own {
+                l.restore();
+            }
+        }
+        r
+    }
+
+    /// Lifts the guard flags of every inode `op` names and of their directories.
+    fn lift_guards(&mut self, op: &Op) -> io::Result<Vec<Lifted>> {
+        let mut paths: Vec<WirePath> = Vec::new();
+        for p in op_paths(op) {
+            if !p.is_root() {
+                paths.push(p.parent());
+            }
+            paths.push(p);
+        }
+        paths.sort();
+        paths.dedup();
+        let mut out: Vec<Lifted> = Vec::new();
+        for p in paths {
+            let fd = if p.is_root() {
+                openat(self.root.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)
+            } else {
+                let Ok(t) = self.target(&p) else { continue };
+                let Ok(st) = lstat_at(t.dir.as_fd(), &t.name) else {
+                    continue;
+                };
+                match crate::flags::open_at(t.dir.as_fd(), t.name.as_bytes(), &st)? {
+                    Some(fd) => Ok(fd),
+                    None => continue,
+                }
+            }?;
+            if let Some(l) = unguard_fd(fd)? {
+                if out.iter().any(|o| o.ino == l.ino) {
+                    // Already lifted through another name: this one read it lifted.
+                    continue;
+                }
+                out.push(l);
+            }
+        }
+        Ok(out)
     }
 
     /// Sets the timestamps of `p`: through its cached write fd when there is one (every
@@ -425,6 +558,24 @@ impl Applier {
             }
             Fsync { path, datasync } => self.fsync(path.as_ref(), *datasync),
             SetTimes { .. } => Ok(()),
+            SetFlags {
+                path,
+                flags,
+                projid,
+            } => {
+                let fd = if path.is_root() {
+                    openat(self.root.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)?
+                } else {
+                    let t = self.target(path)?;
+                    let st = lstat_at(t.dir.as_fd(), &t.name)?;
+                    match crate::flags::open_at(t.dir.as_fd(), t.name.as_bytes(), &st)? {
+                        Some(fd) => fd,
+                        None if *flags == 0 && *projid == 0 => return Ok(()),
+                        None => return Err(errno(libc::EOPNOTSUPP)),
+                    }
+                };
+                crate::flags::set(fd.as_fd(), *flags, *projid)
+            }
             RemoveTree { path } => {
                 if path.is_root() {
                     return Err(errno(libc::EINVAL));
@@ -655,4 +806,22 @@ fn copy_fallback(
         left -= n as u64;
     }
     Ok(())
+}
+
+/// Every path an op names: both ends of a rename or link, a copy's source, and the paths
+/// whose times it carries.
+pub fn op_paths(op: &Op) -> Vec<WirePath> {
+    let mut v: Vec<WirePath> = op.primary_path().cloned().into_iter().collect();
+    match &op.kind {
+        OpKind::Rename { from, .. } => v.push(from.clone()),
+        OpKind::Link { existing, .. } => v.push(existing.clone()),
+        OpKind::CopyRange { src, .. } => v.push(src.clone()),
+        _ => {}
+    }
+    for t in &op.touch {
+        if let Touch::Path(p, _) = t {
+            v.push(p.clone());
+        }
+    }
+    v
 }

@@ -129,6 +129,10 @@ pub fn entry_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Entry> {
     } else {
         Vec::new()
     };
+    let (flags, projid) = match crate::flags::open_at(dir, name, &st)? {
+        Some(fd) => crate::flags::get(fd.as_fd())?,
+        None => (0, 0),
+    };
     Ok(Entry {
         name: name.to_vec(),
         mode: st.st_mode,
@@ -152,6 +156,8 @@ pub fn entry_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Entry> {
         nlink: st.st_nlink,
         target,
         xattrs: xattrs_at(dir, &c)?,
+        flags,
+        projid,
     })
 }
 

@@ -9,6 +9,7 @@
 //! - [`apply`]: one op into syscalls beneath the root.
 //! - [`config`], [`control`]: the config file; status and metrics of a running slave.
 //! - [`confine`]: resolving paths without ever leaving the root.
+//! - [`flags`]: inode flags (`chattr`) and project ids.
 //! - [`daemon`]: log levels, control socket, metrics endpoint (used by the master too).
 //! - [`inspect`]: listings and digests for sync and verify (used by the master too).
 //! - [`transport`]: `--allow`, TLS and shared-secret authentication before a session.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod confine;
 pub mod control;
 pub mod daemon;
+pub mod flags;
 pub mod inspect;
 pub mod listener;
 pub mod readonly;

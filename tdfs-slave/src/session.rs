@@ -20,6 +20,7 @@ use tdfs_protocol::{op, Compression, FrameError, Op, OpKind, WirePath, HEADER_LE
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::apply::op_paths;
 use crate::listener::Shared;
 use crate::transport::{BoxRead, BoxWrite};
 
@@ -624,18 +625,6 @@ fn differs(e: &io::Error) -> bool {
     )
 }
 
-/// Every path an op names (both ends of a rename or link).
-fn op_paths(op: &Op) -> Vec<WirePath> {
-    let mut v: Vec<WirePath> = op.primary_path().cloned().into_iter().collect();
-    match &op.kind {
-        OpKind::Rename { from, .. } => v.push(from.clone()),
-        OpKind::Link { existing, .. } => v.push(existing.clone()),
-        OpKind::CopyRange { src, .. } => v.push(src.clone()),
-        _ => {}
-    }
-    v
-}
-
 /// Answers a ListDir in as many Listing frames as it takes.
 pub(crate) fn listing_replies(
     root: std::os::fd::BorrowedFd<'_>,
@@ -763,6 +752,7 @@ fn apply_blocking(
                 res.stopped = true;
                 break 'outer;
             }
+            tracing::trace!(seq, op = op.name(), path = %op_path(op), touch = ?op.touch, "apply");
             let replay = core.state.is_replay(&master, seq);
             if let Err(e) = core.applier.apply(op) {
                 if res.syncing && differs(&e) {

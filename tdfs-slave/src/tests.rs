@@ -751,8 +751,8 @@ mod session {
         }
         async fn hello(&mut self, id: u8, next_seq: u64) -> Result<HelloAck, Refuse> {
             let h = Hello {
-                proto_min: 1,
-                proto_max: 1,
+                proto_min: tdfs_protocol::msg::PROTO_MIN,
+                proto_max: tdfs_protocol::msg::PROTO_MAX,
                 master_id: [id; 16],
                 next_seq,
                 label: format!("test-master-{id}"),
@@ -798,7 +798,10 @@ mod session {
     async fn handshake_ops_ack_busy_bye() {
         let sl = start().await;
         let (mut c, ha) = session(sl.addr, 1, 1).await;
-        assert_eq!((ha.proto, ha.last_master, ha.last_applied), (1, [0; 16], 0));
+        assert_eq!(
+            (ha.proto, ha.last_master, ha.last_applied),
+            (tdfs_protocol::msg::PROTO_MAX, [0; 16], 0)
+        );
         c.ops(
             1,
             &[
@@ -949,8 +952,8 @@ mod session {
         wire_op::encode_batch([&create("x")], &mut payload);
         let good_ops = frame::encode_vec(FrameType::Ops, 1, &payload, Compression::None);
         let hello = Hello {
-            proto_min: 1,
-            proto_max: 1,
+            proto_min: tdfs_protocol::msg::PROTO_MIN,
+            proto_max: tdfs_protocol::msg::PROTO_MAX,
             master_id: [9; 16],
             next_seq: 1,
             label: "fuzz".into(),

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
@@ -278,6 +278,16 @@ fn xattr(reply: ReplyXattr, size: u32, r: std::io::Result<Vec<u8>>) {
 }
 
 impl TdfsFs {
+    /// Whether handle `fh` was opened with FOPEN_DIRECT_IO.
+    fn is_direct(&self, fh: u64) -> bool {
+        self.backing
+            .lock()
+            .expect("backing ids poisoned")
+            .by_fh
+            .get(&fh)
+            .is_some_and(|h| h.mode == Mode::Direct || h.mixed)
+    }
+
     fn entry(&self, reply: ReplyEntry, r: std::io::Result<(u64, libc::stat)>) {
         match r {
             Ok((id, st)) => reply.entry(&TTL, &attr(id, &st), Generation(0)),
@@ -537,7 +547,7 @@ impl Filesystem for TdfsFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -548,8 +558,14 @@ impl Filesystem for TdfsFs {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Rename);
         empty(
             reply,
-            self.ops
-                .rename(parent.0, name, newparent.0, newname, flags.bits()),
+            self.ops.rename(
+                caller(req),
+                parent.0,
+                name,
+                newparent.0,
+                newname,
+                flags.bits(),
+            ),
         )
     }
 
@@ -607,12 +623,20 @@ impl Filesystem for TdfsFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Write);
-        match self.ops.write(ino.0, fh.0, offset, data) {
+        // An O_SYNC/O_DSYNC write is a barrier like fsync. On a page-cached open the kernel
+        // follows each such write with an FSYNC request; on a direct-I/O open it does not,
+        // so the write itself waits for the slaves there.
+        let sync = if flags.0 & libc::O_DSYNC != 0 && self.is_direct(fh.0) {
+            Some(flags.0 & libc::O_SYNC != libc::O_SYNC)
+        } else {
+            None
+        };
+        match self.ops.write(ino.0, fh.0, offset, data, sync) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -858,6 +882,63 @@ impl Filesystem for TdfsFs {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Lseek);
         match self.ops.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        use tdfs_slave::flags::{
+            FsXattr, FS_IOC32_GETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR,
+        };
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Ioctl);
+        // Only the inode-flag ioctls (chattr, lsattr): the kernel turns a caller's
+        // FS_IOC_{GET,SET}FLAGS and FS_IOC_FS{GET,SET}XATTR on the mount into these, after
+        // checking ownership and CAP_LINUX_IMMUTABLE. Nothing else reaches the backing file
+        // by ioctl: an unknown request could change it behind the replicas' back.
+        let cmd = libc::c_ulong::from(cmd);
+        let word = |d: &[u8]| {
+            d.get(..4)
+                .map(|b| u32::from_ne_bytes(b.try_into().expect("4")))
+        };
+        let r = if cmd == libc::FS_IOC_GETFLAGS as libc::c_ulong || cmd == FS_IOC32_GETFLAGS {
+            self.ops
+                .get_flags(ino.0, fh.0)
+                .map(|f| (f as i32).to_ne_bytes().to_vec())
+        } else if cmd == libc::FS_IOC_SETFLAGS as libc::c_ulong || cmd == FS_IOC32_SETFLAGS {
+            match word(in_data) {
+                Some(f) => self
+                    .ops
+                    .set_flags(ino.0, fh.0, Some(f), None)
+                    .map(|()| Vec::new()),
+                None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+            }
+        } else if cmd == FS_IOC_FSGETXATTR {
+            self.ops
+                .get_fsxattr(ino.0, fh.0)
+                .map(|x| x.to_bytes().to_vec())
+        } else if cmd == FS_IOC_FSSETXATTR {
+            match FsXattr::from_bytes(in_data) {
+                Some(x) => self
+                    .ops
+                    .set_flags(ino.0, fh.0, None, Some(x))
+                    .map(|()| Vec::new()),
+                None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+            }
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::ENOTTY))
+        };
+        match r {
+            Ok(data) => reply.ioctl(0, &data),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -33,6 +33,7 @@ fuse_ops! {
     Setxattr => "setxattr", Getxattr => "getxattr", Listxattr => "listxattr",
     Removexattr => "removexattr", Access => "access", Create => "create",
     Fallocate => "fallocate", Lseek => "lseek", CopyFileRange => "copy_file_range",
+    Ioctl => "ioctl",
 }
 
 /// One histogram per FUSE op type.

@@ -27,7 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::repl::{self, MasterState, ReplConfig, Replicator, SlaveConfig};
 
 /// Compare a directory with its replicas on every attribute a mirror keeps (type, content,
-/// size, mode, owner, mtime in ns, symlink target, hard links, xattrs, device numbers).
+/// size, mode, owner, mtime in ns, symlink target, hard links, xattrs, inode flags and
+/// project ids, device numbers).
 /// Content checksums are computed on each side, where the data lives. Exits 0 when every
 /// replica is identical, 1 when anything differs, 2 on errors.
 #[derive(Parser, Debug)]
@@ -288,6 +289,15 @@ async fn compare(
             }
             if m.xattrs != s.xattrs {
                 d("xattr", "extended attributes differ".into());
+            }
+            if (m.flags, m.projid) != (s.flags, s.projid) {
+                d(
+                    "flags",
+                    format!(
+                        "inode flags {:#x} project {} here, {:#x} project {} on replica",
+                        m.flags, m.projid, s.flags, s.projid
+                    ),
+                );
             }
             if m.target != s.target {
                 d(

@@ -40,7 +40,9 @@ const MAX_ROUNDS: usize = 50;
 
 enum Item {
     Visit(WirePath),
-    Finish(WirePath),
+    /// A directory whose entries are done: its times, then its inode flags when the slave's
+    /// differed (or may differ: `true`).
+    Finish(WirePath, bool),
 }
 
 #[derive(Default)]
@@ -105,6 +107,17 @@ struct Plan {
     ops: Vec<Op>,
     /// Copy content from this fd (then set size, mode and times).
     copy: Option<OwnedFd>,
+    /// Sent after the content: inode flags (an immutable or append-only file must get its
+    /// data and times first).
+    post: Vec<Op>,
+}
+
+fn set_flags(path: &WirePath, m: &Entry) -> Op {
+    Op::new(OpKind::SetFlags {
+        path: path.clone(),
+        flags: m.flags,
+        projid: m.projid,
+    })
 }
 
 /// Decides the fixes for `path` from the master's current state (called under the lock).
@@ -118,6 +131,7 @@ fn plan(
     let mut p = Plan {
         ops: Vec::new(),
         copy: None,
+        post: Vec::new(),
     };
     let t = confine::target(root, path)?;
     let m = match inspect::entry_at(t.dir.as_fd(), t.name.as_bytes()) {
@@ -201,6 +215,14 @@ fn plan(
             if m.nlink > 1 {
                 let s_ino = if content { None } else { s.map(|s| s.ino) };
                 links.insert(m.ino, (path.clone(), s_ino));
+            }
+            let flags_differ = if content {
+                m.flags != 0 || m.projid != 0
+            } else {
+                s.is_none_or(|s| s.flags != m.flags || s.projid != m.projid)
+            };
+            if flags_differ {
+                p.post.push(set_flags(path, &m));
             }
         }
         libc::S_IFLNK => {
@@ -412,6 +434,10 @@ impl Link {
         if let Some(fd) = plan.copy {
             self.copy(fd, st).await?;
         }
+        if !plan.post.is_empty() {
+            let head = self.shared.head();
+            self.send_plan_ops(head, &plan.post).await?;
+        }
         Ok(())
     }
 
@@ -454,7 +480,7 @@ impl Link {
         }
     }
 
-    async fn finish_dir(&mut self, dir: &WirePath) -> Result<(), LinkError> {
+    async fn finish_dir(&mut self, dir: &WirePath, flags: bool) -> Result<(), LinkError> {
         let (head, e) = self.locked(|root| {
             if dir.is_root() {
                 inspect::root_entry(root)
@@ -481,6 +507,9 @@ impl Link {
             }
         }
         ops.push(restate(dir, &e));
+        if flags {
+            ops.push(set_flags(dir, &e));
+        }
         self.send_plan_ops(head, &ops).await
     }
 
@@ -525,15 +554,17 @@ impl Link {
                 .map_err(|e| LinkError::Protocol(e.to_string()))?;
             st.entries += 1;
             let mut force = false;
-            let same = s.is_some_and(|s| {
-                s.kind() == m.kind()
-                    && attr(s) == attr(m)
-                    && s.size == m.size
-                    && s.target == m.target
-                    && s.rdev == m.rdev
-                    && s.xattrs == m.xattrs
-                    && (m.kind() == libc::S_IFDIR || s.mtime == m.mtime)
-            });
+            let flags_same = s.is_some_and(|s| s.flags == m.flags && s.projid == m.projid);
+            let same = flags_same
+                && s.is_some_and(|s| {
+                    s.kind() == m.kind()
+                        && attr(s) == attr(m)
+                        && s.size == m.size
+                        && s.target == m.target
+                        && s.rdev == m.rdev
+                        && s.xattrs == m.xattrs
+                        && (m.kind() == libc::S_IFDIR || s.mtime == m.mtime)
+                });
             let linked = m.nlink > 1 && m.kind() == libc::S_IFREG;
             if same && checksums && m.kind() == libc::S_IFREG {
                 let theirs = self.slave_digest(&p, misses).await?;
@@ -548,7 +579,7 @@ impl Link {
                 self.fix(&p, s, links, force, st).await?;
             }
             if m.kind() == libc::S_IFDIR {
-                stack.push(Item::Finish(p.clone()));
+                stack.push(Item::Finish(p.clone(), !flags_same));
                 stack.push(Item::Visit(p));
             }
         }
@@ -581,7 +612,7 @@ impl Link {
         let mut links = Links::new();
         let mut misses = Vec::new();
         let mut stack = vec![
-            Item::Finish(WirePath::root()),
+            Item::Finish(WirePath::root(), true),
             Item::Visit(WirePath::root()),
         ];
         let mut rounds = 0;
@@ -593,7 +624,7 @@ impl Link {
                         self.visit(&d, &mut stack, &mut links, &mut misses, checksums, &mut st)
                             .await?
                     }
-                    Item::Finish(d) => self.finish_dir(&d).await?,
+                    Item::Finish(d, flags) => self.finish_dir(&d, flags).await?,
                 }
             }
             // A round trip after everything sent: every miss it caused has arrived.
@@ -620,7 +651,7 @@ impl Link {
                 .filter(|d| !dirs.iter().any(|o| o != *d && d.starts_with(o)))
                 .collect();
             for d in dirs {
-                stack.push(Item::Finish(d.clone()));
+                stack.push(Item::Finish(d.clone(), true));
                 stack.push(Item::Visit(d.clone()));
             }
             links.clear();
