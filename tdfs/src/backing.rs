@@ -97,6 +97,10 @@ impl Backing {
         tdfs_slave::confine::lstat_at(self.root.as_fd(), &self.at(p)?)
     }
 
+    /// Opens `p` without following a final symlink, and without ever blocking: O_NONBLOCK
+    /// is always added, so a FIFO found where a file was expected fails or returns at once
+    /// instead of holding a FUSE thread until some writer appears (it changes nothing for
+    /// regular files and directories).
     pub fn open(&self, p: &WirePath, flags: i32, mode: u32) -> io::Result<OwnedFd> {
         let c = self.at(p)?;
         // SAFETY: valid fd and C string; the returned fd is owned below.
@@ -104,7 +108,7 @@ impl Backing {
             libc::openat(
                 self.root_fd(),
                 c.as_ptr(),
-                flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                flags | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK,
                 mode as libc::c_uint,
             )
         })?;

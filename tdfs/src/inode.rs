@@ -36,6 +36,9 @@ struct Inode {
 
 #[derive(Debug)]
 struct Table {
+    /// Bumped by every change to the names (unlink, rename): a lookup that stat'ed a name
+    /// before such a change must not record what it saw (see [`Inodes::lookup_checked`]).
+    generation: u64,
     nodes: HashMap<u64, Inode>,
     /// Reverse index of `Inode::names`, so unlink and rename cost O(1), not a scan.
     children: HashMap<(u64, OsString), u64>,
@@ -94,6 +97,7 @@ impl Inodes {
             root_dev,
             root_ino,
             t: RwLock::new(Table {
+                generation: 0,
                 nodes,
                 children: HashMap::new(),
                 foreign: HashMap::new(),
@@ -119,10 +123,51 @@ impl Inodes {
         }
     }
 
+    /// The names' generation, to read before a lookup's `lstat` (see
+    /// [`Inodes::lookup_checked`]).
+    pub fn generation(&self) -> u64 {
+        self.t.read().expect("inode table poisoned").generation
+    }
+
+    /// [`Inodes::lookup`] for a lookup that runs beside mutations (a FUSE LOOKUP does not take
+    /// the order lock): records it only if no name changed since `generation` was read,
+    /// before the `lstat` it comes from. Otherwise `None`, and the caller looks again: a
+    /// rename between its `lstat` and this call would leave the name on the inode that was
+    /// moved away, and the next open of it would open whatever took the name (once a FIFO,
+    /// which blocked a FUSE thread for good).
+    pub fn lookup_checked(
+        &self,
+        generation: u64,
+        parent: u64,
+        name: &OsStr,
+        dev: u64,
+        ino: u64,
+        is_dir: bool,
+    ) -> Option<u64> {
+        let mut t = self.t.write().expect("inode table poisoned");
+        if t.generation != generation {
+            return None;
+        }
+        Some(self.lookup_locked(&mut t, parent, name, dev, ino, is_dir))
+    }
+
     /// Records a successful lookup of `name` in `parent` resolving to (dev, ino); returns the
-    /// node id. Every call must be balanced by a kernel FORGET.
+    /// node id. Every call must be balanced by a kernel FORGET. For lookups made under the
+    /// order lock (creations), where no name can change meanwhile.
     pub fn lookup(&self, parent: u64, name: &OsStr, dev: u64, ino: u64, is_dir: bool) -> u64 {
         let mut t = self.t.write().expect("inode table poisoned");
+        self.lookup_locked(&mut t, parent, name, dev, ino, is_dir)
+    }
+
+    fn lookup_locked(
+        &self,
+        t: &mut Table,
+        parent: u64,
+        name: &OsStr,
+        dev: u64,
+        ino: u64,
+        is_dir: bool,
+    ) -> u64 {
         let id = if dev == self.root_dev {
             self.peek_id(dev, ino)
         } else if let Some(&id) = t.foreign.get(&(dev, ino)) {
@@ -170,6 +215,16 @@ impl Inodes {
             }
         }
         if added {
+            // The name now leads here: whichever inode the table still had under it lost it
+            // (the kernel forgot a rename's target only later).
+            if let Some(&other) = t.children.get(&(parent, name.to_os_string())) {
+                if other != id {
+                    if let Some(n) = t.nodes.get_mut(&other) {
+                        n.names
+                            .retain(|(p, nm)| !(*p == parent && nm.as_os_str() == name));
+                    }
+                }
+            }
             t.link_child(parent, name, id);
         }
         id
@@ -233,6 +288,7 @@ impl Inodes {
     /// target of a replacing rename).
     pub fn remove_name(&self, parent: u64, name: &OsStr) {
         let mut t = self.t.write().expect("inode table poisoned");
+        t.generation += 1;
         t.unlink_child(parent, name);
     }
 
@@ -247,6 +303,7 @@ impl Inodes {
         exchange: bool,
     ) {
         let mut t = self.t.write().expect("inode table poisoned");
+        t.generation += 1;
         let src = t.unlink_child(parent, name);
         let dst = t.unlink_child(newparent, newname);
         if let (Some(d), true) = (dst, exchange) {

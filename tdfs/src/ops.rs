@@ -5,18 +5,22 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tdfs_protocol::op::{MAX_WRITE, RENAME_EXCHANGE, RENAME_NOREPLACE};
+
+/// `renameat2` flag (not on the wire: replicated as a rename and a device node).
+const RENAME_WHITEOUT: u32 = 4;
 use tdfs_protocol::{Attr, NodeKind, Op, OpKind, Touch, WirePath};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::backing::{cvt, cvt_sz, fstat, times_of, Backing};
 use crate::inode::Inodes;
-use crate::repl::Replicator;
+use crate::repl::{Emit, Replicator};
+use tdfs_slave::flags::FsXattr;
 
 fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
@@ -140,6 +144,18 @@ pub enum TimeArg {
     At(i64, u32),
 }
 
+impl SetAttrReq {
+    /// Nothing to change but the ctime.
+    fn is_empty(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+    }
+}
+
 /// What setattr was asked to change.
 #[derive(Debug, Default)]
 pub struct SetAttrReq {
@@ -213,6 +229,23 @@ impl Ops {
         Ok(self.find_by_inode(st.st_dev, st.st_ino))
     }
 
+    /// After a mutation of `ino` failed: restates on the replicas what the backing inode
+    /// holds now (`st`, read after the failure). A syscall may change an inode before it fails
+    /// (ext4 moves a file's times before it rejects a direct write or runs out of space; a
+    /// setattr may fail at its last step), and whatever the backing tree ends up with, the
+    /// replicas must end up with too. `with_size`: the failed call could have changed the
+    /// size. Restating what did not change costs a replica nothing but a few syscalls.
+    fn restate(&self, emit: &mut Emit, ino: u64, st: io::Result<libc::stat>, with_size: bool) {
+        let Ok(st) = st else { return };
+        if let Ok(Some(path)) = self.replica_path(ino, &st) {
+            emit.op(setattr_op(
+                path,
+                with_size.then_some(st.st_size as u64),
+                &st,
+            ));
+        }
+    }
+
     fn find_by_inode(&self, dev: u64, ino: u64) -> Option<WirePath> {
         let mut stack = vec![WirePath::root()];
         while let Some(dir) = stack.pop() {
@@ -250,9 +283,19 @@ impl Ops {
     // ---- reads -------------------------------------------------------------------------
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<(u64, libc::stat)> {
-        let p = self.inodes.child_path(parent, name)?;
-        let st = self.backing.lstat(&p)?;
-        Ok((self.register_new(parent, name, &st), st))
+        loop {
+            let generation = self.inodes.generation();
+            let p = self.inodes.child_path(parent, name)?;
+            let st = self.backing.lstat(&p)?;
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            if let Some(id) = self
+                .inodes
+                .lookup_checked(generation, parent, name, st.st_dev, st.st_ino, is_dir)
+            {
+                return Ok((id, st));
+            }
+            // A name changed meanwhile: what the lstat saw may be gone. Look again.
+        }
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -345,13 +388,31 @@ impl Ops {
 
     fn open_flags(flags: i32) -> i32 {
         // Creation is done by create(); truncation arrives as setattr (no atomic_o_trunc),
-        // but is honoured below if a kernel sends it.
-        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC)
+        // but is honoured below if a kernel sends it. O_DIRECT stays with the kernel: a
+        // direct write reaches the daemon in a buffer of fuser's, at an address the backing
+        // filesystem's alignment rules do not allow (every such pwrite failed with EINVAL).
+        // The caller's direct I/O still bypasses the FUSE page cache, and durability is
+        // fsync's (or O_SYNC's) business, as with O_DIRECT anywhere.
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_DIRECT)
+    }
+
+    /// The kernel opens only regular files through FUSE; `fd`, just opened by `ino`'s
+    /// name, must be that very file. Anything else means the name moved on (ESTALE makes the
+    /// kernel look the name up again).
+    fn check_opened(&self, ino: u64, fd: RawFd) -> io::Result<libc::stat> {
+        let st = fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || self.inodes.peek_id(st.st_dev, st.st_ino) != ino
+        {
+            return Err(err(libc::ESTALE));
+        }
+        Ok(st)
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> io::Result<u64> {
         let p = self.path(ino)?;
         let fd = self.backing.open(&p, Self::open_flags(flags), 0)?;
+        self.check_opened(ino, fd.as_raw_fd())?;
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.truncate_fd(ino, fd.as_raw_fd(), 0)?;
         }
@@ -560,10 +621,13 @@ impl Ops {
 
     /// After `p` was created in the backing tree: the caller's ownership (see `own`), its
     /// name in the inode table, and the op that recreates it (`kind` from its attributes)
-    /// with its own times and its parent's.
+    /// with its own times and its parent's. If giving it to the caller fails (a quota, say),
+    /// the entry is removed again, so the call fails without a trace on the master, and
+    /// the parent's times (moved by both) are restated to the replicas.
     #[allow(clippy::too_many_arguments)]
     fn created(
         &self,
+        emit: &mut Emit,
         parent: u64,
         name: &OsStr,
         p: &WirePath,
@@ -571,13 +635,41 @@ impl Ops {
         perm: u32,
         is_dir: bool,
         kind: impl FnOnce(Attr, &libc::stat) -> OpKind,
-    ) -> io::Result<(u64, libc::stat, Op)> {
-        let (st, parent_times) = self.own(p, who, perm, is_dir)?;
+    ) -> io::Result<(u64, libc::stat)> {
+        let (st, parent_times) = match self.own(p, who, perm, is_dir) {
+            Ok(v) => v,
+            Err(e) => {
+                match self.backing.unlink(p, is_dir) {
+                    Ok(()) => {
+                        if let Ok(t) = self.parent_touch(p) {
+                            let Touch::Parent(times) = t else {
+                                unreachable!()
+                            };
+                            emit.op(Op::new(OpKind::SetTimes { path: p.parent() })
+                                .with_touch(Touch::Own(times)));
+                        }
+                    }
+                    Err(u) => {
+                        // It stays: the replicas get it as it is.
+                        warn!(path = %p, "could not remove an entry whose creation failed ({e}): {u}");
+                        if let Ok(st) = self.backing.lstat(p) {
+                            let mut op = Op::new(kind(attr_of(&st), &st))
+                                .with_touch(Touch::Own(times_of(&st)));
+                            if let Ok(t) = self.parent_touch(p) {
+                                op = op.with_touch(t);
+                            }
+                            emit.op(op);
+                        }
+                    }
+                }
+                return Err(e);
+            }
+        };
         let id = self.register_new(parent, name, &st);
-        let op = Op::new(kind(attr_of(&st), &st))
+        emit.op(Op::new(kind(attr_of(&st), &st))
             .with_touch(Touch::Own(times_of(&st)))
-            .with_touch(parent_times);
-        Ok((id, st, op))
+            .with_touch(parent_times));
+        Ok((id, st))
     }
 
     fn parent_touch(&self, p: &WirePath) -> io::Result<Touch> {
@@ -594,29 +686,39 @@ impl Ops {
     ) -> io::Result<(u64, libc::stat, u64)> {
         let p = self.inodes.child_path(parent, name)?;
         let perm = mode & 0o7777;
-        self.repl.mutate(|| {
-            let oflags = Self::open_flags(flags) | libc::O_CREAT | libc::O_EXCL;
-            let fd = match self.backing.open(&p, oflags, perm) {
-                Ok(fd) => fd,
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
-                    // It exists after all: this is a plain open, not a creation.
-                    let fd = self.backing.open(&p, Self::open_flags(flags), 0)?;
-                    let st = fstat(fd.as_raw_fd())?;
-                    let id = self.register_new(parent, name, &st);
-                    let fh = self.add_file(id, fd, flags);
-                    return Ok(((id, st, fh), None));
-                }
-                Err(e) => return Err(e),
-            };
-            let (id, st, op) = self.created(parent, name, &p, who, perm, false, |attr, _| {
-                OpKind::Create {
-                    path: p.clone(),
-                    attr,
-                }
-            })?;
-            let fh = self.add_file(id, fd, flags);
-            Ok(((id, st, fh), Some(op)))
-        })
+        self.repl
+            .mutate_with(|emit| {
+                let oflags = Self::open_flags(flags) | libc::O_CREAT | libc::O_EXCL;
+                let fd = match self.backing.open(&p, oflags, perm) {
+                    Ok(fd) => fd,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 =>
+                    {
+                        // It exists after all: this is a plain open, not a creation.
+                        let fd = self.backing.open(&p, Self::open_flags(flags), 0)?;
+                        let st = fstat(fd.as_raw_fd())?;
+                        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                            // Not something FUSE opens (a FIFO made meanwhile, say): let
+                            // the kernel look it up and open it itself.
+                            return Err(err(libc::ESTALE));
+                        }
+                        let id = self.register_new(parent, name, &st);
+                        let fh = self.add_file(id, fd, flags);
+                        return Ok((id, st, fh));
+                    }
+                    Err(e) => return Err(e),
+                };
+                let (id, st) =
+                    self.created(emit, parent, name, &p, who, perm, false, |attr, _| {
+                        OpKind::Create {
+                            path: p.clone(),
+                            attr,
+                        }
+                    })?;
+                let fh = self.add_file(id, fd, flags);
+                Ok((id, st, fh))
+            })
+            .map(|(v, _)| v)
     }
 
     pub fn mknod(
@@ -636,19 +738,26 @@ impl Ops {
             libc::S_IFREG | 0 => NodeKind::Regular,
             _ => return Err(err(libc::EINVAL)),
         };
-        self.repl.mutate(|| {
-            self.backing.mknod(&p, mode, rdev)?;
-            let (id, st, op) =
-                self.created(parent, name, &p, who, mode & 0o7777, false, |attr, st| {
-                    OpKind::Mknod {
+        self.repl
+            .mutate_with(|emit| {
+                self.backing.mknod(&p, mode, rdev)?;
+                self.created(
+                    emit,
+                    parent,
+                    name,
+                    &p,
+                    who,
+                    mode & 0o7777,
+                    false,
+                    |attr, st| OpKind::Mknod {
                         path: p.clone(),
                         kind,
                         rdev: st.st_rdev,
                         attr,
-                    }
-                })?;
-            Ok(((id, st), Some(op)))
-        })
+                    },
+                )
+            })
+            .map(|(v, _)| v)
     }
 
     pub fn mkdir(
@@ -659,17 +768,24 @@ impl Ops {
         mode: u32,
     ) -> io::Result<(u64, libc::stat)> {
         let p = self.inodes.child_path(parent, name)?;
-        self.repl.mutate(|| {
-            self.backing.mkdir(&p, mode & 0o7777)?;
-            let (id, st, op) =
-                self.created(parent, name, &p, who, mode & 0o7777, true, |attr, _| {
-                    OpKind::Mkdir {
+        self.repl
+            .mutate_with(|emit| {
+                self.backing.mkdir(&p, mode & 0o7777)?;
+                self.created(
+                    emit,
+                    parent,
+                    name,
+                    &p,
+                    who,
+                    mode & 0o7777,
+                    true,
+                    |attr, _| OpKind::Mkdir {
                         path: p.clone(),
                         attr,
-                    }
-                })?;
-            Ok(((id, st), Some(op)))
-        })
+                    },
+                )
+            })
+            .map(|(v, _)| v)
     }
 
     pub fn symlink(
@@ -683,99 +799,165 @@ impl Ops {
         if target.len() > tdfs_protocol::op::MAX_SYMLINK {
             return Err(err(libc::ENAMETOOLONG));
         }
-        self.repl.mutate(|| {
-            self.backing.symlink(target, &p)?;
-            let (id, st, op) = self.created(parent, name, &p, who, 0o777, false, |attr, _| {
-                OpKind::Symlink {
-                    path: p.clone(),
-                    target: target.to_vec(),
-                    attr,
-                }
-            })?;
-            Ok(((id, st), Some(op)))
-        })
+        self.repl
+            .mutate_with(|emit| {
+                self.backing.symlink(target, &p)?;
+                self.created(emit, parent, name, &p, who, 0o777, false, |attr, _| {
+                    OpKind::Symlink {
+                        path: p.clone(),
+                        target: target.to_vec(),
+                        attr,
+                    }
+                })
+            })
+            .map(|(v, _)| v)
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> io::Result<(u64, libc::stat)> {
         let existing = self.path(ino)?;
         let new = self.inodes.child_path(newparent, newname)?;
-        self.repl.mutate(|| {
-            self.backing.link(&existing, &new)?;
-            let st = self.backing.lstat(&new)?;
-            let id = self.register_new(newparent, newname, &st);
-            let op = Op::new(OpKind::Link {
-                existing: existing.clone(),
-                new: new.clone(),
+        self.repl
+            .mutate_with(|emit| {
+                self.backing.link(&existing, &new)?;
+                // From here on the link exists: its op goes out whatever else fails.
+                let mut op = Op::new(OpKind::Link {
+                    existing: existing.clone(),
+                    new: new.clone(),
+                });
+                if let Ok(t) = self.parent_touch(&new) {
+                    op = op.with_touch(t);
+                }
+                emit.op(op);
+                let st = self.backing.lstat(&new)?;
+                let id = self.register_new(newparent, newname, &st);
+                Ok((id, st))
             })
-            .with_touch(self.parent_touch(&new)?);
-            Ok(((id, st), Some(op)))
-        })
+            .map(|(v, _)| v)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr, dir: bool) -> io::Result<()> {
         let p = self.inodes.child_path(parent, name)?;
-        self.repl.mutate(|| {
-            self.backing.unlink(&p, dir)?;
-            self.inodes.remove_name(parent, name);
-            let kind = if dir {
-                OpKind::Rmdir { path: p.clone() }
-            } else {
-                OpKind::Unlink { path: p.clone() }
-            };
-            Ok(((), Some(Op::new(kind).with_touch(self.parent_touch(&p)?))))
-        })
+        self.repl
+            .mutate_with(|emit| {
+                self.backing.unlink(&p, dir)?;
+                self.inodes.remove_name(parent, name);
+                let kind = if dir {
+                    OpKind::Rmdir { path: p.clone() }
+                } else {
+                    OpKind::Unlink { path: p.clone() }
+                };
+                let mut op = Op::new(kind);
+                if let Ok(t) = self.parent_touch(&p) {
+                    op = op.with_touch(t);
+                }
+                emit.op(op);
+                Ok(())
+            })
+            .map(drop)
     }
 
     pub fn rename(
         &self,
+        who: Caller,
         parent: u64,
         name: &OsStr,
         newparent: u64,
         newname: &OsStr,
         flags: u32,
     ) -> io::Result<()> {
-        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
-            // RENAME_WHITEOUT is for overlay filesystems; a mirror has no use for it.
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) != 0 {
             return Err(err(libc::EINVAL));
         }
         let from = self.inodes.child_path(parent, name)?;
         let to = self.inodes.child_path(newparent, newname)?;
-        self.repl.mutate(|| {
-            self.backing.rename(&from, &to, flags)?;
-            self.inodes.rename(
-                parent,
-                name,
-                newparent,
-                newname,
-                flags & RENAME_EXCHANGE != 0,
-            );
-            let mut op = Op::new(OpKind::Rename {
-                from: from.clone(),
-                to: to.clone(),
-                flags,
-            });
-            // A directory moved to another parent has its ".." rewritten; carry its times
-            // (and the other side's, for an exchange) so nothing is left to the slave's clock.
-            let moved = self.backing.lstat(&to)?;
-            if moved.st_mode & libc::S_IFMT == libc::S_IFDIR || flags & RENAME_EXCHANGE != 0 {
-                self.repl.note_dir_rename();
-            }
-            op = op.with_touch(Touch::Own(times_of(&moved)));
-            if flags & RENAME_EXCHANGE != 0 {
-                op = op.with_touch(Touch::Path(
-                    from.clone(),
-                    times_of(&self.backing.lstat(&from)?),
-                ));
-            }
-            op = op.with_touch(self.parent_touch(&to)?);
-            if from.parent() != to.parent() {
-                op = op.with_touch(Touch::Path(
-                    from.parent(),
-                    times_of(&self.backing.lstat(&from.parent())?),
-                ));
-            }
-            Ok(((), Some(op)))
-        })
+        self.repl
+            .mutate_with(|emit| {
+                if let Err(e) = self.backing.rename(&from, &to, flags) {
+                    // ext4 can fail a rename after touching the directories: a whiteout
+                    // rename onto a non-empty directory moves both parents' times (and the
+                    // target's) before it finds ENOTEMPTY and puts the entries back. The
+                    // replicas get whatever times those inodes hold now.
+                    let mut seen = Vec::new();
+                    for p in [from.parent(), to.parent(), from.clone(), to.clone()] {
+                        if seen.contains(&p) {
+                            continue;
+                        }
+                        if let Ok(st) = self.backing.lstat(&p) {
+                            emit.op(Op::new(OpKind::SetTimes { path: p.clone() })
+                                .with_touch(Touch::Own(times_of(&st))));
+                        }
+                        seen.push(p);
+                    }
+                    return Err(e);
+                }
+                self.inodes.rename(
+                    parent,
+                    name,
+                    newparent,
+                    newname,
+                    flags & RENAME_EXCHANGE != 0,
+                );
+                // From here on the rename has happened: its ops go out whatever else fails,
+                // with every resulting time that can be read.
+                let whiteout = flags & RENAME_WHITEOUT != 0;
+                let mut op = Op::new(OpKind::Rename {
+                    from: from.clone(),
+                    to: to.clone(),
+                    flags: flags & !RENAME_WHITEOUT,
+                });
+                // A directory moved to another parent has its ".." rewritten; carry its times
+                // (and the other side's, for an exchange) so nothing is left to the slave's
+                // clock.
+                let moved = self.backing.lstat(&to);
+                if moved
+                    .as_ref()
+                    .map_or(true, |m| m.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                    || flags & RENAME_EXCHANGE != 0
+                {
+                    self.repl.note_dir_rename();
+                }
+                if let Ok(m) = &moved {
+                    op = op.with_touch(Touch::Own(times_of(m)));
+                }
+                if flags & RENAME_EXCHANGE != 0 {
+                    if let Ok(st) = self.backing.lstat(&from) {
+                        op = op.with_touch(Touch::Path(from.clone(), times_of(&st)));
+                    }
+                }
+                if let Ok(t) = self.parent_touch(&to) {
+                    op = op.with_touch(t);
+                }
+                if from.parent() != to.parent() && !whiteout {
+                    if let Ok(st) = self.backing.lstat(&from.parent()) {
+                        op = op.with_touch(Touch::Path(from.parent(), times_of(&st)));
+                    }
+                }
+                emit.op(op);
+                if whiteout {
+                    // The kernel left a whiteout (a 0:0 character device) at `from`, owned
+                    // by the daemon: it belongs to the caller, as on a local filesystem. The
+                    // replicas make the same device node, with its attributes and times and
+                    // its directory's.
+                    if let Err(e) = self.own(&from, who, 0, false) {
+                        warn!(path = %from, "whiteout left owned by the daemon: {e}");
+                    }
+                    if let Ok(st) = self.backing.lstat(&from) {
+                        let mut wop = Op::new(OpKind::Mknod {
+                            path: from.clone(),
+                            kind: NodeKind::Char,
+                            rdev: st.st_rdev,
+                            attr: attr_of(&st),
+                        })
+                        .with_touch(Touch::Own(times_of(&st)));
+                        if let Ok(t) = self.parent_touch(&from) {
+                            wop = wop.with_touch(t);
+                        }
+                        emit.op(wop);
+                    }
+                }
+                Ok(())
+            })
+            .map(drop)
     }
 
     pub fn setattr(&self, ino: u64, req: &SetAttrReq) -> io::Result<libc::stat> {
@@ -784,157 +966,223 @@ impl Ops {
         if path.is_none() && open.is_none() {
             return Err(err(libc::ENOENT));
         }
-        self.repl.mutate(|| {
-            // Order: size, owner (which clears setuid bits), mode, then times, so that the
-            // times the caller asked for are the ones left standing.
-            if let Some(size) = req.size {
-                match (&open, &path) {
-                    (Some(f), _) => {
-                        // SAFETY: ftruncate on an fd we own.
-                        cvt(unsafe { libc::ftruncate(f.fd(), size as libc::off_t) })?;
+        let stat_now = || match (&path, &open) {
+            (Some(p), _) => self.backing.lstat(p),
+            (None, Some(f)) => fstat(f.fd()),
+            (None, None) => unreachable!("checked above"),
+        };
+        self.repl
+            .mutate_with(|emit| {
+                // Order: size, owner (which clears setuid bits), mode, then times, so that the
+                // times the caller asked for are the ones left standing.
+                let steps = || -> io::Result<()> {
+                    if req.is_empty() {
+                        // Nothing but the ctime (a chown to -1:-1, say): do exactly that, so
+                        // the backing filesystem answers as it would have natively (ext4
+                        // refuses any change to an immutable inode, even this one).
+                        return match (&path, &open) {
+                            (Some(p), _) => self.backing.chown(p, u32::MAX, u32::MAX),
+                            (None, Some(f)) => {
+                                // SAFETY: fchown on an fd we own.
+                                cvt(unsafe { libc::fchown(f.fd(), u32::MAX, u32::MAX) }).map(drop)
+                            }
+                            (None, None) => unreachable!("checked above"),
+                        };
                     }
-                    (None, Some(p)) => {
-                        let fd = self.backing.open(p, libc::O_WRONLY, 0)?;
-                        // SAFETY: ftruncate on an fd we just opened.
-                        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?;
+                    if let Some(size) = req.size {
+                        match (&open, &path) {
+                            (Some(f), _) => {
+                                // SAFETY: ftruncate on an fd we own.
+                                cvt(unsafe { libc::ftruncate(f.fd(), size as libc::off_t) })?;
+                            }
+                            (None, Some(p)) => {
+                                let fd = self.backing.open(p, libc::O_WRONLY, 0)?;
+                                // SAFETY: ftruncate on an fd we just opened.
+                                cvt(unsafe {
+                                    libc::ftruncate(fd.as_raw_fd(), size as libc::off_t)
+                                })?;
+                            }
+                            (None, None) => unreachable!("checked above"),
+                        }
                     }
-                    (None, None) => unreachable!("checked above"),
+                    if req.uid.is_some() || req.gid.is_some() {
+                        let uid = req.uid.unwrap_or(u32::MAX);
+                        let gid = req.gid.unwrap_or(u32::MAX);
+                        match (&path, &open) {
+                            (Some(p), _) => self.backing.chown(p, uid, gid)?,
+                            (None, Some(f)) => {
+                                // SAFETY: fchown on an fd we own.
+                                cvt(unsafe { libc::fchown(f.fd(), uid, gid) })?;
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
+                    if let Some(mode) = req.mode {
+                        match (&path, &open) {
+                            (Some(p), _) => self.backing.chmod(p, mode & 0o7777)?,
+                            (None, Some(f)) => {
+                                // SAFETY: fchmod on an fd we own.
+                                cvt(unsafe { libc::fchmod(f.fd(), mode & 0o7777) })?;
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
+                    if req.atime.is_some() || req.mtime.is_some() {
+                        let ts = [to_timespec(req.atime), to_timespec(req.mtime)];
+                        match (&path, &open) {
+                            (Some(p), _) => self.backing.utimens(p, &ts)?,
+                            (None, Some(f)) => {
+                                // SAFETY: futimens with a two-element array on an fd we own.
+                                cvt(unsafe { libc::futimens(f.fd(), ts.as_ptr()) })?;
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
+                    Ok(())
+                };
+                if let Err(e) = steps() {
+                    // An earlier step may have taken effect (a truncate before a failed
+                    // chown, a chown before a failed chmod).
+                    self.restate(emit, ino, stat_now(), req.size.is_some());
+                    return Err(e);
                 }
-            }
-            let stat_now = || match (&path, &open) {
-                (Some(p), _) => self.backing.lstat(p),
-                (None, Some(f)) => fstat(f.fd()),
-                (None, None) => unreachable!("checked above"),
-            };
-            if req.uid.is_some() || req.gid.is_some() {
-                let uid = req.uid.unwrap_or(u32::MAX);
-                let gid = req.gid.unwrap_or(u32::MAX);
-                match (&path, &open) {
-                    (Some(p), _) => self.backing.chown(p, uid, gid)?,
-                    (None, Some(f)) => {
-                        // SAFETY: fchown on an fd we own.
-                        cvt(unsafe { libc::fchown(f.fd(), uid, gid) })?;
-                    }
-                    _ => unreachable!(),
+                let st = stat_now()?;
+                let rpath = match &path {
+                    Some(p) => Some(p.clone()),
+                    None => self.replica_path(ino, &st)?,
+                };
+                if let Some(p) = rpath {
+                    emit.op(setattr_op(p, req.size, &st));
                 }
-            }
-            if let Some(mode) = req.mode {
-                match (&path, &open) {
-                    (Some(p), _) => self.backing.chmod(p, mode & 0o7777)?,
-                    (None, Some(f)) => {
-                        // SAFETY: fchmod on an fd we own.
-                        cvt(unsafe { libc::fchmod(f.fd(), mode & 0o7777) })?;
-                    }
-                    _ => unreachable!(),
-                }
-            }
-            if req.atime.is_some() || req.mtime.is_some() {
-                let ts = [to_timespec(req.atime), to_timespec(req.mtime)];
-                match (&path, &open) {
-                    (Some(p), _) => self.backing.utimens(p, &ts)?,
-                    (None, Some(f)) => {
-                        // SAFETY: futimens with a two-element array on an fd we own.
-                        cvt(unsafe { libc::futimens(f.fd(), ts.as_ptr()) })?;
-                    }
-                    _ => unreachable!(),
-                }
-            }
-            let st = stat_now()?;
-            let rpath = match &path {
-                Some(p) => Some(p.clone()),
-                None => self.replica_path(ino, &st)?,
-            };
-            Ok((st, rpath.map(|p| setattr_op(p, req.size, &st))))
-        })
+                Ok(st)
+            })
+            .map(|(st, _)| st)
     }
 
-    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+    /// Writes `data` at `offset` through handle `fh`. `sync`: the write is also a
+    /// durability barrier (an O_SYNC, `Some(false)`, or O_DSYNC, `Some(true)`, write the
+    /// kernel sends no FSYNC after): the backing fd already carries the flag, and the
+    /// write returns once every in-sync slave has made it durable too.
+    pub fn write(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        sync: Option<bool>,
+    ) -> io::Result<u32> {
         if data.len() > MAX_WRITE {
             return Err(err(libc::EINVAL));
         }
         let f = self.file(fh)?;
-        self.repl
-            .mutate_encoded(|| {
-                let watched = self.n_watched.load(Ordering::Acquire) > 0;
-                if watched {
-                    self.watch_before(ino, f.fd());
-                }
-                let mut done = 0;
-                while done < data.len() {
-                    // SAFETY: the slice after `done` is readable for its length.
-                    let n = cvt_sz(unsafe {
-                        libc::pwrite(
-                            f.fd(),
-                            data[done..].as_ptr().cast(),
-                            data.len() - done,
-                            (offset + done as u64) as libc::off_t,
-                        )
-                    });
-                    match n {
-                        Ok(0) => break,
-                        Ok(n) => done += n,
-                        Err(e) if done > 0 => {
-                            debug!("short write after {done} bytes: {e}");
-                            break;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    if f.append {
-                        // pwrite on an O_APPEND fd appends whatever the offset: one call only.
-                        break;
-                    }
-                }
-                // With no slave, the op's copy of the data would be dropped at once: only its
-                // sequence number is used up.
-                let replicating = self.repl.replicating();
-                if !replicating && !watched {
-                    return Ok((done as u32, Some(Replicator::seq_only())));
-                }
-                let st = fstat(f.fd())?;
-                if watched {
-                    self.watch_after(ino, &st);
-                }
-                if !replicating {
-                    return Ok((done as u32, Some(Replicator::seq_only())));
-                }
-                // An O_APPEND write landed at the end: send where it actually went.
-                let at = if f.append {
-                    (st.st_size as u64).saturating_sub(done as u64)
-                } else {
-                    offset
-                };
-                let op = self.replica_path(ino, &st)?.map(|path| {
-                    tdfs_protocol::op::encode_write(
-                        &path,
-                        at,
-                        &data[..done],
-                        &[Touch::Own(times_of(&st))],
+        let (n, seq) = self.repl.mutate_with(|emit| {
+            let watched = self.n_watched.load(Ordering::Acquire) > 0;
+            if watched {
+                self.watch_before(ino, f.fd());
+            }
+            let mut done = 0;
+            while done < data.len() {
+                // SAFETY: the slice after `done` is readable for its length.
+                let n = cvt_sz(unsafe {
+                    libc::pwrite(
+                        f.fd(),
+                        data[done..].as_ptr().cast(),
+                        data.len() - done,
+                        (offset + done as u64) as libc::off_t,
                     )
                 });
-                Ok((done as u32, op))
-            })
-            .map(|(n, _)| n)
+                match n {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if done > 0 => {
+                        debug!("short write after {done} bytes: {e}");
+                        break;
+                    }
+                    Err(e) => {
+                        let st = fstat(f.fd());
+                        if watched {
+                            if let Ok(st) = &st {
+                                self.watch_after(ino, st);
+                            }
+                        }
+                        self.restate(emit, ino, st, false);
+                        return Err(e);
+                    }
+                }
+                if f.append {
+                    // pwrite on an O_APPEND fd appends whatever the offset: one call only.
+                    break;
+                }
+            }
+            // With no slave, the op's copy of the data would be dropped at once: only its
+            // sequence number is used up.
+            let replicating = self.repl.replicating();
+            if !replicating && !watched {
+                emit.encoded(Replicator::seq_only());
+                return Ok(done as u32);
+            }
+            let st = fstat(f.fd())?;
+            if watched {
+                self.watch_after(ino, &st);
+            }
+            if !replicating {
+                emit.encoded(Replicator::seq_only());
+                return Ok(done as u32);
+            }
+            // An O_APPEND write landed at the end: send where it actually went.
+            let at = if f.append {
+                (st.st_size as u64).saturating_sub(done as u64)
+            } else {
+                offset
+            };
+            if let Some(path) = self.replica_path(ino, &st)? {
+                emit.encoded(tdfs_protocol::op::encode_write(
+                    &path,
+                    at,
+                    &data[..done],
+                    &[Touch::Own(times_of(&st))],
+                ));
+                if let Some(datasync) = sync {
+                    emit.op(Op::new(OpKind::Fsync {
+                        path: Some(path),
+                        datasync,
+                    }));
+                }
+            }
+            Ok(done as u32)
+        })?;
+        if let (Some(_), Some(seq)) = (sync, seq) {
+            self.repl.fsync_barrier(seq)?;
+        }
+        Ok(n)
     }
 
     pub fn fallocate(&self, ino: u64, fh: u64, offset: u64, len: u64, mode: i32) -> io::Result<()> {
         let f = self.file(fh)?;
-        self.repl.mutate(|| {
-            // SAFETY: fallocate on an fd we own.
-            cvt(unsafe {
-                libc::fallocate(f.fd(), mode, offset as libc::off_t, len as libc::off_t)
-            })?;
-            let st = fstat(f.fd())?;
-            let op = self.replica_path(ino, &st)?.map(|path| {
-                Op::new(OpKind::Fallocate {
-                    path,
-                    mode,
-                    offset,
-                    len,
-                })
-                .with_touch(Touch::Own(times_of(&st)))
-            });
-            Ok(((), op))
-        })
+        self.repl
+            .mutate_with(|emit| {
+                // SAFETY: fallocate on an fd we own.
+                let r = cvt(unsafe {
+                    libc::fallocate(f.fd(), mode, offset as libc::off_t, len as libc::off_t)
+                });
+                if let Err(e) = r {
+                    // A failed allocation may have extended the file part of the way.
+                    self.restate(emit, ino, fstat(f.fd()), true);
+                    return Err(e);
+                }
+                let st = fstat(f.fd())?;
+                if let Some(path) = self.replica_path(ino, &st)? {
+                    emit.op(Op::new(OpKind::Fallocate {
+                        path,
+                        mode,
+                        offset,
+                        len,
+                    })
+                    .with_touch(Touch::Own(times_of(&st))));
+                }
+                Ok(())
+            })
+            .map(drop)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -951,47 +1199,54 @@ impl Ops {
         let fin = self.file(fh_in)?;
         let fout = self.file(fh_out)?;
         let len = len.min(u32::MAX as u64 & !0xfff);
-        self.repl.mutate(|| {
-            let src_st = fstat(fin.fd())?;
-            let src_path = self.replica_path(ino_in, &src_st)?;
-            // If the source has no name on the replicas, the bytes themselves must travel.
-            let len = if src_path.is_none() {
-                len.min(MAX_WRITE as u64)
-            } else {
-                len
-            };
-            let mut oin = off_in as libc::off_t;
-            let mut oout = off_out as libc::off_t;
-            // SAFETY: both fds are ours; offsets are passed by pointer and updated.
-            let n = cvt_sz(unsafe {
-                libc::copy_file_range(fin.fd(), &mut oin, fout.fd(), &mut oout, len as usize, 0)
-            })?;
-            let st = fstat(fout.fd())?;
-            let Some(dst) = self.replica_path(ino_out, &st)? else {
-                return Ok((n as u32, None));
-            };
-            let kind = match src_path {
-                Some(src) => OpKind::CopyRange {
-                    src,
-                    src_offset: off_in,
-                    path: dst,
-                    offset: off_out,
-                    len: n as u64,
-                },
-                None => {
-                    let data = self.read_fd(fout.fd(), off_out, n)?;
-                    OpKind::Write {
+        self.repl
+            .mutate_with(|emit| {
+                let src_st = fstat(fin.fd())?;
+                let src_path = self.replica_path(ino_in, &src_st)?;
+                // If the source has no name on the replicas, the bytes themselves must travel.
+                let len = if src_path.is_none() {
+                    len.min(MAX_WRITE as u64)
+                } else {
+                    len
+                };
+                let mut oin = off_in as libc::off_t;
+                let mut oout = off_out as libc::off_t;
+                // SAFETY: both fds are ours; offsets are passed by pointer and updated.
+                let n = cvt_sz(unsafe {
+                    libc::copy_file_range(fin.fd(), &mut oin, fout.fd(), &mut oout, len as usize, 0)
+                });
+                let n = match n {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.restate(emit, ino_out, fstat(fout.fd()), false);
+                        return Err(e);
+                    }
+                };
+                let st = fstat(fout.fd())?;
+                let Some(dst) = self.replica_path(ino_out, &st)? else {
+                    return Ok(n as u32);
+                };
+                let kind = match src_path {
+                    Some(src) => OpKind::CopyRange {
+                        src,
+                        src_offset: off_in,
                         path: dst,
                         offset: off_out,
-                        data: data.into(),
+                        len: n as u64,
+                    },
+                    None => {
+                        let data = self.read_fd(fout.fd(), off_out, n)?;
+                        OpKind::Write {
+                            path: dst,
+                            offset: off_out,
+                            data: data.into(),
+                        }
                     }
-                }
-            };
-            Ok((
-                n as u32,
-                Some(Op::new(kind).with_touch(Touch::Own(times_of(&st)))),
-            ))
-        })
+                };
+                emit.op(Op::new(kind).with_touch(Touch::Own(times_of(&st))));
+                Ok(n as u32)
+            })
+            .map(|(n, _)| n)
     }
 
     fn read_fd(&self, fd: RawFd, off: u64, n: usize) -> io::Result<Vec<u8>> {
@@ -1085,6 +1340,70 @@ impl Ops {
             });
             Ok(((), Some(op)))
         })
+    }
+
+    // ---- inode flags (chattr) ---------------------------------------------------------
+
+    /// An fd for the flag ioctls on `ino`: its name in the backing tree, or (for a file with
+    /// no name left) the handle's own fd.
+    fn flags_fd(&self, ino: u64, fh: u64) -> io::Result<OwnedFd> {
+        match self.inodes.path(ino)? {
+            Some(p) => self
+                .backing
+                .open(&p, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0),
+            None => {
+                let f = self.file(fh)?;
+                // SAFETY: the handle's fd is open while `f` is held.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(f.fd()) };
+                fd.try_clone_to_owned()
+            }
+        }
+    }
+
+    /// FS_IOC_GETFLAGS: every flag the backing inode has.
+    pub fn get_flags(&self, ino: u64, fh: u64) -> io::Result<u32> {
+        let fd = self.flags_fd(ino, fh)?;
+        let r = tdfs_slave::flags::get_raw(fd.as_fd())?;
+        Ok(r)
+    }
+
+    /// FS_IOC_FSGETXATTR.
+    pub fn get_fsxattr(&self, ino: u64, fh: u64) -> io::Result<FsXattr> {
+        let fd = self.flags_fd(ino, fh)?;
+        tdfs_slave::flags::get_fsxattr(fd.as_fd())?.ok_or_else(|| err(libc::ENOTTY))
+    }
+
+    /// FS_IOC_SETFLAGS (`flags`) or FS_IOC_FSSETXATTR (`fsx`). The kernel has checked
+    /// ownership and CAP_LINUX_IMMUTABLE for the caller. The replicas get the flags and
+    /// project id the inode holds afterwards.
+    pub fn set_flags(
+        &self,
+        ino: u64,
+        fh: u64,
+        flags: Option<u32>,
+        fsx: Option<FsXattr>,
+    ) -> io::Result<()> {
+        let fd = self.flags_fd(ino, fh)?;
+        self.repl
+            .mutate_with(|emit| {
+                let r = match (flags, &fsx) {
+                    (Some(f), _) => tdfs_slave::flags::set_raw(fd.as_fd(), f),
+                    (None, Some(x)) => tdfs_slave::flags::set_fsxattr(fd.as_fd(), x),
+                    (None, None) => Ok(()),
+                };
+                r?;
+                let (flags, projid) = tdfs_slave::flags::get(fd.as_fd())?;
+                let st = tdfs_slave::confine::fstat(fd.as_fd())?;
+                if let Some(path) = self.replica_path(ino, &st)? {
+                    emit.op(Op::new(OpKind::SetFlags {
+                        path,
+                        flags,
+                        projid,
+                    }));
+                }
+                Ok(())
+            })
+            .map(drop)
     }
 
     // ---- directories -------------------------------------------------------------------

@@ -266,6 +266,25 @@ impl Default for Policy {
     }
 }
 
+/// The ops a mutation emits, in order (see [`Replicator::mutate_with`]).
+#[derive(Default)]
+pub struct Emit {
+    ops: Vec<Arc<[u8]>>,
+}
+
+impl Emit {
+    pub fn op(&mut self, op: Op) {
+        let mut buf = Vec::with_capacity(64 + op.data_len());
+        op.encode(&mut buf);
+        self.ops.push(Arc::from(buf));
+    }
+
+    /// An op already encoded (or [`Replicator::seq_only`]).
+    pub fn encoded(&mut self, data: Arc<[u8]>) {
+        self.ops.push(data);
+    }
+}
+
 /// What a link should send next.
 pub(crate) enum BatchResult {
     Empty,
@@ -460,6 +479,35 @@ pub struct Status {
     pub slaves: Vec<SlaveSnapshot>,
 }
 
+/// Runs a slave's link, and runs it again if it panics: a bug in one link (once, a codec
+/// indexing past its buffer) must not end replication to that slave for good while the
+/// master runs on as if nothing happened. The restarted link reconnects and resumes from
+/// where the slave says it is.
+fn spawn_link(rt: &tokio::runtime::Handle, shared: Arc<Shared>, s: Arc<SlaveStatus>) {
+    rt.spawn(async move {
+        loop {
+            let r = tokio::spawn(link::run(shared.clone(), s.clone())).await;
+            let Err(e) = r else { return };
+            if !e.is_panic() {
+                return; // cancelled: the runtime is shutting down
+            }
+            let payload = e.into_panic();
+            let what = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|m| m.to_string()))
+                .unwrap_or_else(|| "(no message)".into());
+            error!(slave = %s.config.addr, "link task panicked ({what}); restarting it");
+            s.set_error(format!("link task panicked: {what}"));
+            s.connected.store(false, Ordering::Release);
+            s.set_state(LinkState::Disconnected);
+            shared.drop_out(&s, "its link failed");
+            shared.note_ack();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
 /// The handle the filesystem uses.
 #[derive(Clone)]
 pub struct Replicator {
@@ -534,7 +582,7 @@ impl Replicator {
             policy: cfg.policy,
         });
         for s in shared.slaves().iter() {
-            rt.spawn(link::run(shared.clone(), s.clone()));
+            spawn_link(rt, shared.clone(), s.clone());
         }
         Ok(Replicator {
             shared,
@@ -554,16 +602,12 @@ impl Replicator {
         &self,
         f: impl FnOnce() -> io::Result<(T, Option<Op>)>,
     ) -> io::Result<(T, Option<u64>)> {
-        self.mutate_encoded(|| {
+        self.mutate_with(|emit| {
             let (value, op) = f()?;
-            Ok((
-                value,
-                op.map(|op| {
-                    let mut buf = Vec::with_capacity(64 + op.data_len());
-                    op.encode(&mut buf);
-                    Arc::<[u8]>::from(buf)
-                }),
-            ))
+            if let Some(op) = op {
+                emit.op(op);
+            }
+            Ok(value)
         })
     }
 
@@ -573,37 +617,78 @@ impl Replicator {
         &self,
         f: impl FnOnce() -> io::Result<(T, Option<Arc<[u8]>>)>,
     ) -> io::Result<(T, Option<u64>)> {
+        self.mutate_with(|emit| {
+            let (value, data) = f()?;
+            if let Some(data) = data {
+                emit.encoded(data);
+            }
+            Ok(value)
+        })
+    }
+
+    /// Runs `f` (a mutation of the backing tree) under the order lock. Every op `f` emits
+    /// gets the next sequence number, in the order emitted, and goes to every slave, *also
+    /// when `f` then fails*: a syscall that fails after changing something (ext4 moves a
+    /// file's times before it rejects a direct write, a multi-step setattr fails at its last
+    /// step) must leave the replicas as it left the backing tree. On success, waits per
+    /// `--sync` for the in-sync slaves. Returns the last op's sequence number.
+    pub fn mutate_with<T>(
+        &self,
+        f: impl FnOnce(&mut Emit) -> io::Result<T>,
+    ) -> io::Result<(T, Option<u64>)> {
         let policy = self.shared.policy;
         if policy.min_replicas > 0 {
             self.wait_replicas()?;
         }
+        let mut emit = Emit::default();
         let mut log = self.shared.lock();
-        let (value, data) = f()?;
-        let Some(data) = data else {
-            return Ok((value, None));
-        };
-        let seq = log.next_seq;
-        log.next_seq += 1;
-        if data.is_empty() {
-            // Nobody to send it to (see `replicating`): the number is still used up, so a
-            // slave that comes back later knows it missed something and is synced.
-            return Ok((value, Some(seq)));
+        let result = f(&mut emit);
+        if emit.ops.is_empty() {
+            return result.map(|v| (v, None));
         }
-        log.bytes += data.len();
-        log.entries.push_back(Entry {
-            seq,
-            data: Arc::new(LogOp::new(data)),
-            at: Instant::now(),
-        });
-        self.shared.trim(&mut log);
+        let mut last = 0;
+        let mut logged = false;
+        for data in emit.ops {
+            let seq = log.next_seq;
+            log.next_seq += 1;
+            last = seq;
+            if tracing::enabled!(tracing::Level::TRACE) {
+                match Op::decode(&data) {
+                    Ok(op) => {
+                        tracing::trace!(seq, op = op.name(), path = ?op.primary_path(), kind = ?op.kind, touch = ?op.touch, failed = result.is_err(), "emit")
+                    }
+                    Err(_) => tracing::trace!(seq, "emit (sequence number only)"),
+                }
+            }
+            if data.is_empty() {
+                // Nobody to send it to (see `replicating`): the number is still used up, so a
+                // slave that comes back later knows it missed something and is synced.
+                continue;
+            }
+            log.bytes += data.len();
+            log.entries.push_back(Entry {
+                seq,
+                data: Arc::new(LogOp::new(data)),
+                at: Instant::now(),
+            });
+            logged = true;
+        }
+        if logged {
+            self.shared.trim(&mut log);
+        }
         drop(log);
-        self.shared.wake.notify_waiters();
-        match policy.mode {
-            SyncMode::Async => {}
-            SyncMode::Received => self.wait_acks(seq, AckKind::Received)?,
-            SyncMode::Applied => self.wait_acks(seq, AckKind::Applied)?,
+        if logged {
+            self.shared.wake.notify_waiters();
         }
-        Ok((value, Some(seq)))
+        let value = result?;
+        if logged {
+            match policy.mode {
+                SyncMode::Async => {}
+                SyncMode::Received => self.wait_acks(last, AckKind::Received)?,
+                SyncMode::Applied => self.wait_acks(last, AckKind::Applied)?,
+            }
+        }
+        Ok((value, Some(last)))
     }
 
     /// An op for [`Replicator::mutate_encoded`] that only uses up a sequence number.
@@ -710,7 +795,7 @@ impl Replicator {
         info!(slave = %s.config.addr, "slave added");
         list.push(s.clone());
         drop(list);
-        self.rt.spawn(link::run(self.shared.clone(), s));
+        spawn_link(&self.rt, self.shared.clone(), s);
         Ok(())
     }
 
