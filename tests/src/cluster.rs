@@ -34,6 +34,9 @@ pub struct ClusterOpts {
     /// there); the root's mode and times are set after it. Whatever it mounts on the
     /// directory is detached when the cluster is dropped (or its start fails).
     pub replica_setup: Option<fn(&Path)>,
+    /// Runs on the master's backing directory before anything starts (e.g. to mount a
+    /// small tmpfs there); detached like `replica_setup`'s mounts.
+    pub backing_setup: Option<fn(&Path)>,
     /// Command every slave runs under (e.g. `nsenter --net=/run/netns/NS`); empty: none.
     pub slave_prefix: Vec<String>,
     /// Address every slave listens on; None: `127.0.0.1`.
@@ -52,6 +55,7 @@ impl Default for ClusterOpts {
             populate: None,
             slaves_down: false,
             replica_setup: None,
+            backing_setup: None,
             slave_prefix: Vec::new(),
             slave_host: None,
             slave_args: Vec::new(),
@@ -80,7 +84,7 @@ pub struct Cluster {
     pub scratch: PathBuf,
     pub opts: ClusterOpts,
     _replica_mounts: ReplicaMounts,
-    tmp: Option<tempfile::TempDir>,
+    tmp: Option<crate::util::TempDir>,
 }
 
 /// Replica dirs `ClusterOpts::replica_setup` ran on; a mount on any of them is detached on
@@ -141,6 +145,11 @@ impl Cluster {
         let master_state = base.join("master-state");
         let scratch = base.join("scratch");
         let logs = base.join("logs");
+        mkdir(&backing);
+        if let Some(f) = opts.backing_setup {
+            replica_mounts.0.push(backing.clone());
+            f(&backing);
+        }
         init_root(&backing);
         mkdir(&mnt);
         mkdir(&master_state);

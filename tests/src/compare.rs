@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::util::{get_xattr, list_xattrs};
+use crate::util::{get_xattr, inode_flags, list_xattrs};
 
 /// What differs at one path. "a" is the reference (the master's backing dir), "b" the
 /// replica.
@@ -67,6 +67,11 @@ pub enum DiffKind {
     XattrValue {
         name: String,
     },
+    /// Inode flags (`lsattr`, the replicated ones) and project id.
+    Flags {
+        a: (u32, u32),
+        b: (u32, u32),
+    },
     /// The set of paths sharing this path's inode differs.
     HardLinks {
         a: Vec<PathBuf>,
@@ -104,6 +109,7 @@ impl Diff {
             DiffKind::XattrExtra { .. } => "xattr-extra",
             DiffKind::XattrValue { .. } => "xattr-value",
             DiffKind::HardLinks { .. } => "hardlinks",
+            DiffKind::Flags { .. } => "flags",
             DiffKind::Error { .. } => "error",
         }
     }
@@ -133,6 +139,11 @@ impl fmt::Display for Diff {
             DiffKind::XattrMissing { name } => write!(f, "{p}: xattr {name} missing in replica"),
             DiffKind::XattrExtra { name } => write!(f, "{p}: xattr {name} extra in replica"),
             DiffKind::XattrValue { name } => write!(f, "{p}: xattr {name} value differs"),
+            DiffKind::Flags { a, b } => write!(
+                f,
+                "{p}: inode flags {:#x} project {} vs {:#x} project {}",
+                a.0, a.1, b.0, b.1
+            ),
             DiffKind::HardLinks { a, b } => write!(
                 f,
                 "{p}: hard-link group {:?} vs {:?}",
@@ -466,6 +477,22 @@ pub fn compare_trees_with(a: &Path, b: &Path, opts: CompareOpts) -> Vec<Diff> {
             let (ta_, tb_) = ((ma.mtime(), ma.mtime_nsec()), (mb.mtime(), mb.mtime_nsec()));
             if ta_ != tb_ {
                 push(p, DiffKind::Mtime { a: ta_, b: tb_ });
+            }
+            if ka == "file" || ka == "dir" {
+                match (inode_flags(&pa), inode_flags(&pb)) {
+                    (Ok(fa), Ok(fb)) if fa != fb => push(p, DiffKind::Flags { a: fa, b: fb }),
+                    (Ok(_), Ok(_)) => {}
+                    (x, y) => push(
+                        p,
+                        DiffKind::Error {
+                            msg: format!(
+                                "inode flags: {:?} / {:?}",
+                                x.err().map(|e| e.to_string()),
+                                y.err().map(|e| e.to_string())
+                            ),
+                        },
+                    ),
+                }
             }
             if (ka == "chardev" || ka == "blockdev") && ma.rdev() != mb.rdev() {
                 push(

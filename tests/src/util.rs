@@ -97,11 +97,101 @@ pub fn require_root_and_fuse() {
 }
 
 /// A fresh temp dir under /tmp named `tdfs-test-<what>-XXXXXX`.
-pub fn temp_dir(what: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("tdfs-test-{what}-"))
-        .tempdir_in("/tmp")
-        .expect("create temp dir under /tmp")
+pub fn temp_dir(what: &str) -> TempDir {
+    TempDir(Some(
+        tempfile::Builder::new()
+            .prefix(&format!("tdfs-test-{what}-"))
+            .tempdir_in("/tmp")
+            .expect("create temp dir under /tmp"),
+    ))
+}
+
+/// A temp dir removed on drop, even where a test left immutable or append-only inodes in it
+/// (their flags are cleared first; a plain `tempfile::TempDir` would leave them behind).
+pub struct TempDir(Option<tempfile::TempDir>);
+
+impl TempDir {
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("temp dir present").path()
+    }
+
+    /// Keeps the directory (for `TDFS_KEEP`) and returns its path.
+    pub fn keep(mut self) -> PathBuf {
+        self.0.take().expect("temp dir present").keep()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            clear_guard_flags(t.path());
+        }
+    }
+}
+
+/// Clears the immutable and append-only flags of everything beneath `root` (not crossing
+/// into other filesystems, never following symlinks).
+pub fn clear_guard_flags(root: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(root) else {
+        return;
+    };
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.dev() != top.dev() || !(m.is_dir() || m.is_file()) {
+            continue;
+        }
+        if let Ok((flags, _)) = inode_flags(&p) {
+            if flags & GUARD_FLAGS != 0 {
+                let _ = set_inode_flags(&p, flags & !GUARD_FLAGS);
+            }
+        }
+        if m.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+}
+
+/// Immutable and append-only.
+pub const GUARD_FLAGS: u32 = tdfs_protocol::op::GUARD_FLAGS;
+
+fn open_for_flags(p: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOATIME)
+        .open(p)
+}
+
+/// The replicated inode flags (`lsattr`) and project id of a regular file or directory.
+pub fn inode_flags(p: &Path) -> io::Result<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    let f = open_for_flags(p)?;
+    let mut v: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int through a valid pointer.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut v) })?;
+    let mut x = [0u32; 7];
+    // SAFETY: FS_IOC_FSGETXATTR writes a 28-byte struct fsxattr into `x`.
+    let projid = match check(unsafe { libc::ioctl(f.as_raw_fd(), 0x801c_581f, x.as_mut_ptr()) }) {
+        Ok(_) => x[3],
+        Err(_) => 0,
+    };
+    Ok((v as u32 & tdfs_protocol::op::REPLICATED_FLAGS, projid))
+}
+
+/// Sets every inode flag of a regular file or directory (`chattr =...`).
+pub fn set_inode_flags(p: &Path, flags: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = open_for_flags(p)?;
+    let v = flags as libc::c_int;
+    // SAFETY: FS_IOC_SETFLAGS reads one int through a valid pointer.
+    check(unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &v) })?;
+    Ok(())
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.

@@ -99,7 +99,7 @@ fn resync_times(a: &Path, b: &Path) {
 }
 
 struct Pair {
-    _t: tempfile::TempDir,
+    _t: tdfs_tests::util::TempDir,
     a: std::path::PathBuf,
     b: std::path::PathBuf,
 }

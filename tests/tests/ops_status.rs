@@ -249,7 +249,7 @@ fn writes_made_with_no_slave_reach_a_slave_added_later() {
 
 /// Directories for a master started by hand (not through Cluster).
 struct Box1 {
-    _tmp: tempfile::TempDir,
+    _tmp: tdfs_tests::util::TempDir,
     base: PathBuf,
 }
 

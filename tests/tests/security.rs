@@ -21,7 +21,7 @@ const SECRET_A: &str = "correct horse battery staple, one\n";
 const SECRET_B: &str = "correct horse battery staple, two\n";
 
 struct Env {
-    _tmp: tempfile::TempDir,
+    _tmp: tdfs_tests::util::TempDir,
     root: PathBuf,
 }
 
@@ -89,8 +89,8 @@ fn wait_log(what: &str, log: impl Fn() -> String, needle: &str) {
 
 fn hello_frame() -> Vec<u8> {
     let h = Hello {
-        proto_min: 1,
-        proto_max: 1,
+        proto_min: tdfs_protocol::msg::PROTO_MIN,
+        proto_max: tdfs_protocol::msg::PROTO_MAX,
         master_id: [7; 16],
         next_seq: 1,
         label: "raw test client".into(),
