@@ -113,7 +113,7 @@ fn remove_tree_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<()> {
             name,
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
         )?;
-        for child in crate::inspect::read_names(d.as_fd())? {
+        for child in tdfs_replication::inspect::read_names(d.as_fd())? {
             remove_tree_at(d.as_fd(), &cstr(&child)?)?;
         }
     }
@@ -157,7 +157,7 @@ struct Lifted {
 
 impl Lifted {
     fn restore(self) {
-        if let Err(e) = crate::flags::set_raw(self.fd.as_fd(), self.flags) {
+        if let Err(e) = tdfs_replication::flags::set_raw(self.fd.as_fd(), self.flags) {
             tracing::warn!("could not restore inode flags {:#x}: {e}", self.flags);
         }
     }
@@ -165,18 +165,18 @@ impl Lifted {
 
 /// Lifts the guard flags of an open file or directory, if it has any.
 fn unguard_fd(fd: OwnedFd) -> io::Result<Option<Lifted>> {
-    let flags = crate::flags::get_raw(fd.as_fd())?;
-    if flags & crate::flags::GUARD_FLAGS == 0 {
+    let flags = tdfs_replication::flags::get_raw(fd.as_fd())?;
+    if flags & tdfs_replication::flags::GUARD_FLAGS == 0 {
         return Ok(None);
     }
-    crate::flags::set_raw(fd.as_fd(), flags & !crate::flags::GUARD_FLAGS)?;
+    tdfs_replication::flags::set_raw(fd.as_fd(), flags & !tdfs_replication::flags::GUARD_FLAGS)?;
     let ino = confine::fstat(fd.as_fd())?.st_ino;
     Ok(Some(Lifted { fd, ino, flags }))
 }
 
 /// Lifts the guard flags of `name` in `dir` (described by `st`), if it has any.
 fn unguard_at(dir: BorrowedFd<'_>, name: &[u8], st: &libc::stat) -> io::Result<Option<Lifted>> {
-    match crate::flags::open_at(dir, name, st)? {
+    match tdfs_replication::flags::open_at(dir, name, st)? {
         Some(fd) => unguard_fd(fd),
         None => Ok(None),
     }
@@ -377,7 +377,7 @@ impl Applier {
                 let Ok(st) = lstat_at(t.dir.as_fd(), &t.name) else {
                     continue;
                 };
-                match crate::flags::open_at(t.dir.as_fd(), t.name.as_bytes(), &st)? {
+                match tdfs_replication::flags::open_at(t.dir.as_fd(), t.name.as_bytes(), &st)? {
                     Some(fd) => Ok(fd),
                     None => continue,
                 }
@@ -568,13 +568,13 @@ impl Applier {
                 } else {
                     let t = self.target(path)?;
                     let st = lstat_at(t.dir.as_fd(), &t.name)?;
-                    match crate::flags::open_at(t.dir.as_fd(), t.name.as_bytes(), &st)? {
+                    match tdfs_replication::flags::open_at(t.dir.as_fd(), t.name.as_bytes(), &st)? {
                         Some(fd) => fd,
                         None if *flags == 0 && *projid == 0 => return Ok(()),
                         None => return Err(errno(libc::EOPNOTSUPP)),
                     }
                 };
-                crate::flags::set(fd.as_fd(), *flags, *projid)
+                tdfs_replication::flags::set(fd.as_fd(), *flags, *projid)
             }
             RemoveTree { path } => {
                 if path.is_root() {

@@ -11,9 +11,8 @@
 //! log_level = "info"      # or -v / -q on the command line
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use serde::Deserialize;
 
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
@@ -33,18 +32,7 @@ pub struct SlaveFile {
     pub log_level: Option<String>,
 }
 
-/// Reads and parses a TOML file into `T`, naming the file in every error (an unknown key
-/// is reported with its name and line).
-pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
-}
-
-/// Whether the flag with clap id `id` was given on the command line (not defaulted).
-pub fn given(m: &clap::ArgMatches, id: &str) -> bool {
-    m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
-}
+pub use tdfs_replication::config::{given, load};
 
 #[cfg(test)]
 mod tests {
@@ -56,7 +44,7 @@ mod tests {
         let p = d.path().join("c.toml");
         std::fs::write(&p, "mirror = \"/m\"\nlisten = \"127.0.0.1:1\"\n").unwrap();
         let c: SlaveFile = load(&p).unwrap();
-        assert_eq!(c.mirror.as_deref(), Some(Path::new("/m")));
+        assert_eq!(c.mirror.as_deref(), Some(std::path::Path::new("/m")));
         std::fs::write(&p, "mirorr = \"/m\"\n").unwrap();
         let e = load::<SlaveFile>(&p).unwrap_err().to_string();
         assert!(e.contains("mirorr") && e.contains("c.toml"), "{e}");

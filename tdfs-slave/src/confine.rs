@@ -6,79 +6,19 @@
 //! outside the root. `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` gives that guarantee in
 //! one syscall; kernels without it get a component-wise `O_NOFOLLOW` walk.
 
-use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tdfs_protocol::sync::{Digest, Entry};
 use tdfs_protocol::WirePath;
+pub use tdfs_replication::fsio::{check, cstr, fstat, lstat_at, openat, owned, proc_path};
+use tdfs_replication::inspect;
 
 /// Set once `openat2` reported ENOSYS, so later resolutions skip straight to the walk.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
-
-/// Converts a name or path to a C string; wire paths cannot hold NUL, but a local path given
-/// on the command line could, and an error beats a panic.
-pub fn cstr(b: &[u8]) -> io::Result<CString> {
-    CString::new(b).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// Turns a -1 syscall result into the errno it left.
-pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// Wraps a freshly returned fd (or -1) into an owned fd.
-pub fn owned(ret: libc::c_int) -> io::Result<OwnedFd> {
-    let fd = check(ret)?;
-    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `openat` with `O_CLOEXEC` added.
-pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: `name` is a valid NUL-terminated string and `dir` a live fd for the call.
-    owned(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, 0) })
-}
-
-/// `fstatat(AT_SYMLINK_NOFOLLOW)`: the entry `name` in `dir` itself, never a symlink's target.
-pub fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain old data, so all-zero is a valid value for the kernel to overwrite.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `name` is NUL-terminated and `st` is a valid, writable stat buffer.
-    check(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(st)
-}
-
-/// `fstat` of an open fd.
-pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain old data, so all-zero is a valid value for the kernel to overwrite.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is live and `st` is a valid, writable stat buffer.
-    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st)
-}
-
-/// An `O_PATH` fd on the object `name` in `dir` (a symlink itself, not its target) and the
-/// `/proc/self/fd` name that reaches it, for syscalls with no `*at` form (xattrs, chmod
-/// without following). The fd must stay open while the name is used.
-pub fn proc_path(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<(CString, OwnedFd)> {
-    let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW)?;
-    let path = cstr(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
-    Ok((path, fd))
-}
 
 /// Opens the mirrored root once; everything else is resolved relative to this fd.
 pub fn open_root(dir: &Path) -> io::Result<OwnedFd> {
@@ -148,12 +88,7 @@ pub(crate) fn walk_dir(root: BorrowedFd<'_>, rel: &WirePath) -> io::Result<Owned
     Ok(cur)
 }
 
-/// A path split for `*at` syscalls: its parent directory fd and its last component. The root
-/// itself becomes the root fd and `.`, which every `*at` call resolves to the root.
-pub struct Target {
-    pub dir: OwnedFd,
-    pub name: CString,
-}
+pub use tdfs_replication::tree::Target;
 
 /// Resolves the parent of `path` beneath `root`.
 pub fn target(root: BorrowedFd<'_>, path: &WirePath) -> io::Result<Target> {
@@ -167,4 +102,48 @@ pub fn target(root: BorrowedFd<'_>, path: &WirePath) -> io::Result<Target> {
             name: c".".to_owned(),
         }),
     }
+}
+
+/// The replica's tree as the replication engine reads it (listings and digests it answers,
+/// syncs a relay feeds its own replicas from): every path resolved beneath the root, never
+/// through a symlink.
+pub struct ConfinedTree {
+    root: OwnedFd,
+}
+
+impl ConfinedTree {
+    pub fn new(root: OwnedFd) -> Self {
+        ConfinedTree { root }
+    }
+}
+
+impl tdfs_replication::tree::Tree for ConfinedTree {
+    fn root(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.root.as_fd()
+    }
+
+    fn open_dir(&self, dir: &WirePath) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        open_dir(self.root.as_fd(), dir)
+    }
+
+    fn target(&self, path: &WirePath) -> io::Result<Target> {
+        use std::os::fd::AsFd;
+        target(self.root.as_fd(), path)
+    }
+}
+
+/// The entries of the directory `path` beneath `root`, sorted by name.
+pub fn list_dir(root: BorrowedFd<'_>, path: &WirePath) -> io::Result<Vec<Entry>> {
+    use std::os::fd::AsFd;
+    inspect::list_open_dir(open_dir(root, path)?.as_fd())
+}
+
+/// SHA-256 of the regular file at `path` beneath `root`.
+pub fn digest(root: BorrowedFd<'_>, path: &WirePath) -> Digest {
+    use std::os::fd::AsFd;
+    inspect::digest_file(
+        target(root, path).and_then(|t| inspect::open_content(t.dir.as_fd(), &t.name)),
+    )
 }

@@ -10,9 +10,9 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use serde_json::{json, Value};
 
-use crate::daemon::http::{self, Labels};
-use crate::daemon::{control, human_bytes};
 use crate::listener::Shared;
+use tdfs_replication::daemon::http::{self, Labels};
+use tdfs_replication::daemon::{control, human_bytes};
 
 fn hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()

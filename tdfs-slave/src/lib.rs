@@ -3,33 +3,26 @@
 //!
 //! - [`listener`]: accepting connections, one master at a time.
 //! - [`readonly`]: read-only sessions of `tdfs verify` (listings and digests).
-//! - [`security`]: shared-secret authentication, TLS and address allow-lists (used by the
-//!   master too).
 //! - [`session`]: framing, handshake, ordering and acknowledgements.
 //! - [`apply`]: one op into syscalls beneath the root.
 //! - [`config`], [`control`]: the config file; status and metrics of a running slave.
-//! - [`confine`]: resolving paths without ever leaving the root.
-//! - [`flags`]: inode flags (`chattr`) and project ids.
-//! - [`daemon`]: log levels, control socket, metrics endpoint (used by the master too).
-//! - [`inspect`]: listings and digests for sync and verify (used by the master too).
-//! - [`transport`]: `--allow`, TLS and shared-secret authentication before a session.
+//! - [`confine`]: resolving paths without ever leaving the root; the replica's tree as the
+//!   replication engine reads it.
 //! - [`state`]: which master and sequence number the tree reflects.
 //! - [`stats`]: counters for `tdfs-slave status` and metrics.
+//!
+//! What both daemons share (security, the log and links, inspection of trees, operations
+//! plumbing) is the replication engine, `tdfs-replication`.
 
 pub mod apply;
 pub mod config;
 pub mod confine;
 pub mod control;
-pub mod daemon;
-pub mod flags;
-pub mod inspect;
 pub mod listener;
 pub mod readonly;
-pub mod security;
 pub mod session;
 pub mod state;
 pub mod stats;
-pub mod transport;
 
 #[cfg(test)]
 mod tests;

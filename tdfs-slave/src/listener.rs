@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::apply::Applier;
 use crate::session;
 use crate::state::State;
-use crate::transport::{self, BoxWrite, Security};
+use tdfs_replication::accept::{self, BoxWrite, Security};
 
 /// What the apply side owns; only one session holds it at a time.
 pub struct Core {
@@ -174,7 +174,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             // TLS and authentication come first: a peer that fails them never takes the
             // slot nor learns whether a master is connected.
-            let Some((rd, wr)) = transport::accept(stream, peer, shared.security()).await else {
+            let Some((rd, wr)) = accept::accept(stream, peer, shared.security()).await else {
                 return;
             };
             let mut rd = rd;

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{CommandFactory, FromArgMatches, Parser};
 use tdfs_protocol::DEFAULT_PORT;
+use tdfs_replication::accept::Security;
+use tdfs_replication::daemon::{self, logging};
+use tdfs_replication::security::{AllowList, Secret, TlsFiles};
 use tdfs_slave::apply::Applier;
 use tdfs_slave::config::{self, SlaveFile};
-use tdfs_slave::daemon::{self, logging};
 use tdfs_slave::listener::{self, Core, Shared};
-use tdfs_slave::security::{AllowList, Secret, TlsFiles};
 use tdfs_slave::state::{self, State};
-use tdfs_slave::transport::Security;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Receive a tdfs master's stream of filesystem mutations and apply them to DIR.
@@ -127,7 +127,7 @@ fn security(cli: &Cli) -> anyhow::Result<Security> {
         cli.tls_ca.clone(),
     )
     .map_err(anyhow::Error::msg)?
-    .map(|f| tdfs_slave::security::tls::acceptor(&f))
+    .map(|f| tdfs_replication::security::tls::acceptor(&f))
     .transpose()
     .map_err(anyhow::Error::msg)?;
     let allow = AllowList::parse(&cli.allow).map_err(anyhow::Error::msg)?;

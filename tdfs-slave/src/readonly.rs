@@ -13,7 +13,7 @@ use tdfs_protocol::{Compression, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::listener::Shared;
-use crate::transport::{BoxRead, BoxWrite};
+use tdfs_replication::accept::{BoxRead, BoxWrite};
 
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -122,7 +122,7 @@ pub async fn serve(
                         if list {
                             crate::session::listing_replies(root.as_fd(), id, &p)
                         } else {
-                            let d = crate::inspect::digest(root.as_fd(), &p);
+                            let d = crate::confine::digest(root.as_fd(), &p);
                             vec![(FrameType::Digest, id, d.encode())]
                         }
                     })

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::apply::op_paths;
 use crate::listener::Shared;
-use crate::transport::{BoxRead, BoxWrite};
+use tdfs_replication::accept::{BoxRead, BoxWrite};
 
 /// The read buffer never needs more than one whole frame plus what is already parsed out.
 const BUF_MAX: usize = MAX_PAYLOAD + HEADER_LEN;
@@ -640,7 +640,7 @@ pub(crate) fn listing_replies(
         };
         (FrameType::Listing, id, l.encode())
     };
-    let entries = match crate::inspect::list_dir(root, p) {
+    let entries = match crate::confine::list_dir(root, p) {
         Ok(e) => e,
         Err(e) => return vec![reply(e.raw_os_error().unwrap_or(libc::EIO), false, vec![])],
     };
@@ -721,7 +721,7 @@ fn apply_blocking(
                 continue;
             }
             Work::Sum(id, p) => {
-                let d = crate::inspect::digest(core.applier.root(), &p);
+                let d = crate::confine::digest(core.applier.root(), &p);
                 res.replies.push((FrameType::Digest, id, d.encode()));
                 continue;
             }

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use tdfs_protocol::msg::MasterId;
 
-use crate::daemon::histogram::Histogram;
-use crate::daemon::RateMeter;
+use tdfs_replication::daemon::histogram::Histogram;
+use tdfs_replication::daemon::RateMeter;
 
 #[derive(Debug)]
 pub struct Stats {

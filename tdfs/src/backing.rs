@@ -47,7 +47,7 @@ pub fn times_of(st: &libc::stat) -> Times {
 
 pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
     // SAFETY: the caller's fd is open for the duration of the call.
-    tdfs_slave::confine::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+    tdfs_replication::fsio::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
 }
 
 #[derive(Debug)]
@@ -94,7 +94,7 @@ impl Backing {
     }
 
     pub fn lstat(&self, p: &WirePath) -> io::Result<libc::stat> {
-        tdfs_slave::confine::lstat_at(self.root.as_fd(), &self.at(p)?)
+        tdfs_replication::fsio::lstat_at(self.root.as_fd(), &self.at(p)?)
     }
 
     /// Opens `p` without following a final symlink, and without ever blocking: O_NONBLOCK
@@ -286,5 +286,39 @@ impl Backing {
         let n = cstr(name)?;
         // SAFETY: valid C strings.
         cvt(unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) }).map(drop)
+    }
+}
+
+/// The backing tree as the replication engine reads it (syncs, `tdfs verify`): paths are
+/// resolved relative to the root fd, like every other backing call. They come from the
+/// tree's own listings and are read under the order lock, so each component is the real
+/// directory a listing just showed; a final symlink is never followed.
+pub struct BackingTree {
+    root: OwnedFd,
+}
+
+impl BackingTree {
+    pub fn new(root: OwnedFd) -> Self {
+        BackingTree { root }
+    }
+}
+
+impl tdfs_replication::tree::Tree for BackingTree {
+    fn root(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    fn open_dir(&self, dir: &WirePath) -> io::Result<OwnedFd> {
+        let c = cstr(dir.to_at_path())?;
+        // SAFETY: valid fd and C string; the returned fd is owned below.
+        let fd = cvt(unsafe {
+            libc::openat(
+                self.root.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: fresh fd from openat.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 }

@@ -23,13 +23,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 use tdfs_protocol::Compression;
-use tdfs_slave::daemon::logging::{self, Logging};
-use tdfs_slave::daemon::write_atomic;
+use tdfs_replication::daemon::logging::{self, Logging};
+use tdfs_replication::daemon::write_atomic;
 use tracing::{error, info, warn};
 
-use crate::repl::{Replicator, SlaveConfig, SyncMode};
+use tdfs_replication::repl::{Replicator, SlaveConfig, SyncMode};
 
-pub use tdfs_slave::config::{given, load};
+pub use tdfs_replication::config::{given, load};
 
 /// The config file: the mount command's flags by their long names.
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]

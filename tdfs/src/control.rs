@@ -11,11 +11,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use tdfs_protocol::Compression;
-use tdfs_slave::daemon::control::{self, ControlSocket};
-use tdfs_slave::daemon::{human_bytes, RateMeter};
+use tdfs_replication::daemon::control::{self, ControlSocket};
+use tdfs_replication::daemon::{human_bytes, RateMeter};
 use tracing::info;
 
-use crate::repl::Replicator;
+use tdfs_replication::repl::Replicator;
 
 /// Throughput per slave (applied ops/s, bytes sent/s), sampled once a second.
 #[derive(Debug, Default)]

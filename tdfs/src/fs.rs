@@ -897,7 +897,7 @@ impl Filesystem for TdfsFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        use tdfs_slave::flags::{
+        use tdfs_replication::flags::{
             FsXattr, FS_IOC32_GETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR,
         };
         let _t = crate::metrics::time(crate::metrics::FuseOp::Ioctl);

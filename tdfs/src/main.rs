@@ -8,8 +8,7 @@ mod fs;
 mod inode;
 mod metrics;
 mod ops;
-mod repl;
-mod security;
+
 mod verify;
 
 use std::ffi::CString;
@@ -25,7 +24,7 @@ use fuser::{Config, MountOption, SessionACL};
 use tdfs_protocol::{Compression, DEFAULT_PORT};
 use tracing::{error, info};
 
-use crate::repl::{MasterState, Policy, ReplConfig, Replicator, SlaveConfig, SyncMode};
+use tdfs_replication::repl::{MasterState, Policy, ReplConfig, Replicator, SlaveConfig, SyncMode};
 
 /// A mirroring FUSE filesystem: mounts MOUNTPOINT over DIR and replicates every change, in
 /// order, to tdfs-slave daemons.
@@ -126,7 +125,7 @@ struct Cli {
     drain_timeout: u64,
 
     #[command(flatten)]
-    auth: security::SlaveAuthArgs,
+    auth: tdfs_replication::outbound::SlaveAuthArgs,
 
     /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short = 'v', action = clap::ArgAction::Count, conflicts_with = "quiet")]
@@ -146,7 +145,7 @@ struct Startup {
     file: Option<config::MasterFile>,
     slaves_from_flags: bool,
     level_from_flags: bool,
-    logging: tdfs_slave::daemon::logging::Logging,
+    logging: tdfs_replication::daemon::logging::Logging,
 }
 
 /// Applies the config file to every flag not given on the command line.
@@ -312,7 +311,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         );
     }
     // Before anything starts: a second master on this state dir stops here.
-    let mut control_sock = tdfs_slave::daemon::control::bind(&state_dir)?;
+    let mut control_sock = tdfs_replication::daemon::control::bind(&state_dir)?;
     // The slave set: the persisted one (tdfs slave add/remove) wins over -c and the file.
     match config::load_persisted(&state_dir)? {
         Some(persisted) => {
@@ -376,7 +375,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     let metrics_listener = cli
         .metrics
         .as_deref()
-        .map(tdfs_slave::daemon::http::bind)
+        .map(tdfs_replication::daemon::http::bind)
         .transpose()?;
     let label = format!("{}:{}", hostname(), dir.display());
     let repl = Replicator::start(
@@ -387,7 +386,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
             label: label.clone(),
             mem_cap: cli.queue_size.max(1) << 20,
             journal_bytes: cli.journal_size.max(1) << 20,
-            root: backing.dup_root()?,
+            tree: std::sync::Arc::new(backing::BackingTree::new(backing.dup_root()?)),
             checksum_sync: false,
             policy: Policy {
                 mode: cli.sync_mode,
@@ -424,10 +423,10 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
             rates,
         }));
         let reg = std::sync::Arc::new(reg);
-        tdfs_slave::daemon::http::serve(
+        tdfs_replication::daemon::http::serve(
             rt.handle(),
             ml,
-            std::sync::Arc::new(move || tdfs_slave::daemon::http::render(&reg)),
+            std::sync::Arc::new(move || tdfs_replication::daemon::http::render(&reg)),
         );
         info!("metrics at http://{maddr}/metrics");
     }
@@ -454,7 +453,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let next = repl.next_seq();
-                if next.saturating_sub(last) >= repl::SAVE_EVERY {
+                if next.saturating_sub(last) >= tdfs_replication::repl::SAVE_EVERY {
                     // Three fsyncs: on a blocking thread, so the links that share this
                     // runtime are never held behind the disk.
                     let state = state.clone();
@@ -496,7 +495,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
                     }
                 }
             }
-            tdfs_slave::daemon::notify("stopping");
+            tdfs_replication::daemon::notify("stopping");
             stop.request();
         });
     }
@@ -519,7 +518,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
     info!(mountpoint = %mountpoint.display(), "mounted");
     stop.mounted();
-    tdfs_slave::daemon::notify("ready");
+    tdfs_replication::daemon::notify("ready");
     let result = session.run();
     info!("unmounted; waiting for slaves to acknowledge every op");
     if let Err(e) = result {
@@ -607,7 +606,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("verify") {
         // The daemons' logging (stderr, info unless RUST_LOG says otherwise).
-        let _ = tdfs_slave::daemon::logging::init("info");
+        let _ = tdfs_replication::daemon::logging::init("info");
         return verify::main(args[1..].to_vec());
     }
     match args.get(1).map(String::as_str) {
@@ -639,7 +638,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let flag_level = tdfs_slave::daemon::logging::flag_level(cli.verbose, cli.quiet);
+    let flag_level = tdfs_replication::daemon::logging::flag_level(cli.verbose, cli.quiet);
     let level = flag_level
         .map(String::from)
         .or_else(|| file.as_ref().and_then(|f| f.log_level.clone()))
@@ -647,7 +646,7 @@ fn main() -> ExitCode {
     let startup = Startup {
         slaves_from_flags: config::given(&matches, "slaves"),
         level_from_flags: flag_level.is_some(),
-        logging: tdfs_slave::daemon::logging::init(&level),
+        logging: tdfs_replication::daemon::logging::init(&level),
         file,
     };
     if let Some(c) = &cli.config {

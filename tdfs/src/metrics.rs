@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
-use tdfs_slave::daemon::histogram::Histogram;
-use tdfs_slave::daemon::http::{self, Labels};
+use tdfs_replication::daemon::histogram::Histogram;
+use tdfs_replication::daemon::http::{self, Labels};
 
 use crate::control::Rates;
-use crate::repl::Replicator;
+use tdfs_replication::repl::Replicator;
 
 macro_rules! fuse_ops {
     ($($v:ident => $n:literal),* $(,)?) => {
@@ -125,12 +125,14 @@ impl Collector for MasterMetrics {
             "Bytes of ops in the on-disk journal (for lagging or absent slaves)",
             &[(none(), st.journal_bytes as f64)],
         )?;
-        let per = |f: &dyn Fn(&crate::repl::SlaveSnapshot) -> u64| -> Vec<(Labels, u64)> {
-            st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
-        };
-        let perf = |f: &dyn Fn(&crate::repl::SlaveSnapshot) -> f64| -> Vec<(Labels, f64)> {
-            st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
-        };
+        let per =
+            |f: &dyn Fn(&tdfs_replication::repl::SlaveSnapshot) -> u64| -> Vec<(Labels, u64)> {
+                st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
+            };
+        let perf =
+            |f: &dyn Fn(&tdfs_replication::repl::SlaveSnapshot) -> f64| -> Vec<(Labels, f64)> {
+                st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
+            };
         http::counters(
             &mut enc,
             "tdfs_slave_ops_sent",

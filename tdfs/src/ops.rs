@@ -19,8 +19,8 @@ use tracing::{debug, warn};
 
 use crate::backing::{cvt, cvt_sz, fstat, times_of, Backing};
 use crate::inode::Inodes;
-use crate::repl::{Emit, Replicator};
-use tdfs_slave::flags::FsXattr;
+use tdfs_replication::flags::FsXattr;
+use tdfs_replication::repl::{Emit, Replicator};
 
 fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
@@ -1363,14 +1363,14 @@ impl Ops {
     /// FS_IOC_GETFLAGS: every flag the backing inode has.
     pub fn get_flags(&self, ino: u64, fh: u64) -> io::Result<u32> {
         let fd = self.flags_fd(ino, fh)?;
-        let r = tdfs_slave::flags::get_raw(fd.as_fd())?;
+        let r = tdfs_replication::flags::get_raw(fd.as_fd())?;
         Ok(r)
     }
 
     /// FS_IOC_FSGETXATTR.
     pub fn get_fsxattr(&self, ino: u64, fh: u64) -> io::Result<FsXattr> {
         let fd = self.flags_fd(ino, fh)?;
-        tdfs_slave::flags::get_fsxattr(fd.as_fd())?.ok_or_else(|| err(libc::ENOTTY))
+        tdfs_replication::flags::get_fsxattr(fd.as_fd())?.ok_or_else(|| err(libc::ENOTTY))
     }
 
     /// FS_IOC_SETFLAGS (`flags`) or FS_IOC_FSSETXATTR (`fsx`). The kernel has checked
@@ -1387,13 +1387,13 @@ impl Ops {
         self.repl
             .mutate_with(|emit| {
                 let r = match (flags, &fsx) {
-                    (Some(f), _) => tdfs_slave::flags::set_raw(fd.as_fd(), f),
-                    (None, Some(x)) => tdfs_slave::flags::set_fsxattr(fd.as_fd(), x),
+                    (Some(f), _) => tdfs_replication::flags::set_raw(fd.as_fd(), f),
+                    (None, Some(x)) => tdfs_replication::flags::set_fsxattr(fd.as_fd(), x),
                     (None, None) => Ok(()),
                 };
                 r?;
-                let (flags, projid) = tdfs_slave::flags::get(fd.as_fd())?;
-                let st = tdfs_slave::confine::fstat(fd.as_fd())?;
+                let (flags, projid) = tdfs_replication::flags::get(fd.as_fd())?;
+                let st = tdfs_replication::fsio::fstat(fd.as_fd())?;
                 if let Some(path) = self.replica_path(ino, &st)? {
                     emit.op(Op::new(OpKind::SetFlags {
                         path,

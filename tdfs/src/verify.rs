@@ -9,10 +9,11 @@
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -21,10 +22,12 @@ use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{Hello, HelloAck, Refuse, PROTO_MAX, PROTO_MIN};
 use tdfs_protocol::sync::{encode_path, Digest, Entry, Listing};
 use tdfs_protocol::{Compression, FrameError, WirePath};
-use tdfs_slave::inspect;
+use tdfs_replication::tree::Tree;
+
+use crate::backing::BackingTree;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::repl::{self, MasterState, ReplConfig, Replicator, SlaveConfig};
+use tdfs_replication::repl::{self as repl, MasterState, ReplConfig, Replicator, SlaveConfig};
 
 /// Compare a directory with its replicas on every attribute a mirror keeps (type, content,
 /// size, mode, owner, mtime in ns, symlink target, hard links, xattrs, inode flags and
@@ -48,7 +51,7 @@ pub struct VerifyCli {
     repair: bool,
 
     #[command(flatten)]
-    auth: crate::security::SlaveAuthArgs,
+    auth: tdfs_replication::outbound::SlaveAuthArgs,
 
     /// Print nothing but differences and errors.
     #[arg(short = 'q')]
@@ -207,7 +210,7 @@ fn type_name(mode: u32) -> &'static str {
 
 /// Compares the trees; returns the differences.
 async fn compare(
-    root: &OwnedFd,
+    root: &Arc<BackingTree>,
     remote: &mut Remote,
     prog: &mut Progress,
 ) -> anyhow::Result<Vec<Diff>> {
@@ -217,7 +220,8 @@ async fn compare(
     let mut their_links: HashMap<u64, WirePath> = HashMap::new();
     let mut stack = vec![WirePath::root()];
     while let Some(dir) = stack.pop() {
-        let mine = inspect::list_dir(root.as_fd(), &dir)
+        let mine = root
+            .list_dir(&dir)
             .with_context(|| format!("listing {dir} locally"))?;
         let theirs = match remote.listing(&dir).await? {
             Ok(t) => t,
@@ -325,8 +329,8 @@ async fn compare(
                     let theirs = remote.digest(&p).await?;
                     let mine = {
                         let p = p.clone();
-                        let fd = root.try_clone()?;
-                        tokio::task::spawn_blocking(move || inspect::digest(fd.as_fd(), &p)).await?
+                        let tree = root.clone();
+                        tokio::task::spawn_blocking(move || tree.digest(&p)).await?
                     };
                     prog.bytes += m.size;
                     if theirs.errno != 0 {
@@ -413,7 +417,7 @@ fn repair(
             ),
             mem_cap: 64 << 20,
             journal_bytes: 64 << 20,
-            root: open_dir(dir)?,
+            tree: Arc::new(BackingTree::new(open_dir(dir)?)),
             checksum_sync: true,
             policy: repl::Policy::default(),
         },
@@ -468,7 +472,7 @@ fn run(cli: VerifyCli) -> anyhow::Result<bool> {
         .canonicalize()
         .with_context(|| format!("directory {}", cli.dir.display()))?;
     cli.auth.init()?;
-    let root = open_dir(&dir)?;
+    let root = Arc::new(BackingTree::new(open_dir(&dir)?));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

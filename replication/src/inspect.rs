@@ -1,9 +1,10 @@
 //! Reading a tree the way a mirror compares it: directory listings with every attribute a
 //! replica must match, and content digests computed where the data lives.
 //!
-//! Used by the slave to answer `ListDir` and `Checksum`, and by the master's sync and
-//! `tdfs verify` for their own side, so both sides describe a tree identically. Every path
-//! is resolved beneath the given root without following symlinks ([`crate::confine`]).
+//! Used by a replica to answer `ListDir` and `Checksum`, and by a sync's source and
+//! `tdfs verify` for their own side, so both sides describe a tree identically. Everything
+//! here works on directory fds and names: resolving a path to them is the caller's job
+//! ([`crate::tree::Tree`]).
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Read};
@@ -11,9 +12,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use sha2::{Digest as _, Sha256};
 use tdfs_protocol::sync::{Digest, Entry};
-use tdfs_protocol::{Timespec, WirePath};
+use tdfs_protocol::Timespec;
 
-use crate::confine::{self, cstr, openat};
+use crate::fsio::{self, cstr, openat};
 
 /// Names in a directory (without `.` and `..`), in the order the directory returns them.
 pub fn read_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
@@ -56,7 +57,7 @@ pub fn read_names(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
 
 /// Extended attributes of the object `name` in `dir` (not following a symlink), sorted.
 fn xattrs_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let (proc, _fd) = confine::proc_path(dir, name)?;
+    let (proc, _fd) = fsio::proc_path(dir, name)?;
     let mut names = vec![0u8; 4096];
     let n = loop {
         // SAFETY: buffer writable for its length; the magic link names the object itself.
@@ -119,10 +120,24 @@ fn readlink_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Access and modification time of a stat.
+pub fn times_of(st: &libc::stat) -> tdfs_protocol::Times {
+    tdfs_protocol::Times {
+        atime: Timespec {
+            sec: st.st_atime,
+            nsec: st.st_atime_nsec as u32,
+        },
+        mtime: Timespec {
+            sec: st.st_mtime,
+            nsec: st.st_mtime_nsec as u32,
+        },
+    }
+}
+
 /// Describes one directory entry.
 pub fn entry_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Entry> {
     let c = cstr(name)?;
-    let st = confine::lstat_at(dir, &c)?;
+    let st = fsio::lstat_at(dir, &c)?;
     let kind = st.st_mode & libc::S_IFMT;
     let target = if kind == libc::S_IFLNK {
         readlink_at(dir, &c)?
@@ -161,15 +176,14 @@ pub fn entry_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Entry> {
     })
 }
 
-/// Lists the directory `path` beneath `root`, entries sorted by name. Entries that vanish
-/// while listing are left out.
-pub fn list_dir(root: BorrowedFd<'_>, path: &WirePath) -> io::Result<Vec<Entry>> {
-    let dir = confine::open_dir(root, path)?;
-    let mut names = read_names(dir.as_fd())?;
+/// Lists an open directory, entries sorted by name. Entries that vanish while listing are
+/// left out.
+pub fn list_open_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Entry>> {
+    let mut names = read_names(dir)?;
     names.sort();
     let mut out = Vec::with_capacity(names.len());
     for n in names {
-        match entry_at(dir.as_fd(), &n) {
+        match entry_at(dir, &n) {
             Ok(e) => out.push(e),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
@@ -185,31 +199,29 @@ pub fn root_entry(root: BorrowedFd<'_>) -> io::Result<Entry> {
     Ok(e)
 }
 
-/// SHA-256 of the regular file at `path` beneath `root`, read in 1 MiB pieces.
-pub fn digest(root: BorrowedFd<'_>, path: &WirePath) -> Digest {
-    let r = (|| -> io::Result<(u64, [u8; 32])> {
-        let t = confine::target(root, path)?;
-        let fd = openat(
-            t.dir.as_fd(),
-            &t.name,
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOATIME,
-        )
-        .or_else(|e| {
-            // O_NOATIME needs ownership or CAP_FOWNER; fall back rather than fail.
-            if e.raw_os_error() == Some(libc::EPERM) {
-                openat(
-                    t.dir.as_fd(),
-                    &t.name,
-                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-                )
-            } else {
-                Err(e)
-            }
-        })?;
-        let mut f = std::fs::File::from(fd);
-        if !f.metadata()?.is_file() {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+/// Opens the regular file `name` in `dir` for reading its content: never following a
+/// symlink, never blocking on a FIFO, without moving its atime where that is allowed.
+pub fn open_content(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<std::fs::File> {
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    let fd = openat(dir, name, flags | libc::O_NOATIME).or_else(|e| {
+        // O_NOATIME needs ownership or CAP_FOWNER; fall back rather than fail.
+        if e.raw_os_error() == Some(libc::EPERM) {
+            openat(dir, name, flags)
+        } else {
+            Err(e)
         }
+    })?;
+    let f = std::fs::File::from(fd);
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(f)
+}
+
+/// SHA-256 of an open file's content, read in 1 MiB pieces; any error becomes its errno.
+pub fn digest_file(f: io::Result<std::fs::File>) -> Digest {
+    let r = (|| -> io::Result<(u64, [u8; 32])> {
+        let mut f = f?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut size = 0u64;

@@ -24,11 +24,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::inspect;
+use crate::tree::Tree;
 use tdfs_protocol::frame::FrameType;
 use tdfs_protocol::sync::{encode_path, Entry};
 use tdfs_protocol::{Attr, NodeKind, Op, OpKind, Times, Touch, WirePath};
-use tdfs_slave::confine;
-use tdfs_slave::inspect;
 use tracing::{debug, info};
 
 use super::link::{Event, Link, LinkError};
@@ -122,7 +122,7 @@ fn set_flags(path: &WirePath, m: &Entry) -> Op {
 
 /// Decides the fixes for `path` from the master's current state (called under the lock).
 fn plan(
-    root: BorrowedFd<'_>,
+    tree: &dyn Tree,
     path: &WirePath,
     s: Option<&Entry>,
     links: &mut Links,
@@ -133,7 +133,7 @@ fn plan(
         copy: None,
         post: Vec::new(),
     };
-    let t = confine::target(root, path)?;
+    let t = tree.target(path)?;
     let m = match inspect::entry_at(t.dir.as_fd(), t.name.as_bytes()) {
         Ok(m) => m,
         Err(e) if matches!(errno(&e), libc::ENOENT | libc::ENOTDIR) => {
@@ -204,11 +204,10 @@ fn plan(
                     path: path.clone(),
                     attr: attr(&m),
                 }));
-                p.copy = Some(confine::openat(
+                p.copy = Some(OwnedFd::from(inspect::open_content(
                     t.dir.as_fd(),
                     &t.name,
-                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-                )?);
+                )?));
             } else if attr_differs {
                 p.ops.push(restate(path, &m));
             }
@@ -290,35 +289,19 @@ fn plan(
     Ok(p)
 }
 
-/// The current path of an open backing file, or `None` once it has no name.
-fn current_path(root_prefix: &str, fd: BorrowedFd<'_>) -> io::Result<Option<WirePath>> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-    let s = link.as_os_str().as_encoded_bytes();
-    if s.ends_with(b" (deleted)") {
-        return Ok(None);
-    }
-    let Some(rest) = s.strip_prefix(root_prefix.as_bytes()) else {
-        return Ok(None);
-    };
-    let rest = rest.strip_prefix(b"/").unwrap_or(rest);
-    WirePath::parse(rest)
-        .map(Some)
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
 enum Piece {
     Data(WirePath, u64, Vec<u8>),
     Done(WirePath, libc::stat),
     Gone,
 }
 
-fn read_piece(root_prefix: &str, fd: BorrowedFd<'_>, off: u64) -> io::Result<Piece> {
-    let Some(path) = current_path(root_prefix, fd)? else {
+fn read_piece(tree: &dyn Tree, fd: BorrowedFd<'_>, off: u64) -> io::Result<Piece> {
+    let Some(path) = tree.path_of(fd)? else {
         return Ok(Piece::Gone);
     };
     // SAFETY: lseek on an fd we own.
     let data_at = unsafe { libc::lseek(fd.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    let stat = || confine::fstat(fd.as_fd());
+    let stat = || crate::fsio::fstat(fd.as_fd());
     if data_at < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ENXIO) {
@@ -347,12 +330,12 @@ fn read_piece(root_prefix: &str, fd: BorrowedFd<'_>, off: u64) -> io::Result<Pie
 }
 
 impl Link {
-    /// Runs `f` on the backing tree under the order lock; returns the head at that moment.
-    fn locked<T>(&self, f: impl FnOnce(BorrowedFd<'_>) -> T) -> (u64, T) {
+    /// Runs `f` on the tree under the order lock; returns the head at that moment.
+    fn locked<T>(&self, f: impl FnOnce(&dyn Tree) -> T) -> (u64, T) {
         tokio::task::block_in_place(|| {
             let log = self.shared.lock();
             let head = log.next_seq;
-            (head, f(self.shared.root.as_fd()))
+            (head, f(self.shared.tree.as_ref()))
         })
     }
 
@@ -419,7 +402,7 @@ impl Link {
         force_content: bool,
         st: &mut Stats,
     ) -> Result<(), LinkError> {
-        let (head, plan) = self.locked(|root| plan(root, path, s, links, force_content));
+        let (head, plan) = self.locked(|tree| plan(tree, path, s, links, force_content));
         let plan = match plan {
             Ok(p) => p,
             Err(e) => {
@@ -443,12 +426,9 @@ impl Link {
 
     /// Streams a file's content from an open fd, then its final size, mode and times.
     async fn copy(&mut self, fd: OwnedFd, st: &mut Stats) -> Result<(), LinkError> {
-        let prefix = std::fs::read_link(format!("/proc/self/fd/{}", self.shared.root.as_raw_fd()))?
-            .to_string_lossy()
-            .into_owned();
         let mut off = 0u64;
         loop {
-            let (head, piece) = self.locked(|_| read_piece(&prefix, fd.as_fd(), off));
+            let (head, piece) = self.locked(|tree| read_piece(tree, fd.as_fd(), off));
             self.send_live(head).await?;
             match piece? {
                 Piece::Gone => return Ok(()),
@@ -472,7 +452,7 @@ impl Link {
                             gid: s.st_gid,
                         },
                     })
-                    .with_touch(Touch::Own(crate::backing::times_of(&s)));
+                    .with_touch(Touch::Own(inspect::times_of(&s)));
                     self.send_sync(vec![enc(&op)]).await?;
                     return Ok(());
                 }
@@ -481,14 +461,7 @@ impl Link {
     }
 
     async fn finish_dir(&mut self, dir: &WirePath, flags: bool) -> Result<(), LinkError> {
-        let (head, e) = self.locked(|root| {
-            if dir.is_root() {
-                inspect::root_entry(root)
-            } else {
-                let t = confine::target(root, dir)?;
-                inspect::entry_at(t.dir.as_fd(), t.name.as_bytes())
-            }
-        });
+        let (head, e) = self.locked(|tree| tree.entry(dir));
         let Ok(e) = e else {
             return Ok(());
         };
@@ -523,7 +496,7 @@ impl Link {
         st: &mut Stats,
     ) -> Result<(), LinkError> {
         st.dirs += 1;
-        let (head, mine) = self.locked(|root| inspect::list_dir(root, dir));
+        let (head, mine) = self.locked(|tree| tree.list_dir(dir));
         let mine = match mine {
             Ok(m) => m,
             // Gone or replaced on the master since it was queued: live ops took care of it.
@@ -568,8 +541,8 @@ impl Link {
             let linked = m.nlink > 1 && m.kind() == libc::S_IFREG;
             if same && checksums && m.kind() == libc::S_IFREG {
                 let theirs = self.slave_digest(&p, misses).await?;
-                let root = self.shared.root.as_fd();
-                let mine = tokio::task::block_in_place(|| inspect::digest(root, &p));
+                let tree = self.shared.tree.clone();
+                let mine = tokio::task::block_in_place(|| tree.digest(&p));
                 force = theirs.errno != 0 || mine.sha256 != theirs.sha256;
                 if force {
                     info!(slave = %self.me.config.addr, path = %p, "content differs though metadata agree");

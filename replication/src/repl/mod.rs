@@ -23,7 +23,6 @@ mod transport;
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -34,6 +33,8 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use journal::{Journal, SegmentView};
+
+use crate::tree::Tree;
 pub use state::{MasterState, SAVE_EVERY};
 pub use transport::{connect, BoxRead, BoxWrite};
 
@@ -234,8 +235,8 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     /// Signalled on every acknowledgement, for [`Replicator::drain`].
     acked: (Mutex<()>, Condvar),
-    /// The backing tree, for syncs to read (O_PATH directory fd).
-    root: OwnedFd,
+    /// The tree this node serves, for syncs to read.
+    tree: Arc<dyn Tree>,
     /// Directory renames so far: a sync pass during which one happened walks again, since a
     /// directory may have moved from where the walk had yet to go to where it had been.
     dir_renames: AtomicU64,
@@ -522,8 +523,8 @@ pub struct ReplConfig {
     pub mem_cap: usize,
     /// On-disk journal bound, bytes.
     pub journal_bytes: u64,
-    /// The backing tree's root (O_PATH directory fd), for syncs.
-    pub root: OwnedFd,
+    /// The tree this node serves, for syncs.
+    pub tree: Arc<dyn Tree>,
     /// Syncs compare content checksums even where metadata agree (`tdfs verify --repair`).
     pub checksum_sync: bool,
     pub policy: Policy,
@@ -576,7 +577,7 @@ impl Replicator {
             label: cfg.label,
             closing: AtomicBool::new(false),
             acked: (Mutex::new(()), Condvar::new()),
-            root: cfg.root,
+            tree: cfg.tree,
             dir_renames: AtomicU64::new(0),
             checksum_sync: cfg.checksum_sync,
             policy: cfg.policy,

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use tdfs_slave::security::tls::TlsConnector;
-use tdfs_slave::security::{Secret, TlsFiles};
+use crate::security::tls::TlsConnector;
+use crate::security::{Secret, TlsFiles};
 
 #[derive(Default)]
 pub struct Security {
@@ -57,7 +57,7 @@ impl SlaveAuthArgs {
             .map_err(anyhow::Error::msg)?;
         let tls = tls
             .as_ref()
-            .map(tdfs_slave::security::tls::connector)
+            .map(crate::security::tls::connector)
             .transpose()
             .map_err(anyhow::Error::msg)?;
         match (&secret, &tls) {

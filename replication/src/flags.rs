@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 pub use tdfs_protocol::op::{GUARD_FLAGS, REPLICATED_FLAGS};
 
-use crate::confine::{self, cstr};
+use crate::fsio::{self, cstr};
 
 /// `_IOR('X', 31, struct fsxattr)`: libc has no constant for it.
 pub const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
@@ -94,7 +94,7 @@ pub fn get_raw(fd: BorrowedFd<'_>) -> io::Result<u32> {
 pub fn set_raw(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
     let v = flags as libc::c_int;
     // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer, which is valid.
-    confine::check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_SETFLAGS, &v) })?;
+    fsio::check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_SETFLAGS, &v) })?;
     Ok(())
 }
 
@@ -112,7 +112,7 @@ pub fn get_fsxattr(fd: BorrowedFd<'_>) -> io::Result<Option<FsXattr>> {
 
 pub fn set_fsxattr(fd: BorrowedFd<'_>, x: &FsXattr) -> io::Result<()> {
     // SAFETY: FS_IOC_FSSETXATTR reads one struct fsxattr through the pointer.
-    confine::check(unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FSSETXATTR as _, x) })?;
+    fsio::check(unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FSSETXATTR as _, x) })?;
     Ok(())
 }
 
@@ -152,12 +152,10 @@ pub fn open_at(dir: BorrowedFd<'_>, name: &[u8], st: &libc::stat) -> io::Result<
     }
     let c = cstr(name)?;
     let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
-    match confine::openat(dir, &c, flags | libc::O_NOATIME) {
+    match fsio::openat(dir, &c, flags | libc::O_NOATIME) {
         Ok(fd) => Ok(Some(fd)),
         // O_NOATIME needs ownership or CAP_FOWNER.
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            confine::openat(dir, &c, flags).map(Some)
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fsio::openat(dir, &c, flags).map(Some),
         Err(e) => Err(e),
     }
 }

@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
-use tdfs_slave::security::{handshake, AuthError};
+use crate::security::{handshake, AuthError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -22,7 +22,7 @@ const USER_TIMEOUT: Duration = Duration::from_secs(30);
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects to a slave and returns the two halves of a ready-to-use stream: TLS-wrapped
-/// and authenticated when so configured ([`crate::security`]).
+/// and authenticated when so configured ([`crate::outbound`]).
 pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.addr))
         .await
@@ -39,7 +39,7 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
     // Keepalive is silent while data is unacknowledged; without a user timeout a dead path
     // with writes outstanding is noticed only after the kernel's retries (about 15 min).
     sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
-    let sec = crate::security::get();
+    let sec = crate::outbound::get();
     match &sec.tls {
         None => {
             let mut stream = stream;
@@ -48,7 +48,7 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
             Ok((Box::pin(rd), Box::pin(wr)))
         }
         Some(tls) => {
-            let name = tdfs_slave::security::tls::server_name(&cfg.addr)
+            let name = crate::security::tls::server_name(&cfg.addr)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let mut stream = tokio::time::timeout(AUTH_TIMEOUT, tls.connect(name, stream))
                 .await
@@ -59,7 +59,7 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
                 })?;
             authenticate(&mut stream, cfg).await?;
             let (rd, wr) = tokio::io::split(stream);
-            Ok((Box::pin(rd), tdfs_slave::security::tls::flushing(wr)))
+            Ok((Box::pin(rd), crate::security::tls::flushing(wr)))
         }
     }
 }
@@ -70,7 +70,7 @@ async fn authenticate<S>(stream: &mut S, cfg: &SlaveConfig) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(secret) = &crate::security::get().secret else {
+    let Some(secret) = &crate::outbound::get().secret else {
         return Ok(());
     };
     let res = tokio::time::timeout(AUTH_TIMEOUT, handshake::connect(stream, secret))
