@@ -5,38 +5,68 @@
 //! numbers) and `ApplyError`; master ends an orderly session with `Bye` once everything it
 //! sent is acknowledged.
 
+use crate::history::{Epoch, History};
 use crate::wire::{DecodeError, Reader, Writer};
 
 /// Payload encoding versions this build understands (carried in `Hello`/`HelloAck` so that a
 /// later build can negotiate down; the frame header version guards the framing itself).
-pub const PROTO_MIN: u16 = 2;
-pub const PROTO_MAX: u16 = 2;
+/// 3: histories and epochs in the handshake (failover), inode flags in listings and ops.
+pub const PROTO_MIN: u16 = 3;
+pub const PROTO_MAX: u16 = 3;
 
 /// Longest human-readable string in a message.
 pub const MAX_TEXT: usize = 4096;
 
-/// Identity of a master (random, created once per state dir).
+/// Identity of an epoch (random, made when a master generation begins).
 pub type MasterId = [u8; 16];
+
+/// `Hello` flag: the sender is a fallback upstream for this node (a second relay, or the
+/// master, configured for when the node's own relay is gone). A primary upstream that
+/// connects later takes the node back.
+pub const HELLO_FALLBACK: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub proto_min: u16,
     pub proto_max: u16,
-    pub master_id: MasterId,
-    /// Sequence number of the next op the master will send on this session.
+    /// The epochs of the ops the sender will stream (a relay sends its upstream's).
+    pub history: History,
+    /// Sequence number of the next op the sender holds (its head).
     pub next_seq: u64,
-    /// Free text for the slave's logs (host and directory of the master).
+    /// [`HELLO_FALLBACK`], ...
+    pub flags: u8,
+    /// Free text for the receiver's logs (host and directory of the sender).
     pub label: String,
+}
+
+/// `HelloAck` flags: what the receiver's position is worth.
+pub mod ack_flags {
+    /// A sync into this tree was interrupted: its position means nothing until a new sync
+    /// completes.
+    pub const SYNCING: u8 = 1;
+    /// ... and that sync was stashing what this tree held of its own (it had diverged).
+    pub const STASHING: u8 = 2;
+    /// This node last ran as a master and did not exit cleanly: it may hold ops past its
+    /// recorded position.
+    pub const BEYOND_KNOWN: u8 = 4;
+    /// This node relays to replicas of its own.
+    pub const RELAY: u8 = 8;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloAck {
-    /// Version chosen by the slave within the master's range.
+    /// Version chosen by the receiver within the sender's range.
     pub proto: u16,
-    /// Master whose ops the slave applied last (all zero when none).
-    pub last_master: MasterId,
-    /// Last sequence number the slave applied from `last_master`.
-    pub last_applied: u64,
+    /// The epochs of the ops the receiver holds.
+    pub history: History,
+    /// The newest epoch the receiver has heard of (it may be newer than its history's).
+    pub seen: Option<Epoch>,
+    /// Last sequence number the receiver applied (0: none).
+    pub applied: u64,
+    /// [`ack_flags`].
+    pub flags: u8,
+    /// Free text for the sender's logs and status (the receiver's host and directory).
+    pub label: String,
 }
 
 /// Why a session is refused or ended.
@@ -52,12 +82,28 @@ pub enum RefuseCode {
     /// The slave is shutting down.
     ShuttingDown = 4,
     Other = 5,
+    /// The receiver has seen a newer epoch than the sender's: the sender was replaced.
+    Fenced = 6,
+    /// The receiver belongs to another replica set.
+    Foreign = 7,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refuse {
     pub code: RefuseCode,
     pub message: String,
+    /// With [`RefuseCode::Fenced`]: the newer epoch.
+    pub epoch: Option<Epoch>,
+}
+
+impl Refuse {
+    pub fn new(code: RefuseCode, message: impl Into<String>) -> Self {
+        Refuse {
+            code,
+            message: message.into(),
+            epoch: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,18 +151,35 @@ impl Hello {
         let mut w = Writer { out: &mut out };
         w.u16(self.proto_min);
         w.u16(self.proto_max);
-        w.out.extend_from_slice(&self.master_id);
+        self.history.encode(&mut w);
         w.u64(self.next_seq);
+        w.u8(self.flags);
         text(&mut w, &self.label);
         out
     }
+
+    /// Decodes a Hello. A peer of another protocol version is still understood as far as
+    /// its version range, so that the refusal can say what it speaks.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
+        let proto_min = r.u16("proto_min")?;
+        let proto_max = r.u16("proto_max")?;
+        if proto_max < PROTO_MIN || proto_min > PROTO_MAX {
+            return Ok(Hello {
+                proto_min,
+                proto_max,
+                history: History::default(),
+                next_seq: 0,
+                flags: 0,
+                label: String::new(),
+            });
+        }
         let h = Hello {
-            proto_min: r.u16("proto_min")?,
-            proto_max: r.u16("proto_max")?,
-            master_id: r.array("master id")?,
+            proto_min,
+            proto_max,
+            history: History::decode(&mut r)?,
             next_seq: r.u64("next_seq")?,
+            flags: r.u8("flags")?,
             label: read_text(&mut r, "label")?,
         };
         r.finish()?;
@@ -129,16 +192,32 @@ impl HelloAck {
         let mut out = Vec::new();
         let mut w = Writer { out: &mut out };
         w.u16(self.proto);
-        w.out.extend_from_slice(&self.last_master);
-        w.u64(self.last_applied);
+        self.history.encode(&mut w);
+        match &self.seen {
+            Some(e) => {
+                w.u8(1);
+                crate::history::encode_epoch(&mut w, e);
+            }
+            None => w.u8(0),
+        }
+        w.u64(self.applied);
+        w.u8(self.flags);
+        text(&mut w, &self.label);
         out
     }
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
         let h = HelloAck {
             proto: r.u16("proto")?,
-            last_master: r.array("master id")?,
-            last_applied: r.u64("last_applied")?,
+            history: History::decode(&mut r)?,
+            seen: match r.u8("seen flag")? {
+                0 => None,
+                1 => Some(crate::history::decode_epoch(&mut r)?),
+                _ => return Err(DecodeError::Invalid("seen flag")),
+            },
+            applied: r.u64("applied")?,
+            flags: r.u8("flags")?,
+            label: read_text(&mut r, "label")?,
         };
         r.finish()?;
         Ok(h)
@@ -151,6 +230,9 @@ impl Refuse {
         let mut w = Writer { out: &mut out };
         w.u16(self.code as u16);
         text(&mut w, &self.message);
+        if let Some(e) = &self.epoch {
+            crate::history::encode_epoch(&mut w, e);
+        }
         out
     }
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
@@ -160,11 +242,22 @@ impl Refuse {
             2 => RefuseCode::Version,
             3 => RefuseCode::Malformed,
             4 => RefuseCode::ShuttingDown,
+            6 => RefuseCode::Fenced,
+            7 => RefuseCode::Foreign,
             _ => RefuseCode::Other,
         };
         let message = read_text(&mut r, "message")?;
+        let epoch = if r.remaining() > 0 {
+            Some(crate::history::decode_epoch(&mut r)?)
+        } else {
+            None
+        };
         r.finish()?;
-        Ok(Refuse { code, message })
+        Ok(Refuse {
+            code,
+            message,
+            epoch,
+        })
     }
 }
 

@@ -16,6 +16,10 @@ pub const MAX_XATTRS: usize = 1024;
 /// Most paths in one `SyncMiss`.
 pub const MAX_MISSES: usize = 4096;
 
+/// `SyncBegin` payload flag (its one byte): the replica diverged from the sender's line, so
+/// before the sync overwrites, removes or changes anything it holds, it stashes it.
+pub const SYNC_STASH: u8 = 1;
+
 /// File type as the `S_IFMT` bits of `st_mode` shifted right by 12.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

@@ -1,4 +1,5 @@
 use crate::frame::{self, FrameError, FrameType, HEADER_LEN, MAX_PAYLOAD};
+use crate::history::{Epoch, History, Standing};
 use crate::msg::{Ack, ApplyError, Hello, HelloAck, Refuse, RefuseCode};
 use crate::op::{self, *};
 use crate::path::WirePath;
@@ -323,11 +324,26 @@ fn out_of_range_nanoseconds_refused() {
 
 #[test]
 fn messages_roundtrip() {
+    let hist = History {
+        epochs: vec![
+            Epoch {
+                number: 1,
+                id: [7; 16],
+                start: 1,
+            },
+            Epoch {
+                number: 3,
+                id: [8; 16],
+                start: 90,
+            },
+        ],
+    };
     let h = Hello {
-        proto_min: 1,
-        proto_max: 1,
-        master_id: [7; 16],
+        proto_min: crate::msg::PROTO_MIN,
+        proto_max: crate::msg::PROTO_MAX,
+        history: hist.clone(),
         next_seq: 42,
+        flags: crate::msg::HELLO_FALLBACK,
         label: "host:/data".into(),
     };
     assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
@@ -336,22 +352,36 @@ fn messages_roundtrip() {
         proto_max,
         ..h.clone()
     };
-    assert_eq!(range(2, 2).common_proto(), Some(2));
-    // Version 1 (before inode flags joined listings and ops) is not spoken any more.
-    assert_eq!(range(1, 1).common_proto(), None);
+    assert_eq!(range(3, 3).common_proto(), Some(3));
+    // Versions 1 and 2 (before histories joined the handshake) are not spoken any more, but
+    // an old peer's Hello still decodes far enough to be told so.
+    assert_eq!(range(1, 2).common_proto(), None);
+    let mut old = Vec::new();
+    old.extend_from_slice(&1u16.to_le_bytes());
+    old.extend_from_slice(&1u16.to_le_bytes());
+    old.extend_from_slice(&[0u8; 30]);
+    assert_eq!(Hello::decode(&old).unwrap().common_proto(), None);
     assert_eq!(range(0, 9).common_proto(), Some(crate::msg::PROTO_MAX));
     assert_eq!(range(7, 9).common_proto(), None);
     assert_eq!(range(0, 0).common_proto(), None);
-    assert_eq!(range(1, 0).common_proto(), None);
-    let a = HelloAck {
-        proto: 1,
-        last_master: [9; 16],
-        last_applied: 41,
-    };
-    assert_eq!(HelloAck::decode(&a.encode()).unwrap(), a);
+    assert_eq!(range(3, 0).common_proto(), None);
+    for seen in [None, Some(hist.epochs[1])] {
+        let a = HelloAck {
+            proto: 3,
+            history: hist.clone(),
+            seen,
+            applied: 41,
+            flags: crate::msg::ack_flags::SYNCING | crate::msg::ack_flags::STASHING,
+            label: "backup:/srv".into(),
+        };
+        assert_eq!(HelloAck::decode(&a.encode()).unwrap(), a);
+    }
+    let r = Refuse::new(RefuseCode::Busy, "busy");
+    assert_eq!(Refuse::decode(&r.encode()).unwrap(), r);
     let r = Refuse {
-        code: RefuseCode::Busy,
-        message: "busy".into(),
+        code: RefuseCode::Fenced,
+        message: "replaced".into(),
+        epoch: Some(hist.epochs[1]),
     };
     assert_eq!(Refuse::decode(&r.encode()).unwrap(), r);
     let e = ApplyError {
@@ -362,6 +392,104 @@ fn messages_roundtrip() {
         message: "No space left on device".into(),
     };
     assert_eq!(ApplyError::decode(&e.encode()).unwrap(), e);
+}
+
+fn ep(number: u64, id: u8, start: u64) -> Epoch {
+    Epoch {
+        number,
+        id: [id; 16],
+        start,
+    }
+}
+
+fn hist(e: &[Epoch]) -> History {
+    History { epochs: e.to_vec() }
+}
+
+/// The failover cases of the issue, as histories: A the old master (epoch 1), B promoted
+/// (epoch 2 from seq 101), C a replica.
+#[test]
+fn standing_of_replicas_across_a_failover() {
+    use crate::history::standing;
+    let a = hist(&[ep(1, 0xa, 1)]);
+    let b = hist(&[ep(1, 0xa, 1), ep(2, 0xb, 101)]);
+    // C behind B on the same line: continues, nothing stashed.
+    assert_eq!(standing(&b, &a, None, 95, false), Standing::Behind);
+    assert_eq!(standing(&b, &a, None, 100, false), Standing::Behind);
+    // C had applied an op of A's that B never got: diverged after 100.
+    assert_eq!(
+        standing(&b, &a, None, 101, false),
+        Standing::Diverged { branch: 100 }
+    );
+    // A, cut off, kept writing: diverged. A died uncleanly: its last ops are unknown.
+    assert_eq!(
+        standing(&b, &a, None, 4000, false),
+        Standing::Diverged { branch: 100 }
+    );
+    assert_eq!(
+        standing(&b, &a, None, 50, true),
+        Standing::Diverged { branch: 100 }
+    );
+    // A, restarted as master of epoch 1, meets C that follows B: fenced.
+    assert_eq!(
+        standing(&a, &b, None, 120, false),
+        Standing::Fenced {
+            newer: ep(2, 0xb, 101)
+        }
+    );
+    // ... also when C only heard of epoch 2 (a promotion it was told of).
+    assert_eq!(
+        standing(&a, &a, Some(&ep(2, 0xb, 101)), 90, false),
+        Standing::Fenced {
+            newer: ep(2, 0xb, 101)
+        }
+    );
+    // Two promotions to one number by mistake are never one epoch.
+    let b2 = hist(&[ep(1, 0xa, 1), ep(2, 0xc, 101)]);
+    assert!(matches!(
+        standing(&b2, &b, None, 120, false),
+        Standing::Fenced { .. }
+    ));
+    // Same epoch, same line: behind or level.
+    assert_eq!(standing(&b, &b, None, 150, false), Standing::Behind);
+    // A node of no epoch yet: behind (fresh), unless it claims to hold something.
+    assert_eq!(
+        standing(&b, &History::default(), None, 0, false),
+        Standing::Behind
+    );
+    assert_eq!(
+        standing(&b, &History::default(), None, 7, false),
+        Standing::Diverged { branch: 0 }
+    );
+    // Another replica set.
+    assert_eq!(
+        standing(&b, &hist(&[ep(1, 0xd, 1)]), None, 5, false),
+        Standing::Foreign { set: [0xd; 16] }
+    );
+    // A later promotion from a replica that had followed a rogue branch (epoch 3 of B'):
+    // what it applied in the rogue epoch is divergent, what came before is not.
+    let rogue = hist(&[ep(1, 0xa, 1), ep(2, 0xe, 60)]);
+    let d = hist(&[ep(1, 0xa, 1), ep(2, 0xb, 101), ep(3, 0xf, 200)]);
+    assert_eq!(standing(&d, &rogue, None, 59, false), Standing::Behind);
+    assert_eq!(
+        standing(&d, &rogue, None, 60, false),
+        Standing::Diverged { branch: 59 }
+    );
+}
+
+#[test]
+fn promotion_numbers_above_everything_seen() {
+    let h = hist(&[ep(1, 1, 1), ep(2, 2, 50)]);
+    let p = h.promoted([3; 16], 80, None);
+    assert_eq!(p.last(), Some(&ep(3, 3, 80)));
+    let p = h.promoted([3; 16], 80, Some(&ep(7, 9, 70)));
+    assert_eq!(p.last().unwrap().number, 8);
+    assert_eq!(p.epoch_of(60).unwrap().number, 2);
+    assert_eq!(p.epoch_of(80).unwrap().number, 8);
+    // Encoded histories must grow; a decoder refuses one that does not.
+    let mut buf = Vec::new();
+    hist(&[ep(2, 1, 1), ep(2, 2, 5)]).encode(&mut crate::wire::Writer { out: &mut buf });
+    assert!(History::decode(&mut crate::wire::Reader::new(&buf)).is_err());
 }
 
 /// `len` incompressible bytes (xorshift32 from `seed`), the same for every run.

@@ -4,6 +4,10 @@
 //! slave (fed by what it applies from its own upstream). And whatever a replica needs
 //! beyond applying ops is here too.
 //!
+//! - [`node`]: a node's place in its replica set (history of epochs, role, fencing), kept
+//!   in its state directory for both roles.
+//! - [`position`]: a replica's position (last applied op, sync and stash flags), recorded
+//!   per op in a mapped page.
 //! - [`repl`]: the ordered log (memory, then the on-disk journal), one link per downstream
 //!   node (connect with backoff, handshake, resume or incremental sync, stream, acks), the
 //!   catch-up sync, the persistent state of a feeding node, status snapshots.
@@ -22,7 +26,9 @@ pub mod daemon;
 pub mod flags;
 pub mod fsio;
 pub mod inspect;
+pub mod node;
 pub mod outbound;
+pub mod position;
 pub mod repl;
 pub mod security;
 pub mod tree;

@@ -26,6 +26,8 @@ const COPY_CHUNK: usize = 1 << 20;
 
 pub struct Applier {
     root: OwnedFd,
+    /// While a diverged tree is synced: what each op would overwrite is stashed first.
+    pub stash: Option<crate::stash::Stash>,
     /// Files opened for writing, keyed by path. Only valid while no namespace op ran since
     /// they were opened, which is why [`Applier::apply`] clears it on those ops.
     cache: HashMap<WirePath, OwnedFd>,
@@ -250,6 +252,7 @@ impl Applier {
     pub fn open(dir: &Path) -> io::Result<Self> {
         Ok(Self {
             root: confine::open_root(dir)?,
+            stash: None,
             cache: HashMap::new(),
         })
     }
@@ -294,6 +297,11 @@ impl Applier {
     pub fn apply(&mut self, op: &Op) -> io::Result<()> {
         if !keeps_cache(&op.kind) {
             self.cache.clear();
+        }
+        if let Some(st) = self.stash.as_mut() {
+            // A stashed file must be copied before a cached write fd changes it.
+            self.cache.clear();
+            st.before(self.root.as_fd(), op)?;
         }
         self.guarded(op, |a| a.apply_kind(&op.kind))?;
         for t in &op.touch {

@@ -11,27 +11,34 @@ use prometheus_client::encoding::DescriptorEncoder;
 use serde_json::{json, Value};
 
 use crate::listener::Shared;
+use tdfs_protocol::msg::ack_flags;
 use tdfs_replication::daemon::http::{self, Labels};
 use tdfs_replication::daemon::{control, human_bytes};
-
-fn hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
+use tdfs_replication::node::hex;
 
 /// The answer to `{"cmd":"status"}`.
 pub fn status(shared: &Shared, mirror: &str, listen: &str) -> Value {
     let st = &shared.stats;
-    let (id, label, peer) = st.master();
+    let (epoch, label, peer) = st.master();
+    let rec = shared.node().record();
+    let flags = st.flags.load(Ordering::Relaxed);
     json!({
         "ok": true,
-        "role": "slave",
+        "role": "replica",
         "mirror": mirror,
         "listen": listen,
         "connected": st.connected.load(Ordering::Relaxed),
-        "master_id": hex(&id),
+        "epoch": rec.history.last().map(|e| e.number),
+        "epoch_id": rec.history.last().map(|e| hex(&e.id)),
+        "replica_set": rec.history.set_id().map(|s| hex(&s)),
+        "seen_epoch": rec.seen.map(|e| e.number),
+        "master_epoch": epoch.map(|e| e.number),
         "master_label": label,
         "master_addr": peer,
         "last_applied": st.applied.load(Ordering::Relaxed),
+        "syncing": flags & ack_flags::SYNCING != 0,
+        "stashing": flags & ack_flags::STASHING != 0,
+        "last_stash": st.stash().map(|(d, n)| json!({"dir": d.display().to_string(), "paths": n})),
         "ops_applied": st.ops_applied.load(Ordering::Relaxed),
         "apply_rate": st.apply_rate.rate(),
         "bytes_received": st.bytes_received.load(Ordering::Relaxed),
@@ -192,7 +199,7 @@ fn state_dir_of(cli: &StatusCli) -> anyhow::Result<PathBuf> {
     let root = m
         .canonicalize()
         .map_err(|e| anyhow::anyhow!("mirror directory {}: {e}", m.display()))?;
-    Ok(crate::state::default_dir(&root))
+    Ok(tdfs_replication::position::default_dir(&root))
 }
 
 fn status_cmd(cli: &StatusCli) -> anyhow::Result<()> {
@@ -218,16 +225,45 @@ pub fn format_status(v: &Value) -> String {
     out.push_str(&format!("listen        {}\n", s("listen")));
     let label = s("master_label");
     out.push_str(&format!(
+        "role          replica, epoch {}{}\n",
+        v["epoch"]
+            .as_u64()
+            .map_or_else(|| "none yet".to_string(), |e| e.to_string()),
+        v["seen_epoch"]
+            .as_u64()
+            .map(|e| format!(" (has heard of epoch {e})"))
+            .unwrap_or_default()
+    ));
+    out.push_str(&format!(
         "master        {} {}{}\n",
         if label.is_empty() { "-" } else { &label },
-        s("master_id"),
+        v["master_epoch"]
+            .as_u64()
+            .map(|e| format!("epoch {e}"))
+            .unwrap_or_default(),
         if connected {
             format!(" (connected from {})", s("master_addr"))
         } else {
             " (not connected)".into()
         }
     ));
-    out.push_str(&format!("last applied  {}\n", u("last_applied")));
+    out.push_str(&format!(
+        "last applied  {}{}\n",
+        u("last_applied"),
+        if v["stashing"].as_bool().unwrap_or(false) {
+            " (a stashing sync is under way or was interrupted)"
+        } else if v["syncing"].as_bool().unwrap_or(false) {
+            " (a sync is under way or was interrupted)"
+        } else {
+            ""
+        }
+    ));
+    if let Some(d) = v["last_stash"]["dir"].as_str() {
+        out.push_str(&format!(
+            "stash         {} path(s) in {d}\n",
+            v["last_stash"]["paths"].as_u64().unwrap_or(0)
+        ));
+    }
     out.push_str(&format!(
         "applied       {} ops since start, {:.1} ops/s now\n",
         u("ops_applied"),

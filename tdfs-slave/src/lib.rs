@@ -8,7 +8,8 @@
 //! - [`config`], [`control`]: the config file; status and metrics of a running slave.
 //! - [`confine`]: resolving paths without ever leaving the root; the replica's tree as the
 //!   replication engine reads it.
-//! - [`state`]: which master and sequence number the tree reflects.
+
+//! - [`stash`]: what a diverged replica held of its own, kept before a sync overwrites it.
 //! - [`stats`]: counters for `tdfs-slave status` and metrics.
 //!
 //! What both daemons share (security, the log and links, inspection of trees, operations
@@ -21,7 +22,8 @@ pub mod control;
 pub mod listener;
 pub mod readonly;
 pub mod session;
-pub mod state;
+pub mod stash;
+
 pub mod stats;
 
 #[cfg(test)]

@@ -14,18 +14,28 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use std::path::PathBuf;
+
+use tdfs_protocol::msg::{Hello, PROTO_MAX, PROTO_MIN};
+use tdfs_protocol::Standing;
+use tdfs_replication::node::NodeState;
+
 use crate::apply::Applier;
 use crate::session;
-use crate::state::State;
 use tdfs_replication::accept::{self, BoxWrite, Security};
+use tdfs_replication::position::State;
 
 /// What the apply side owns; only one session holds it at a time.
 pub struct Core {
     pub applier: Applier,
     pub state: State,
+    /// This node's place in its replica set (history, newest epoch heard of).
+    pub node: Arc<NodeState>,
     /// Highest sequence number known durable (since this process started, for the master
     /// recorded in `state`).
     pub durable: u64,
+    /// Where a diverged tree's own changes are stashed (`--stash-dir`).
+    pub stash_dir: PathBuf,
 }
 
 /// Who holds the session slot, for the message a refused master gets.
@@ -45,6 +55,10 @@ pub struct Shared {
     security: OnceLock<Security>,
     /// Counters for `tdfs-slave status` and metrics.
     pub stats: crate::stats::Stats,
+    /// What this node calls itself (host and directory), for its upstream's logs and status.
+    label: String,
+    /// The node state (also in `Core`), readable without waiting for an apply round.
+    node: Arc<NodeState>,
 }
 
 /// Poisoning only means a thread panicked while holding the lock; the data it guards is
@@ -54,7 +68,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn new(core: Core, nodelay: bool) -> Arc<Self> {
+    pub fn new(core: Core, nodelay: bool, label: String) -> Arc<Self> {
+        let node = core.node.clone();
         let (stop_tx, _) = watch::channel(false);
         Arc::new(Self {
             core: Mutex::new(core),
@@ -64,7 +79,17 @@ impl Shared {
             nodelay,
             security: OnceLock::new(),
             stats: crate::stats::Stats::default(),
+            label,
+            node,
         })
+    }
+
+    pub fn node(&self) -> &Arc<NodeState> {
+        &self.node
+    }
+
+    pub fn own_label(&self) -> String {
+        self.label.clone()
     }
 
     /// Sets `--allow`, TLS and the shared secret; call before [`serve`]. Unset: all off.
@@ -190,6 +215,28 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 crate::readonly::serve(rd, wr, peer, shared, first).await;
                 return;
             }
+            // A master this replica must refuse (an older epoch than one it has seen, another
+            // replica set, another protocol) is told so even while another holds the slot: a
+            // replaced master learns it at once, and touches nothing.
+            if let Ok(f) = frame::parse(&first) {
+                if f.kind == FrameType::Hello {
+                    if let Ok(hello) = Hello::decode(&f.payload) {
+                        if let Some((code, message, epoch)) = refusal(&shared, &hello) {
+                            tracing::warn!(
+                                "refusing master {} from {peer}: {message}",
+                                hello.label
+                            );
+                            let r = Refuse {
+                                code,
+                                message,
+                                epoch,
+                            };
+                            send_refusal(wr, r).await;
+                            return;
+                        }
+                    }
+                }
+            }
             match shared.claim(peer) {
                 Ok(guard) => {
                     session::run(rd, wr, peer, shared, first).await;
@@ -208,8 +255,47 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn refuse(mut stream: BoxWrite, code: RefuseCode, message: String) {
-    let payload = Refuse { code, message }.encode();
+/// Why `hello` must be refused before it may take the session slot, if it must.
+fn refusal(
+    shared: &Shared,
+    hello: &Hello,
+) -> Option<(RefuseCode, String, Option<tdfs_protocol::Epoch>)> {
+    if hello.common_proto().is_none() {
+        return Some((
+            RefuseCode::Version,
+            format!(
+                "no common protocol version: master speaks {}..={}, this slave {PROTO_MIN}..={PROTO_MAX} \
+                 (upgrade both sides together)",
+                hello.proto_min, hello.proto_max
+            ),
+            None,
+        ));
+    }
+    let core = shared.core();
+    match crate::session::judge(hello, &core.node.record(), &core.state) {
+        Standing::Fenced { newer } => Some((
+            RefuseCode::Fenced,
+            crate::session::fenced_message(hello, &newer),
+            Some(newer),
+        )),
+        Standing::Foreign { set } => Some((
+            RefuseCode::Foreign,
+            crate::session::foreign_message(hello, &set),
+            None,
+        )),
+        _ => None,
+    }
+}
+
+async fn send_refusal(stream: BoxWrite, r: Refuse) {
+    send_refuse_frame(stream, r.encode()).await
+}
+
+async fn refuse(stream: BoxWrite, code: RefuseCode, message: String) {
+    send_refuse_frame(stream, Refuse::new(code, message).encode()).await
+}
+
+async fn send_refuse_frame(mut stream: BoxWrite, payload: Vec<u8>) {
     let f = frame::encode_vec(FrameType::Refuse, 0, &payload, Compression::None);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         stream.write_all(&f).await?;

@@ -11,11 +11,12 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use tdfs_protocol::DEFAULT_PORT;
 use tdfs_replication::accept::Security;
 use tdfs_replication::daemon::{self, logging};
+use tdfs_replication::node::NodeState;
+use tdfs_replication::position::{self as state, State};
 use tdfs_replication::security::{AllowList, Secret, TlsFiles};
 use tdfs_slave::apply::Applier;
 use tdfs_slave::config::{self, SlaveFile};
 use tdfs_slave::listener::{self, Core, Shared};
-use tdfs_slave::state::{self, State};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Receive a tdfs master's stream of filesystem mutations and apply them to DIR.
@@ -76,11 +77,19 @@ struct Cli {
     #[arg(short = 'n', long = "no-nodelay")]
     no_nodelay: bool,
 
-    /// Directory for the slave's state (last applied sequence number, master id, lock file).
+    /// Directory for this node's state (its history of epochs, last applied sequence number,
+    /// lock file), shared with the master role: a promotion or a rejoin finds it there.
     /// Created with mode 0700; must not lie inside DIR. Default:
-    /// /var/lib/tdfs-slave/<canonical path of DIR with '/' replaced by '_'>.
+    /// /var/lib/tdfs/<canonical path of DIR without its leading '/', '/' replaced by '_'>
+    /// (or the older /var/lib/tdfs-slave/_srv_www where that already holds a state).
     #[arg(long = "state-dir", value_name = "STATE_DIR")]
     state_dir: Option<PathBuf>,
+
+    /// Where a diverged tree's own changes are kept before a sync overwrites them (a former
+    /// master's writes that the new master never got). Default: STATE_DIR/stash. Best on the
+    /// same filesystem as DIR, outside it.
+    #[arg(long = "stash-dir", value_name = "DIR")]
+    stash_dir: Option<PathBuf>,
 
     /// File holding the secret shared with the master (mode 0600 or stricter; at least 16
     /// bytes). A master must prove it before anything it sends is applied, and this slave
@@ -373,11 +382,26 @@ fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::
         .state_dir
         .clone()
         .unwrap_or_else(|| state::default_dir(&root));
-    let state = State::open(&state_dir, &root)?;
-    // After the state dir's lock: a second slave on this state dir has already been refused.
+    state::check_outside(&state_dir, &root)?;
+    let node = NodeState::open(&state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    let state = State::open(&node, &root)?;
+    // After the state dir's lock: a second daemon on this state dir has already been refused.
     let mut control = daemon::control::bind(&state_dir)?;
     let metrics = cli.metrics.as_deref().map(daemon::http::bind).transpose()?;
-    let (master0, applied0) = (state.master, state.applied);
+    let applied0 = state.applied;
+    let rec0 = node.record();
+    let stash_dir = cli
+        .stash_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("stash"));
+    if stash_dir.starts_with(&root) {
+        bail!(
+            "--stash-dir {} lies inside the mirrored directory {}; choose one outside it",
+            stash_dir.display(),
+            root.display()
+        );
+    }
     let applier = Applier::open(&root).with_context(|| format!("opening {}", root.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -386,14 +410,30 @@ fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::
         .context("starting the runtime")?;
     let handle = rt.handle().clone();
     rt.block_on(async move {
+        let flags0 = state.flags;
         let core = Core {
             applier,
             state,
+            node,
             durable: 0,
+            stash_dir,
         };
-        let shared = Shared::new(core, !cli.no_nodelay);
+        let label = format!(
+            "{}:{}",
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "?".into()),
+            root.display()
+        );
+        let shared = Shared::new(core, !cli.no_nodelay, label);
         shared.set_security(security);
-        shared.stats.set_master(master0, "", "");
+        shared
+            .stats
+            .set_master(rec0.history.last().copied(), "", "");
+        shared
+            .stats
+            .flags
+            .store(flags0, std::sync::atomic::Ordering::Relaxed);
         shared
             .stats
             .applied

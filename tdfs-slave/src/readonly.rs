@@ -90,22 +90,36 @@ pub async fn serve(
                 (false, FrameType::Inspect) => {
                     let h = Hello::decode(&f.payload).map_err(|e| e.to_string())?;
                     let Some(proto) = h.common_proto() else {
-                        let r = Refuse {
-                            code: RefuseCode::Version,
-                            message: "no common protocol version".into(),
-                        };
+                        let r = Refuse::new(RefuseCode::Version, "no common protocol version");
                         let _ = send(&mut wr, FrameType::Refuse, 0, &r.encode()).await;
                         return Err("no common protocol version".into());
                     };
                     tracing::info!("verifier {} from {peer} connected", h.label);
-                    let (m, a) = {
+                    // Where this replica stands (`tdfs promote` compares replicas with it).
+                    let ack = {
                         let c = shared.core();
-                        (c.state.master, c.state.applied)
-                    };
-                    let ack = HelloAck {
-                        proto,
-                        last_master: m,
-                        last_applied: a,
+                        let rec = c.node.record();
+                        // A starting master asks with its own history: one that was replaced
+                        // learns it from the answer, and this log says so too.
+                        if !h.history.is_empty() {
+                            if let tdfs_protocol::Standing::Fenced { newer } =
+                                crate::session::judge(&h, &rec, &c.state)
+                            {
+                                tracing::warn!(
+                                    "{} from {peer} asked where this replica stands: {}",
+                                    h.label,
+                                    crate::session::fenced_message(&h, &newer)
+                                );
+                            }
+                        }
+                        HelloAck {
+                            proto,
+                            history: rec.history,
+                            seen: rec.seen,
+                            applied: c.state.applied,
+                            flags: c.state.flags,
+                            label: shared.own_label(),
+                        }
                     };
                     send(&mut wr, FrameType::HelloAck, 0, &ack.encode())
                         .await
@@ -135,10 +149,10 @@ pub async fn serve(
                     }
                 }
                 (_, k) => {
-                    let r = Refuse {
-                        code: RefuseCode::Malformed,
-                        message: format!("{k:?} is not allowed in a read-only session"),
-                    };
+                    let r = Refuse::new(
+                        RefuseCode::Malformed,
+                        format!("{k:?} is not allowed in a read-only session"),
+                    );
                     let _ = send(&mut wr, FrameType::Refuse, 0, &r.encode()).await;
                     return Err(format!("{k:?} in a read-only session"));
                 }

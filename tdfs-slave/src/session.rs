@@ -13,10 +13,15 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tdfs_protocol::frame::{self, FrameType};
+use tdfs_protocol::history::{self, Standing};
 use tdfs_protocol::msg::{
-    Ack, ApplyError, Hello, HelloAck, MasterId, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN,
+    ack_flags, Ack, ApplyError, Hello, HelloAck, Refuse, RefuseCode, PROTO_MAX, PROTO_MIN,
 };
+use tdfs_protocol::{Epoch, History};
+use tdfs_replication::node::NodeRecord;
+
 use tdfs_protocol::{op, Compression, FrameError, Op, OpKind, WirePath, HEADER_LEN, MAX_PAYLOAD};
+use tdfs_replication::position::State;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -77,7 +82,11 @@ struct Session {
     /// Received bytes not parsed yet. Whole frames are split off the front and frozen, so
     /// the ops decoded from them point into this allocation instead of copies.
     buf: BytesMut,
-    master: MasterId,
+    /// The upstream's history: this tree's once a sync ends (or at once, when it was on that
+    /// line already).
+    upstream: History,
+    /// This tree diverged from the upstream's line: the coming sync stashes first.
+    diverged: bool,
     /// Sequence number the next op must carry.
     expected: u64,
     /// Whether an Ops frame fixed `expected` yet.
@@ -87,8 +96,9 @@ struct Session {
     syncing: bool,
     /// Highest sequence number received (acknowledged before it is applied).
     received: u64,
-    /// Master and last applied seq from the state file at handshake.
-    prev: (MasterId, u64),
+    /// Last applied seq from the state file at handshake, and whether it continues the
+    /// upstream's line as it is (no sync needed first).
+    prev: (u64, bool),
     durable: u64,
 }
 
@@ -102,22 +112,20 @@ pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared
         shared,
         stop,
         buf: BytesMut::from(&first[..]),
-        master: [0; 16],
+        upstream: History::default(),
+        diverged: false,
         expected: 0,
         started: false,
         syncing: false,
         received: 0,
-        prev: ([0; 16], 0),
+        prev: (0, false),
         durable: 0,
     };
     tracing::debug!("connection from {peer}");
     let end = s.serve().await;
     s.shared.stats.connected.store(false, Ordering::Relaxed);
     if matches!(end, End::Stopping) {
-        let r = Refuse {
-            code: RefuseCode::ShuttingDown,
-            message: "slave is shutting down".into(),
-        };
+        let r = Refuse::new(RefuseCode::ShuttingDown, "slave is shutting down");
         let _ = s.send(FrameType::Refuse, &r.encode()).await;
     }
     match &end {
@@ -140,11 +148,7 @@ impl Session {
         let _ = self
             .send(
                 FrameType::Refuse,
-                &Refuse {
-                    code,
-                    message: message.clone(),
-                }
-                .encode(),
+                &Refuse::new(code, message.clone()).encode(),
             )
             .await;
         End::Protocol(message)
@@ -280,57 +284,128 @@ impl Session {
                 .await);
         };
         self.shared.set_label(&hello.label);
-        let (last_master, last_applied, durable) = {
-            let mut core = self.shared.core();
-            if core.state.master != hello.master_id {
-                core.durable = 0;
-            }
-            (core.state.master, core.state.applied, core.durable)
+        // Judged again under the core lock (the listener judged before claiming the slot, but
+        // a session may have changed this tree's line since).
+        let (standing, rec, applied, flags, durable) = {
+            let core = self.shared.core();
+            let rec = core.node.record();
+            let standing = judge(&hello, &rec, &core.state);
+            (
+                standing,
+                rec,
+                core.state.applied,
+                core.state.flags,
+                core.durable,
+            )
         };
-        if last_master != hello.master_id {
-            tracing::info!(
-                "new master {} ({}) from {peer} is taking over (last applied: {} from {})",
-                hex(&hello.master_id),
-                hello.label,
-                last_applied,
-                hex(&last_master)
-            );
-        } else if hello.next_seq < last_applied.saturating_add(1) {
-            // The master's newest op is older than what we applied: it lost history.
+        match &standing {
+            Standing::Fenced { newer } => {
+                return Err(self.refuse_fenced(&hello, *newer).await);
+            }
+            Standing::Foreign { set } => {
+                let m = foreign_message(&hello, set);
+                tracing::warn!("refusing master {} from {peer}: {m}", hello.label);
+                return Err(self.refuse(RefuseCode::Foreign, m).await);
+            }
+            _ => {}
+        }
+        let up_last = hello.history.last().copied();
+        let same_line = matches!(standing, Standing::Behind);
+        self.diverged =
+            matches!(standing, Standing::Diverged { .. }) || flags & ack_flags::STASHING != 0;
+        if let Standing::Diverged { branch } = standing {
             tracing::warn!(
-                "master {} from {peer} says its next seq is {} but seq {} was applied last: overlap (continuing)",
+                "master {} ({}) from {peer}: this tree diverged from its line after seq {branch} \
+                 ({}); the sync that follows stashes whatever this tree holds that the master's \
+                 line does not, before making it identical",
                 hello.label,
-                hello.next_seq,
-                last_applied
+                up_last.map_or_else(String::new, |e| e.to_string()),
+                if flags & ack_flags::BEYOND_KNOWN != 0 {
+                    "it was a master that did not exit cleanly: its last ops are unknown"
+                        .to_string()
+                } else {
+                    format!("it applied up to seq {applied}")
+                }
+            );
+        } else if rec.history.last() != up_last.as_ref() {
+            tracing::info!(
+                "master {} from {peer} leads {} (this tree was at seq {applied} of {})",
+                hello.label,
+                up_last.map_or_else(String::new, |e| e.to_string()),
+                rec.history
+                    .last()
+                    .map_or_else(|| "no epoch yet".to_string(), |e| e.to_string())
             );
         }
         tracing::info!(
             "session with master {} ({}) from {peer}, next seq {}",
             hello.label,
-            hex(&hello.master_id),
+            up_last.map_or_else(String::new, |e| e.short()),
             hello.next_seq
         );
-        self.master = hello.master_id;
+        // On the master's line: this tree's history becomes the master's now (every op it
+        // holds is on that line). Diverged: only once the sync has made it identical.
+        if same_line && !hello.history.is_empty() {
+            let shared = self.shared.clone();
+            let h = hello.history.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let mut core = shared.core();
+                if let Some(set) = h.set_id() {
+                    core.state.set_set(set)?;
+                }
+                core.node.update(|r| {
+                    r.history = h.clone();
+                    if r.seen
+                        .is_some_and(|s| h.last().is_some_and(|l| l.number >= s.number))
+                    {
+                        r.seen = None;
+                    }
+                })
+            })
+            .await;
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(End::Protocol(format!("recording the history: {e}"))),
+                Err(e) => return Err(End::Protocol(format!("recording the history: {e}"))),
+            }
+        }
+        self.upstream = hello.history.clone();
         let stats = &self.shared.stats;
-        stats.set_master(hello.master_id, &hello.label, &peer.to_string());
+        stats.set_master(up_last, &hello.label, &peer.to_string());
         stats.sessions.fetch_add(1, Ordering::Relaxed);
         stats.connected.store(true, Ordering::Relaxed);
-        self.prev = (last_master, last_applied);
+        let resumes = same_line && flags & (ack_flags::SYNCING | ack_flags::STASHING) == 0;
+        self.prev = (applied, resumes);
         // Until the first Ops frame says where the master resumes, "applied" is what the state
-        // file says for this master.
-        self.expected = if last_master == hello.master_id {
-            last_applied.saturating_add(1)
+        // file says.
+        self.expected = if resumes {
+            applied.saturating_add(1)
         } else {
             hello.next_seq
         };
         self.durable = durable;
         let ack = HelloAck {
             proto,
-            last_master,
-            last_applied,
+            history: rec.history.clone(),
+            seen: rec.seen,
+            applied,
+            flags,
+            label: self.shared.own_label(),
         };
         self.send(FrameType::HelloAck, &ack.encode()).await?;
         Ok(())
+    }
+
+    async fn refuse_fenced(&mut self, hello: &Hello, newer: Epoch) -> End {
+        let m = fenced_message(hello, &newer);
+        tracing::warn!("refusing master {} from {}: {m}", hello.label, self.peer);
+        let r = Refuse {
+            code: RefuseCode::Fenced,
+            message: m.clone(),
+            epoch: Some(newer),
+        };
+        let _ = self.send(FrameType::Refuse, &r.encode()).await;
+        End::Protocol(m)
     }
 
     /// Applies every Ops frame in `frames` in one blocking round, then acks once.
@@ -343,18 +418,18 @@ impl Session {
                 FrameType::Ops => {
                     if !self.started && !batches.iter().any(|w| matches!(w, Work::Ops(..))) {
                         // Without a sync first, the stream must continue exactly where this
-                        // tree stopped: anything else would skip or repeat ops.
-                        let (pm, pa) = self.prev;
+                        // tree stopped, on the master's line: anything else would skip or
+                        // repeat ops.
+                        let (pa, resumes) = self.prev;
                         let synced =
-                            self.syncing || batches.iter().any(|w| matches!(w, Work::Begin));
-                        let fresh = pm == [0; 16] && pa == 0;
-                        if !synced && !fresh && (pm != self.master || f.seq != pa.saturating_add(1))
-                        {
+                            self.syncing || batches.iter().any(|w| matches!(w, Work::Begin(_)));
+                        let fresh = pa == 0 && resumes;
+                        if !synced && !fresh && (!resumes || f.seq != pa.saturating_add(1)) {
                             after = Some(End::Protocol(format!(
-                                "first ops frame carries seq {} but this tree is at seq {pa} of {}: \
+                                "first ops frame carries seq {} but this tree is at seq {pa}{}: \
                                  the master must sync it first",
                                 f.seq,
-                                if pm == self.master { "this master" } else { "another master" }
+                                if resumes { "" } else { " of another line" }
                             )));
                             break;
                         }
@@ -399,7 +474,12 @@ impl Session {
                     after = Some(End::Bye);
                     break;
                 }
-                FrameType::SyncBegin => batches.push(Work::Begin),
+                FrameType::SyncBegin => {
+                    let stash = f.payload.first().copied().unwrap_or(0)
+                        & tdfs_protocol::sync::SYNC_STASH
+                        != 0;
+                    batches.push(Work::Begin(stash || self.diverged));
+                }
                 FrameType::SyncEnd => {
                     // The sync leaves the replica at the master's state just before seq
                     // f.seq; live ops continue from there.
@@ -482,7 +562,7 @@ impl Session {
 
     async fn apply(&mut self, batches: Vec<Work>) -> Result<(), End> {
         let shared = self.shared.clone();
-        let master = self.master;
+        let upstream = self.upstream.clone();
         let first = self.expected;
         let syncing = self.syncing;
         let live: u64 = batches
@@ -505,12 +585,12 @@ impl Session {
             .any(|w| matches!(w, Work::Sync(_) | Work::List(..) | Work::Sum(..)));
         let res = if heavy {
             tokio::task::spawn_blocking(move || {
-                apply_blocking(&shared, master, first, syncing, batches)
+                apply_blocking(&shared, &upstream, first, syncing, batches)
             })
             .await
             .map_err(|e| End::Protocol(format!("apply task failed: {e}")))?
         } else {
-            apply_blocking(&shared, master, first, syncing, batches)
+            apply_blocking(&shared, &upstream, first, syncing, batches)
         };
         let done = if res.failed.is_some() || res.stopped {
             live.min(res.next.saturating_sub(first))
@@ -611,7 +691,8 @@ struct Received {
 enum Work {
     Ops(u64, Vec<Op>),
     Sync(Vec<Op>),
-    Begin,
+    /// A sync starts; `true`: stash first what it overwrites (this tree diverged).
+    Begin(bool),
     End(u64),
     List(u64, WirePath),
     Sum(u64, WirePath),
@@ -680,7 +761,7 @@ fn strerror(e: &io::Error) -> String {
 
 fn apply_blocking(
     shared: &Shared,
-    master: MasterId,
+    upstream: &History,
     first: u64,
     syncing: bool,
     batches: Vec<Work>,
@@ -699,17 +780,97 @@ fn apply_blocking(
     'outer: for work in batches {
         let (seq0, ops) = match work {
             Work::Ops(seq0, ops) => (seq0, ops),
-            Work::Begin => {
+            Work::Begin(stash) => {
                 res.syncing = true;
+                // Durably, before the sync changes anything: a half-synced tree must never
+                // read as a valid position after a crash.
+                let flags = ack_flags::SYNCING | if stash { ack_flags::STASHING } else { 0 };
+                let keep = core.state.flags & ack_flags::BEYOND_KNOWN;
+                if let Err(e) = core.state.set_flags(flags | keep) {
+                    res.state_error = Some(e);
+                    break 'outer;
+                }
+                if stash && core.applier.stash.is_none() {
+                    let header = format!(
+                        "tdfs stash: what this tree held that the line of its new upstream does \
+                         not\nnew upstream's line: {}\nthis tree was at seq {} of {}",
+                        upstream.last().map_or_else(String::new, |e| e.to_string()),
+                        core.state.applied,
+                        core.node
+                            .record()
+                            .history
+                            .last()
+                            .map_or_else(|| "no epoch".to_string(), |e| e.to_string())
+                    );
+                    let number = upstream.last().map_or(0, |e| e.number);
+                    match crate::stash::Stash::create(&core.stash_dir, number, &header) {
+                        Ok(st) => {
+                            tracing::warn!(
+                                "stashing what this tree holds of its own into {} before the \
+                                 sync overwrites it",
+                                st.dir().display()
+                            );
+                            core.applier.stash = Some(st);
+                        }
+                        Err(e) => {
+                            // Nothing may be overwritten without its stash.
+                            res.failed = Some(Failed {
+                                seq: res.next,
+                                errno: e.raw_os_error().unwrap_or(libc::EIO),
+                                op: "stash".into(),
+                                path: core.stash_dir.display().to_string(),
+                                message: format!("cannot create the stash: {}", strerror(&e)),
+                            });
+                            break 'outer;
+                        }
+                    }
+                }
                 continue;
             }
             Work::End(seq) => {
                 res.syncing = false;
                 if seq > 0 {
                     res.next = res.next.max(seq);
-                    if let Err(e) = core.state.record(master, seq - 1) {
-                        res.state_error = Some(e);
-                        break 'outer;
+                }
+                // The tree is identical to the upstream's at seq - 1: its line is the
+                // upstream's now, and nothing of its own is left to stash.
+                let set = upstream.set_id();
+                let applied = seq.saturating_sub(1);
+                let r = (|| -> io::Result<()> {
+                    if let Some(set) = set {
+                        core.state.set_set(set)?;
+                    }
+                    core.state.reset(applied, 0)?;
+                    let h = upstream.clone();
+                    core.node.update(|r| {
+                        r.history = h.clone();
+                        if r.seen
+                            .is_some_and(|s| h.last().is_some_and(|l| l.number >= s.number))
+                        {
+                            r.seen = None;
+                        }
+                    })?;
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    res.state_error = Some(e);
+                    break 'outer;
+                }
+                if let Some(st) = core.applier.stash.take() {
+                    match st.finish() {
+                        Ok(Some((dir, n, bytes))) => {
+                            tracing::warn!(
+                                "diverged history stashed: {n} path(s), {bytes} bytes of content, \
+                                 in {} (manifest: {}/MANIFEST.tsv)",
+                                dir.display(),
+                                dir.display()
+                            );
+                            shared.stats.set_stash(dir, n);
+                        }
+                        Ok(None) => {
+                            tracing::info!("the sync found nothing of this tree's own to stash")
+                        }
+                        Err(e) => tracing::error!("closing the stash manifest: {e}"),
                     }
                 }
                 continue;
@@ -753,7 +914,7 @@ fn apply_blocking(
                 break 'outer;
             }
             tracing::trace!(seq, op = op.name(), path = %op_path(op), touch = ?op.touch, "apply");
-            let replay = core.state.is_replay(&master, seq);
+            let replay = core.state.is_replay(seq);
             if let Err(e) = core.applier.apply(op) {
                 if res.syncing && differs(&e) {
                     res.misses.extend(op_paths(op));
@@ -777,7 +938,7 @@ fn apply_blocking(
             res.next = seq + 1;
             // A store into the mapped state page: an op applied is an op recorded, so a
             // killed slave replays at most the one op it was in the middle of.
-            if let Err(e) = core.state.record(master, seq) {
+            if let Err(e) = core.state.record(seq) {
                 res.state_error = Some(e);
                 break 'outer;
             }
@@ -796,8 +957,12 @@ fn apply_blocking(
             }
         }
     }
+    shared
+        .stats
+        .flags
+        .store(core.state.flags, Ordering::Relaxed);
     if res.next != first {
-        if let Err(e) = core.state.record(master, res.next.saturating_sub(1)) {
+        if let Err(e) = core.state.record(res.next.saturating_sub(1)) {
             tracing::error!("writing the state file: {e}");
             res.state_error.get_or_insert(e);
         }
@@ -830,6 +995,48 @@ fn op_path(op: &Op) -> String {
     }
 }
 
-fn hex(id: &MasterId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+/// Where this replica stands with respect to the master that says `hello` (see
+/// [`tdfs_protocol::history::standing`]).
+pub fn judge(hello: &Hello, rec: &NodeRecord, state: &State) -> Standing {
+    let s = history::standing(
+        &hello.history,
+        &rec.history,
+        rec.seen.as_ref(),
+        state.applied,
+        state.flags & ack_flags::BEYOND_KNOWN != 0,
+    );
+    match s {
+        // A stashing sync was interrupted: whatever it had not stashed yet is still
+        // this tree's own.
+        Standing::Behind if state.flags & ack_flags::STASHING != 0 => Standing::Diverged {
+            branch: state.applied,
+        },
+        s => s,
+    }
+}
+
+pub fn fenced_message(hello: &Hello, newer: &Epoch) -> String {
+    format!(
+        "it leads {} but this replica has seen {newer}: another node was promoted and that \
+         master was replaced. It must stop taking writes and rejoin as a replica of the new \
+         master (tdfs-slave on its directory and state dir): what only it holds is stashed \
+         there, not lost",
+        hello
+            .history
+            .last()
+            .map_or_else(|| "no epoch".to_string(), |e| e.to_string())
+    )
+}
+
+pub fn foreign_message(hello: &Hello, set: &[u8; 16]) -> String {
+    format!(
+        "this replica belongs to replica set {} and the master ({}) to {}; a tree joins \
+         another replica set only from an empty state directory",
+        tdfs_replication::node::hex(set),
+        hello.label,
+        hello
+            .history
+            .set_id()
+            .map_or_else(|| "none".to_string(), |s| tdfs_replication::node::hex(&s))
+    )
 }

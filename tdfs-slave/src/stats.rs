@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use tdfs_protocol::msg::MasterId;
+use std::path::PathBuf;
+
+use tdfs_protocol::Epoch;
 
 use tdfs_replication::daemon::histogram::Histogram;
 use tdfs_replication::daemon::RateMeter;
@@ -24,9 +26,14 @@ pub struct Stats {
     /// The last sequence number applied (from the state file at start, then per round).
     pub applied: AtomicU64,
     pub connected: AtomicBool,
-    /// The master the tree follows: id, label, peer address (label and peer once one
-    /// connected since start).
-    pub master: Mutex<(MasterId, String, String)>,
+    /// The state record's flags (syncing, stashing), as of the last round.
+    pub flags: std::sync::atomic::AtomicU8,
+    /// The master the tree follows: its epoch, label, peer address (once one connected
+    /// since start).
+    pub master: Mutex<(Option<Epoch>, String, String)>,
+    /// The last stash made (a sync into this tree after it diverged): where, how many
+    /// paths.
+    pub stash: Mutex<Option<(PathBuf, u64)>>,
     /// The last apply error: op, path, errno and message.
     pub last_error: Mutex<Option<String>>,
     /// Time per apply round, seconds.
@@ -45,7 +52,9 @@ impl Default for Stats {
             bytes_received: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             connected: AtomicBool::new(false),
-            master: Mutex::new(([0; 16], String::new(), String::new())),
+            flags: std::sync::atomic::AtomicU8::new(0),
+            master: Mutex::new((None, String::new(), String::new())),
+            stash: Mutex::new(None),
             last_error: Mutex::new(None),
             apply_latency: Histogram::default(),
             apply_rate: RateMeter::default(),
@@ -54,12 +63,20 @@ impl Default for Stats {
 }
 
 impl Stats {
-    pub fn set_master(&self, id: MasterId, label: &str, peer: &str) {
+    pub fn set_master(&self, epoch: Option<Epoch>, label: &str, peer: &str) {
         *self.master.lock().unwrap_or_else(|p| p.into_inner()) =
-            (id, label.to_owned(), peer.to_owned());
+            (epoch, label.to_owned(), peer.to_owned());
     }
 
-    pub fn master(&self) -> (MasterId, String, String) {
+    pub fn set_stash(&self, dir: PathBuf, paths: u64) {
+        *self.stash.lock().unwrap_or_else(|p| p.into_inner()) = Some((dir, paths));
+    }
+
+    pub fn stash(&self) -> Option<(PathBuf, u64)> {
+        self.stash.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn master(&self) -> (Option<Epoch>, String, String) {
         self.master
             .lock()
             .unwrap_or_else(|p| p.into_inner())

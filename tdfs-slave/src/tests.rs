@@ -666,7 +666,7 @@ mod session {
     use super::{attr, p};
     use crate::apply::Applier;
     use crate::listener::{self, Core, Shared};
-    use crate::state::State;
+    use tdfs_replication::position::State;
 
     struct Slave {
         addr: SocketAddr,
@@ -680,13 +680,16 @@ mod session {
         unsafe { libc::umask(0) };
         let root = tempfile::tempdir_in("/tmp").unwrap();
         let sd = tempfile::tempdir_in("/tmp").unwrap();
-        let state = State::open(sd.path(), &root.path().canonicalize().unwrap()).unwrap();
+        let node = tdfs_replication::node::NodeState::open(sd.path()).unwrap();
+        let state = State::open(&node, &root.path().canonicalize().unwrap()).unwrap();
         let core = Core {
             applier: Applier::open(root.path()).unwrap(),
             state,
+            node,
             durable: 0,
+            stash_dir: sd.path().join("stash"),
         };
-        let shared = Shared::new(core, true);
+        let shared = Shared::new(core, true, "test-slave".into());
         let l = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(listener::serve(l, shared.clone()));
@@ -753,8 +756,9 @@ mod session {
             let h = Hello {
                 proto_min: tdfs_protocol::msg::PROTO_MIN,
                 proto_max: tdfs_protocol::msg::PROTO_MAX,
-                master_id: [id; 16],
+                history: tdfs_protocol::History::genesis([id; 16], 1),
                 next_seq,
+                flags: 0,
                 label: format!("test-master-{id}"),
             };
             self.send(FrameType::Hello, 0, &h.encode()).await;
@@ -799,8 +803,8 @@ mod session {
         let sl = start().await;
         let (mut c, ha) = session(sl.addr, 1, 1).await;
         assert_eq!(
-            (ha.proto, ha.last_master, ha.last_applied),
-            (tdfs_protocol::msg::PROTO_MAX, [0; 16], 0)
+            (ha.proto, ha.history.set_id(), ha.applied),
+            (tdfs_protocol::msg::PROTO_MAX, None, 0)
         );
         c.ops(
             1,
@@ -829,7 +833,7 @@ mod session {
         // (It is told once it says Hello: a read-only verifier would be let in.)
         let mut c2 = Conn::open(sl.addr).await;
         let r = c2
-            .hello(2, 1)
+            .hello(1, 1)
             .await
             .expect_err("a second master must be refused");
         assert_eq!(r.code, RefuseCode::Busy);
@@ -867,7 +871,7 @@ mod session {
 
         // The next session learns where the previous one stopped.
         let (mut c, ha) = session(sl.addr, 1, 6).await;
-        assert_eq!((ha.last_master, ha.last_applied), ([1; 16], 5));
+        assert_eq!((ha.history.set_id(), ha.applied), (Some([1; 16]), 5));
         // A frame out of sequence ends the session without applying anything.
         c.ops(9, &[create("out-of-order")]).await;
         assert!(c.recv().await.is_none());
@@ -899,7 +903,7 @@ mod session {
         assert!(!sl.root.path().join("b").exists());
         // The master reconnects with its head further on and resends from the failed op.
         let (mut c, ha) = session(sl.addr, 2, 13).await;
-        assert_eq!(ha.last_applied, 10);
+        assert_eq!(ha.applied, 10);
         c.ops(11, &[create("missing"), create("b")]).await;
         assert_eq!(c.ack().await.applied, 12);
         assert!(sl.root.path().join("b").exists());
@@ -912,8 +916,9 @@ mod session {
         let h = Hello {
             proto_min: 7,
             proto_max: 9,
-            master_id: [3; 16],
+            history: tdfs_protocol::History::genesis([3; 16], 1),
             next_seq: 1,
+            flags: 0,
             label: "future".into(),
         };
         c.send(FrameType::Hello, 0, &h.encode()).await;
@@ -954,8 +959,9 @@ mod session {
         let hello = Hello {
             proto_min: tdfs_protocol::msg::PROTO_MIN,
             proto_max: tdfs_protocol::msg::PROTO_MAX,
-            master_id: [9; 16],
+            history: tdfs_protocol::History::genesis([9; 16], 1),
             next_seq: 1,
+            flags: 0,
             label: "fuzz".into(),
         };
         let good_hello = frame::encode_vec(FrameType::Hello, 0, &hello.encode(), Compression::None);

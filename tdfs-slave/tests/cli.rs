@@ -56,7 +56,7 @@ fn listens_and_exits_zero_on_sigterm() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another tdfs-slave"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another tdfs daemon"));
 
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -105,12 +105,7 @@ pub fn load_persisted(state_dir: &Path) -> anyhow::Result<Option<Vec<String>>> {
 
 /// The spec a slave is persisted as.
 pub fn spec(c: &SlaveConfig) -> String {
-    let z = match c.compression {
-        Compression::None => 0,
-        Compression::Lzf => 1,
-        Compression::Lz4 => 2,
-    };
-    format!("{},z={z}", c.addr)
+    c.spec()
 }
 
 /// Writes the current slave set to `STATE_DIR/slaves` (atomically).
@@ -263,8 +258,12 @@ mod tests {
             addr: "h:1".into(),
             compression: Compression::Lzf,
             nodelay: true,
+            fallback: true,
         };
         persist(d.path(), &[c]).unwrap();
-        assert_eq!(load_persisted(d.path()).unwrap().unwrap(), vec!["h:1,z=1"]);
+        assert_eq!(
+            load_persisted(d.path()).unwrap().unwrap(),
+            vec!["h:1,z=1,fallback"]
+        );
     }
 }

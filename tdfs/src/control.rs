@@ -33,7 +33,9 @@ impl Rates {
         m.retain(|a, _| st.slaves.iter().any(|s| &s.addr == a));
         for s in &st.slaves {
             let (ops, bytes) = m.entry(s.addr.clone()).or_default();
-            ops.sample(s.applied);
+            // Ops streamed, not the applied position: a sync (after an unclean restart, say)
+            // moves that by billions of numbers that were skipped, never issued.
+            ops.sample(s.ops_sent);
             bytes.sample(s.bytes_sent);
         }
     }
@@ -82,8 +84,16 @@ impl Control {
             Some("status") => self.status(),
             Some("add") => self.add(req["slave"].as_str().unwrap_or("")),
             Some("remove") => self.remove(req["slave"].as_str().unwrap_or("")),
+            Some("fence") => self.fence(req["drain_secs"].as_f64()),
+            Some("lease") => match req["until_ns"].as_u64() {
+                Some(until) => {
+                    self.repl.set_lease(until);
+                    json!({"ok": true})
+                }
+                None => control::error("lease needs until_ns (CLOCK_MONOTONIC nanoseconds)"),
+            },
             other => control::error(format!(
-                "unknown command {other:?} (the master knows: status, add, remove)"
+                "unknown command {other:?} (the master knows: status, add, remove, fence, lease)"
             )),
         }
     }
@@ -137,13 +147,41 @@ impl Control {
             "ok": true,
             "role": "master",
             "label": self.label,
-            "master_id": hex(&st.master_id),
+            "epoch": st.history.last().map(|e| e.number),
+            "epoch_id": st.history.last().map(|e| hex(&e.id)),
+            "epoch_start": st.history.last().map(|e| e.start),
+            "replica_set": st.history.set_id().map(|s| hex(&s)),
+            "fenced": st.fence.as_ref().map(|f| json!({
+                "by": f.by,
+                "epoch": f.newer.number,
+                "epoch_id": hex(&f.newer.id),
+            })),
+            "lease_secs": st.lease_left,
             "head": st.head,
             "last_seq": st.head.saturating_sub(1),
             "queue_bytes": st.queue_bytes,
             "journal_bytes": st.journal_bytes,
             "state_dir": self.state_dir.display().to_string(),
             "slaves": slaves,
+        })
+    }
+
+    /// `tdfs fence`: stops writes now (they fail with EROFS); with `drain_secs`, then waits
+    /// up to that long until every connected slave has applied and made durable every op,
+    /// and says where each one stands (a planned switchover promotes one that has all).
+    fn fence(&self, drain_secs: Option<f64>) -> Value {
+        self.repl.stop_writes();
+        info!("tdfs fence: writes stopped (EROFS from now on)");
+        let last = self.repl.last_seq();
+        let drained = drain_secs.map(|secs| {
+            self.repl
+                .wait_durable(last, Duration::from_secs_f64(secs.clamp(0.0, 86400.0)))
+        });
+        json!({
+            "ok": true,
+            "last_seq": last,
+            "drained": drained,
+            "status": self.status(),
         })
     }
 
@@ -226,7 +264,7 @@ impl Target {
         let dir = dir
             .canonicalize()
             .map_err(|e| anyhow::anyhow!("backing directory {}: {e}", dir.display()))?;
-        Ok(crate::default_state_dir(&dir))
+        Ok(tdfs_replication::node::default_dir(&dir))
     }
 }
 
@@ -392,13 +430,29 @@ pub fn format_status(v: &Value) -> String {
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let mut out = format!(
-        "master {} ({}), last seq {}, queue {}, journal {}\n",
+        "master {}, epoch {}, last seq {}, queue {}, journal {}\n",
         v["label"].as_str().unwrap_or(""),
-        v["master_id"].as_str().unwrap_or(""),
+        v["epoch"]
+            .as_u64()
+            .map_or_else(|| "-".to_string(), |e| e.to_string()),
         u(v, "last_seq"),
         human_bytes(u(v, "queue_bytes") as f64),
         human_bytes(u(v, "journal_bytes") as f64),
     );
+    if let Some(f) = v["fenced"].as_object() {
+        out.push_str(&format!(
+            "FENCED: {} has seen epoch {}: this master was replaced; writes fail (EROFS)\n",
+            f.get("by").and_then(|b| b.as_str()).unwrap_or("?"),
+            f.get("epoch").and_then(|e| e.as_u64()).unwrap_or(0)
+        ));
+    }
+    if let Some(l) = v["lease_secs"].as_f64() {
+        if l > 0.0 {
+            out.push_str(&format!("write lease: {l:.1}s left\n"));
+        } else {
+            out.push_str("write lease: expired or withdrawn; writes fail (EROFS)\n");
+        }
+    }
     let header = [
         "SLAVE",
         "STATE",
@@ -460,7 +514,7 @@ mod tests {
     #[test]
     fn table() {
         let v = json!({
-            "label": "h:/b", "master_id": "00", "last_seq": 7, "queue_bytes": 0,
+            "label": "h:/b", "epoch": 2, "last_seq": 7, "queue_bytes": 0,
             "journal_bytes": 0,
             "slaves": [{"addr": "127.0.0.1:1", "state": "disconnected", "applied": 3,
                         "lag_ops": 4, "lag_bytes": 2048, "lag_secs": 12.5, "ops_per_sec": 0.0,

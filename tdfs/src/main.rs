@@ -4,6 +4,7 @@
 mod backing;
 mod config;
 mod control;
+mod failover;
 mod fs;
 mod inode;
 mod metrics;
@@ -21,17 +22,20 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{CommandFactory, FromArgMatches};
 use fuser::{Config, MountOption, SessionACL};
-use tdfs_protocol::{Compression, DEFAULT_PORT};
-use tracing::{error, info};
+use tdfs_protocol::Compression;
+use tracing::{error, info, warn};
 
-use tdfs_replication::repl::{MasterState, Policy, ReplConfig, Replicator, SlaveConfig, SyncMode};
+use tdfs_replication::node::NodeState;
+use tdfs_replication::repl::{Origin, Policy, ReplConfig, Replicator, SlaveConfig, SyncMode};
 
 /// A mirroring FUSE filesystem: mounts MOUNTPOINT over DIR and replicates every change, in
 /// order, to tdfs-slave daemons.
 ///
 /// Other commands (each with --help): `tdfs status` (replication status of a running
 /// master), `tdfs slave add|remove HOST[:PORT]` (change its slaves without remounting),
-/// `tdfs verify` (prove replicas identical), `tdfs completions SHELL`, `tdfs manpage [DIR]`.
+/// `tdfs verify` (prove replicas identical), `tdfs promote` (make a replica the master of a
+/// new epoch), `tdfs fence` (stop a master's writes), `tdfs completions SHELL`,
+/// `tdfs manpage [DIR]`.
 #[derive(clap::Parser, Debug)]
 #[command(name = "tdfs", version, about, long_about)]
 struct Cli {
@@ -123,6 +127,13 @@ struct Cli {
     /// How long to wait at shutdown for connected slaves to acknowledge every op, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     drain_timeout: u64,
+
+    /// Before mounting, ask the slaves (for up to this many seconds) whether any has seen a
+    /// newer epoch: if one has, another node was promoted while this one was down, and this
+    /// one refuses to start (exit 3) instead of taking writes it would have to give up.
+    /// Slaves that do not answer in time are not waited for. 0: do not ask.
+    #[arg(long, default_value_t = 3.0, value_name = "SECONDS")]
+    fence_check: f64,
 
     #[command(flatten)]
     auth: tdfs_replication::outbound::SlaveAuthArgs,
@@ -217,65 +228,7 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: &config::MasterFile) -> anyhow:
 }
 
 fn parse_slave(spec: &str, default_z: Compression, nodelay: bool) -> anyhow::Result<SlaveConfig> {
-    let (addr, opts) = match spec.split_once(',') {
-        Some((a, o)) => (a, Some(o)),
-        None => (spec, None),
-    };
-    let mut compression = default_z;
-    if let Some(opts) = opts {
-        for o in opts.split(',') {
-            match o.split_once('=') {
-                Some(("z", v)) => {
-                    compression = v
-                        .parse::<u8>()
-                        .ok()
-                        .and_then(Compression::from_level)
-                        .with_context(|| format!("bad compression level in slave spec {spec:?}"))?;
-                }
-                _ => {
-                    bail!("unknown option {o:?} in slave spec {spec:?} (expected z=0, z=1 or z=2)")
-                }
-            }
-        }
-    }
-    if addr.is_empty() {
-        bail!("empty slave address in {spec:?}");
-    }
-    // HOST, HOST:PORT, [V6], [V6]:PORT, or a bare V6 address.
-    let addr = if addr.starts_with('[') {
-        if addr.ends_with(']') {
-            format!("{addr}:{DEFAULT_PORT}")
-        } else {
-            addr.to_string()
-        }
-    } else if addr.matches(':').count() > 1 {
-        format!("[{addr}]:{DEFAULT_PORT}")
-    } else if addr.contains(':') {
-        let (_, port) = addr.rsplit_once(':').expect("has colon");
-        port.parse::<u16>()
-            .with_context(|| format!("bad port in slave address {addr:?}"))?;
-        addr.to_string()
-    } else {
-        format!("{addr}:{DEFAULT_PORT}")
-    };
-    Ok(SlaveConfig {
-        addr,
-        compression,
-        nodelay,
-    })
-}
-
-fn default_state_dir(dir: &Path) -> PathBuf {
-    let name: String = dir
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .replace('/', "_");
-    let name = if name.is_empty() {
-        "_root".into()
-    } else {
-        name
-    };
-    PathBuf::from("/var/lib/tdfs").join(name)
+    SlaveConfig::parse(spec, default_z, nodelay)
 }
 
 fn hostname() -> String {
@@ -299,7 +252,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     let state_dir = cli
         .state_dir
         .clone()
-        .unwrap_or_else(|| default_state_dir(&dir));
+        .unwrap_or_else(|| tdfs_replication::node::default_dir(&dir));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
     let state_dir = state_dir.canonicalize()?;
@@ -310,7 +263,9 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
             dir.display()
         );
     }
-    // Before anything starts: a second master on this state dir stops here.
+    // Before anything starts: a second daemon (master or slave) on this state dir stops here.
+    let node = NodeState::open(&state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
     let mut control_sock = tdfs_replication::daemon::control::bind(&state_dir)?;
     // The slave set: the persisted one (tdfs slave add/remove) wins over -c and the file.
     match config::load_persisted(&state_dir)? {
@@ -362,8 +317,15 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0) };
 
-    let state = MasterState::open(&state_dir)
-        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    // This node must be the master of its current epoch (a new node starts a replica set;
+    // a replica must be promoted first; a replaced master must rejoin as a replica).
+    let (was, next_seq) = node.begin_master().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot run as master with state directory {}: {e}",
+            state_dir.display()
+        )
+    })?;
+    let history = node.record().history;
     let backing =
         backing::Backing::new(&dir).with_context(|| format!("opening {}", dir.display()))?;
 
@@ -378,10 +340,30 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         .map(tdfs_replication::daemon::http::bind)
         .transpose()?;
     let label = format!("{}:{}", hostname(), dir.display());
+    // Before the mount: a replica that has seen a newer epoch means this master was
+    // replaced while it was down, and must not take a single write.
+    if cli.fence_check > 0.0 {
+        rt.block_on(fence_check(
+            &node,
+            &slaves,
+            &history,
+            &label,
+            Duration::from_secs_f64(cli.fence_check.min(3600.0)),
+        ))?;
+    }
+    let epoch = *history.last().expect("a master has an epoch");
+    let journal_valid =
+        was.role == tdfs_replication::node::Role::Master && was.master_epoch == Some(epoch.number);
     let repl = Replicator::start(
         rt.handle(),
         slaves,
-        &state,
+        Origin {
+            node: node.clone(),
+            history,
+            next_seq,
+            unclean: !was.clean && journal_valid,
+            journal_valid,
+        },
         ReplConfig {
             label: label.clone(),
             mem_cap: cli.queue_size.max(1) << 20,
@@ -394,12 +376,13 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
                 timeout: Duration::from_secs_f64(cli.sync_timeout.clamp(0.001, 86400.0)),
                 min_replicas: cli.min_replicas,
             },
+            relay: false,
         },
     )
     .with_context(|| format!("opening the journal in {}", state_dir.display()))?;
     info!(
-        master = %state.id_hex(),
-        next_seq = state.next_seq,
+        epoch = %epoch,
+        next_seq,
         dir = %dir.display(),
         "master starting"
     );
@@ -447,17 +430,17 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     // dispatches the block queue's other writeback, all charged to this process.
     {
         let repl = repl.clone();
-        let state = state.clone();
+        let node = node.clone();
         rt.spawn(async move {
-            let mut last = state.next_seq;
+            let mut last = next_seq;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let next = repl.next_seq();
                 if next.saturating_sub(last) >= tdfs_replication::repl::SAVE_EVERY {
                     // Three fsyncs: on a blocking thread, so the links that share this
                     // runtime are never held behind the disk.
-                    let state = state.clone();
-                    let saved = tokio::task::spawn_blocking(move || state.save(next, false))
+                    let node = node.clone();
+                    let saved = tokio::task::spawn_blocking(move || node.save_master(next, false))
                         .await
                         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                     if let Err(e) = saved {
@@ -526,7 +509,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     }
 
     let failed = repl.drain(Duration::from_secs(cli.drain_timeout));
-    state.save(repl.next_seq(), true)?;
+    node.save_master(repl.next_seq(), true)?;
     rt.shutdown_timeout(Duration::from_secs(1));
     drop(control_sock);
     if failed.is_empty() {
@@ -540,6 +523,83 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         Ok(false)
     }
 }
+
+/// Asks every slave where it stands; fails (with the rejoin instructions) when one has seen
+/// an epoch newer than this master's.
+async fn fence_check(
+    node: &NodeState,
+    slaves: &[SlaveConfig],
+    history: &tdfs_protocol::History,
+    label: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for cfg in slaves {
+        let cfg = cfg.clone();
+        let label = format!("master {label} (starting: epoch check)");
+        let history = history.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tdfs_replication::repl::Inspector::connect_as(&cfg, &label, &history, timeout)
+                .await;
+            (cfg.addr, r.map(|i| i.hello))
+        }));
+    }
+    for t in tasks {
+        let Ok((addr, r)) = t.await else { continue };
+        let ack = match r {
+            Ok(a) => a,
+            Err(e) => {
+                info!(slave = %addr, "epoch check: no answer ({e:#}); not waiting for it");
+                continue;
+            }
+        };
+        let mine = history.last().expect("a master has an epoch");
+        let beyond = ack.flags & tdfs_protocol::msg::ack_flags::BEYOND_KNOWN != 0;
+        match tdfs_protocol::history::standing(
+            history,
+            &ack.history,
+            ack.seen.as_ref(),
+            ack.applied,
+            beyond,
+        ) {
+            tdfs_protocol::Standing::Fenced { newer } => {
+                let _ = node.heard_of(&newer);
+                error!(
+                    slave = %addr,
+                    "{addr} has seen {newer}, newer than this node's {mine}: another node was \
+                     promoted master while this one was down"
+                );
+                return Err(Fenced(format!(
+                    "this master was replaced ({addr} follows {newer}); it takes no writes. \
+                     Rejoin it as a replica of the new master: tdfs-slave -m DIR --state-dir {} \
+                     ... (whatever only it holds is stashed, not lost)",
+                    node.dir.display()
+                ))
+                .into());
+            }
+            tdfs_protocol::Standing::Foreign { set } => warn!(
+                slave = %addr,
+                "{addr} belongs to another replica set ({}): it will refuse this master",
+                tdfs_replication::node::hex(&set)
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The error that makes `tdfs` exit 3: this node was replaced (systemd's
+/// `RestartPreventExitStatus=3` keeps it from being restarted in a loop).
+#[derive(Debug)]
+struct Fenced(String);
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fenced {}
 
 /// `tdfs completions SHELL` and `tdfs manpage [DIR]`, generated from the command lines.
 fn generate(args: &[String]) -> ExitCode {
@@ -558,6 +618,16 @@ fn generate(args: &[String]) -> ExitCode {
             .subcommand(
                 clap::Command::new("verify")
                     .about("Prove replicas identical (see tdfs verify --help)"),
+            )
+            .subcommand(
+                failover::PromoteCli::command()
+                    .name("promote")
+                    .about("Make a replica the master of a new epoch (failover)"),
+            )
+            .subcommand(
+                failover::FenceCli::command()
+                    .name("fence")
+                    .about("Stop a running master's writes (switchover)"),
             )
     };
     if args[1] == "manpage" {
@@ -611,6 +681,8 @@ fn main() -> ExitCode {
     }
     match args.get(1).map(String::as_str) {
         Some("status") => return control::status_main(args[1..].to_vec()),
+        Some("promote") => return failover::promote_main(args[1..].to_vec()),
+        Some("fence") => return failover::fence_main(args[1..].to_vec()),
         Some("slave") => return control::slave_main(args[1..].to_vec()),
         Some("completions" | "manpage") => return generate(&args),
         _ => {}
@@ -657,7 +729,11 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::from(2),
         Err(e) => {
             error!("{e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<Fenced>().is_some() || e.to_string().contains("fenced") {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -18,16 +18,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use tdfs_protocol::frame::{self, FrameType};
-use tdfs_protocol::msg::{Hello, HelloAck, Refuse, PROTO_MAX, PROTO_MIN};
-use tdfs_protocol::sync::{encode_path, Digest, Entry, Listing};
-use tdfs_protocol::{Compression, FrameError, WirePath};
+
+use tdfs_protocol::sync::Entry;
+use tdfs_protocol::{Compression, WirePath};
 use tdfs_replication::tree::Tree;
 
 use crate::backing::BackingTree;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use tdfs_replication::repl::{self as repl, MasterState, ReplConfig, Replicator, SlaveConfig};
+use tdfs_replication::node::NodeState;
+use tdfs_replication::repl::{
+    self as repl, Inspector, Origin, ReplConfig, Replicator, SlaveConfig,
+};
 
 /// Compare a directory with its replicas on every attribute a mirror keeps (type, content,
 /// size, mode, owner, mtime in ns, symlink target, hard links, xattrs, inode flags and
@@ -90,105 +91,11 @@ impl Progress {
     }
 }
 
-/// A read-only session with one slave.
-struct Remote {
-    rd: repl::BoxRead,
-    wr: repl::BoxWrite,
-    buf: Vec<u8>,
-    next: u64,
-}
+/// How long a replica has to answer a read-only session.
+const CONNECT: Duration = Duration::from_secs(30);
 
-impl Remote {
-    async fn connect(cfg: &SlaveConfig) -> anyhow::Result<Remote> {
-        let (rd, wr) = repl::connect(cfg)
-            .await
-            .with_context(|| format!("connecting to {}", cfg.addr))?;
-        let mut r = Remote {
-            rd,
-            wr,
-            buf: Vec::new(),
-            next: 1,
-        };
-        let h = Hello {
-            proto_min: PROTO_MIN,
-            proto_max: PROTO_MAX,
-            master_id: [0; 16],
-            next_seq: 0,
-            label: format!("tdfs verify on {}", crate::hostname()),
-        };
-        r.send(FrameType::Inspect, 0, &h.encode()).await?;
-        let f = r.recv().await?;
-        match f.kind {
-            FrameType::HelloAck => {
-                HelloAck::decode(&f.payload)?;
-            }
-            FrameType::Refuse => bail!(
-                "slave {} refused: {}",
-                cfg.addr,
-                Refuse::decode(&f.payload)?.message
-            ),
-            k => bail!("slave {} answered {k:?}", cfg.addr),
-        }
-        Ok(r)
-    }
-
-    async fn send(&mut self, kind: FrameType, seq: u64, payload: &[u8]) -> anyhow::Result<()> {
-        self.wr
-            .write_all(&frame::encode_vec(kind, seq, payload, Compression::None))
-            .await?;
-        Ok(())
-    }
-
-    async fn recv(&mut self) -> anyhow::Result<tdfs_protocol::Frame> {
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            match frame::parse(&self.buf) {
-                Ok(f) => {
-                    self.buf.drain(..f.wire_len);
-                    return Ok(f);
-                }
-                Err(FrameError::Incomplete) => {}
-                Err(e) => bail!("bad frame from slave: {e}"),
-            }
-            let n = self.rd.read(&mut chunk).await?;
-            if n == 0 {
-                bail!("slave closed the connection");
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    async fn listing(&mut self, dir: &WirePath) -> anyhow::Result<Result<Vec<Entry>, i32>> {
-        let id = self.next;
-        self.next += 1;
-        self.send(FrameType::ListDir, id, &encode_path(dir)).await?;
-        let mut out = Vec::new();
-        loop {
-            let f = self.recv().await?;
-            if f.kind != FrameType::Listing || f.seq != id {
-                bail!("unexpected {:?} from slave", f.kind);
-            }
-            let l = Listing::decode(&f.payload)?;
-            if l.errno != 0 {
-                return Ok(Err(l.errno));
-            }
-            out.extend(l.entries);
-            if !l.more {
-                return Ok(Ok(out));
-            }
-        }
-    }
-
-    async fn digest(&mut self, p: &WirePath) -> anyhow::Result<Digest> {
-        let id = self.next;
-        self.next += 1;
-        self.send(FrameType::Checksum, id, &encode_path(p)).await?;
-        let f = self.recv().await?;
-        if f.kind != FrameType::Digest || f.seq != id {
-            bail!("unexpected {:?} from slave", f.kind);
-        }
-        Ok(Digest::decode(&f.payload)?)
-    }
+fn verify_label() -> String {
+    format!("tdfs verify on {}", crate::hostname())
 }
 
 fn errstr(e: i32) -> String {
@@ -211,7 +118,7 @@ fn type_name(mode: u32) -> &'static str {
 /// Compares the trees; returns the differences.
 async fn compare(
     root: &Arc<BackingTree>,
-    remote: &mut Remote,
+    remote: &mut Inspector,
     prog: &mut Progress,
 ) -> anyhow::Result<Vec<Diff>> {
     let mut diffs = Vec::new();
@@ -403,23 +310,37 @@ fn repair(
     dir: &std::path::Path,
     cfg: SlaveConfig,
 ) -> anyhow::Result<()> {
+    let label = format!(
+        "{}:{} (tdfs verify --repair)",
+        crate::hostname(),
+        dir.display()
+    );
+    // The repair speaks for the replica's own line (its history, from where it stands), so
+    // that it is neither fenced nor taken for a diverged replica; it issues no ops, only a
+    // checksumming sync, after which the replica is where it was, repaired.
+    let ack = rt
+        .block_on(Inspector::connect(&cfg, &label, Duration::from_secs(10)))?
+        .hello;
     let state_dir = tempfile::Builder::new().prefix("tdfs-verify-").tempdir()?;
-    let state = MasterState::open(state_dir.path())?;
+    let node = NodeState::open(state_dir.path())?;
     let r = Replicator::start(
         rt.handle(),
         vec![cfg.clone()],
-        &state,
+        Origin {
+            node,
+            history: ack.history.clone(),
+            next_seq: ack.applied + 1,
+            unclean: true,
+            journal_valid: false,
+        },
         ReplConfig {
-            label: format!(
-                "{}:{} (tdfs verify --repair)",
-                crate::hostname(),
-                dir.display()
-            ),
+            label,
             mem_cap: 64 << 20,
             journal_bytes: 64 << 20,
             tree: Arc::new(BackingTree::new(open_dir(dir)?)),
             checksum_sync: true,
             policy: repl::Policy::default(),
+            relay: false,
         },
     )?;
     let deadline = Instant::now() + Duration::from_secs(3600);
@@ -488,7 +409,7 @@ fn run(cli: VerifyCli) -> anyhow::Result<bool> {
             last: Instant::now(),
         };
         let diffs = rt.block_on(async {
-            let mut remote = Remote::connect(&cfg).await?;
+            let mut remote = Inspector::connect(&cfg, &verify_label(), CONNECT).await?;
             compare(&root, &mut remote, &mut prog).await
         })?;
         prog.tick(true);
@@ -513,7 +434,7 @@ fn run(cli: VerifyCli) -> anyhow::Result<bool> {
         } else {
             repair(&rt, &dir, cfg.clone())?;
             let after = rt.block_on(async {
-                let mut remote = Remote::connect(&cfg).await?;
+                let mut remote = Inspector::connect(&cfg, &verify_label(), CONNECT).await?;
                 let mut p = Progress {
                     tty: false,
                     files: 0,

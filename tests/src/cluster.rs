@@ -203,6 +203,7 @@ impl Cluster {
             global_z: opts.global_z,
             nodelay_off: opts.nodelay_off,
             extra_args: opts.extra_master_args.clone(),
+            prefix: Vec::new(),
         };
         let master = Master::start(&mopts);
         let keep = std::env::var_os("TDFS_KEEP").is_some();

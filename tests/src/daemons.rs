@@ -391,6 +391,8 @@ pub struct MasterOpts {
     /// `-n` (TCP_NODELAY off).
     pub nodelay_off: bool,
     pub extra_args: Vec<String>,
+    /// Command `tdfs` runs under (e.g. `nsenter --net=/run/netns/NS`); empty: none.
+    pub prefix: Vec<String>,
 }
 
 /// A running `tdfs` master with its FUSE mount.
@@ -411,7 +413,14 @@ impl Master {
     /// Starts the master; Err (with its log) if it exits or fails to mount in time.
     pub fn try_start(opts: &MasterOpts) -> Result<Master, String> {
         let (out, err) = log_file(&opts.log);
-        let mut cmd = Command::new(bin("tdfs"));
+        let mut cmd = match opts.prefix.split_first() {
+            None => Command::new(bin("tdfs")),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("tdfs"));
+                c
+            }
+        };
         cmd.arg("-m").arg(&opts.backing);
         for s in &opts.slaves {
             let mut a = s.addr.clone();

@@ -123,7 +123,7 @@ fn master_killed_mid_workload_then_restarted() {
     // An unclean exit means the slave cannot be trusted to resume: it was synced.
     let log = since_restart(&c);
     assert!(
-        log.contains("slave missed ops this master no longer holds"),
+        log.contains("slave missed ops this node no longer holds"),
         "the restarted master did not sync because of the unclean exit:\n{log}"
     );
     fs::write(c.at("after"), b"after the restart").unwrap();
@@ -163,11 +163,35 @@ fn preexisting_tree_new_slave_then_second_run_moves_no_data() {
     let bytes1 = log_field(&first, "sync complete", "bytes").expect("first sync logged");
     assert!(bytes1 > 300_000, "initial sync copied only {bytes1} bytes");
 
-    // Same slave, a master with a new identity: everything is compared, nothing copied.
+    // A master with a new identity is another replica set: the replica refuses it (it would
+    // otherwise be overwritten by a master it never followed) and says how to re-home it.
     let fresh_state = c.scratch.join("new-master-state");
     fs::create_dir(&fresh_state).unwrap();
     c.mopts.state_dir = fresh_state;
     c.mopts.log = c.scratch.join("master2.log");
+    c.restart_master();
+    assert!(
+        wait_until(Duration::from_secs(30), || c.slaves[0]
+            .log()
+            .contains("belongs to replica set")),
+        "the replica did not refuse a master of another replica set:\n{}",
+        c.logs()
+    );
+    assert!(!c.master.log_text().contains("sync complete"));
+    c.master.unmount_and_wait();
+    // Re-homed on purpose (its state directory emptied): everything is compared, nothing
+    // copied.
+    c.slaves[0].stop();
+    for e in fs::read_dir(&c.slaves[0].state_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    c.slaves[0].restart();
+    c.mopts.log = c.scratch.join("master3.log");
     c.restart_master();
     assert!(wait_until(Duration::from_secs(60), || c
         .master

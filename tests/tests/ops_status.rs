@@ -291,6 +291,7 @@ impl Box1 {
             global_z: None,
             nodelay_off: false,
             extra_args: vec!["--config".into(), config.display().to_string()],
+            prefix: Vec::new(),
         })
     }
 }
@@ -324,7 +325,8 @@ fn config_file_gives_what_flags_give() {
         .args(["status", "--json", "--config"])
         .arg(&cfg));
     let v2: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v2["master_id"], v["master_id"]);
+    assert_eq!(v2["epoch_id"], v["epoch_id"]);
+    assert!(v["epoch_id"].is_string(), "{v:#}");
     assert!(m.log_text().contains("slaves from the config file"));
     assert!(m.unmount_and_wait().success(), "{}", m.log_tail());
     assert_identical(&b.p("backing"), &b.p("r0"));

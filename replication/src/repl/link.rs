@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tdfs_protocol::frame::{self, FrameType};
-use tdfs_protocol::msg::{self, Ack, ApplyError, Hello, HelloAck, Refuse};
+use tdfs_protocol::history::{self, Standing};
+use tdfs_protocol::msg::{self, Ack, ApplyError, Hello, HelloAck, Refuse, RefuseCode};
 use tdfs_protocol::sync::{Digest, Listing, Misses};
-use tdfs_protocol::{compress, Compression, Frame, FrameError, WirePath};
+use tdfs_protocol::{compress, Compression, Epoch, Frame, FrameError, WirePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -41,6 +42,8 @@ pub(super) enum LinkError {
     ApplyFailed,
     #[error("slave needs ops the master no longer holds")]
     Lost,
+    #[error("slave has seen {0}, newer than this node's epoch")]
+    Fenced(Epoch),
 }
 
 /// What the read half reports to the link.
@@ -97,6 +100,14 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
             info!(slave = %addr, "link ended: slave removed");
             return;
         }
+        if shared.fenced.load(Ordering::Acquire) {
+            // A replaced node streams nothing more: a replica that has not heard of the new
+            // epoch yet must not keep following this one.
+            me.settled.store(true, Ordering::Release);
+            shared.note_ack();
+            info!(slave = %addr, "link ended: this node was fenced");
+            return;
+        }
         if shared.closing.load(Ordering::Acquire) {
             if last_try {
                 me.settled.store(true, Ordering::Release);
@@ -129,6 +140,12 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
             }
             Err(LinkError::ApplyFailed) => {
                 // Logged where the error arrived; retried from what the slave applied.
+            }
+            Err(LinkError::Fenced(newer)) => {
+                me.set_error(format!(
+                    "refused: it has seen {newer}, this node was replaced"
+                ));
+                shared.fence(newer, &addr);
             }
             Err(e) if me.removed.load(Ordering::Acquire) => {
                 debug!(slave = %addr, "link to removed slave ended: {e}");
@@ -330,6 +347,11 @@ impl Link {
             let notified = shared.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if shared.fenced.load(Ordering::Acquire) {
+                self.send_frame(FrameType::Bye, 0, &[]).await?;
+                self.wr.shutdown().await.ok();
+                return Err(LinkError::Protocol("this node was fenced".into()));
+            }
             let head = self.shared.head();
             if self.cursor < head {
                 match self.send_live(head).await {
@@ -339,8 +361,12 @@ impl Link {
                     // refuse a second session).
                     Err(LinkError::Lost) => {
                         let checksums = self.shared.checksum_sync;
-                        self.sync("it fell further behind than --journal-size", checksums)
-                            .await?;
+                        self.sync(
+                            "it fell further behind than --journal-size",
+                            checksums,
+                            false,
+                        )
+                        .await?;
                     }
                     Err(e) => return Err(e),
                 }
@@ -512,11 +538,13 @@ async fn reader(
 async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), LinkError> {
     let cfg = &me.config;
     let (mut rd, mut wr) = transport::connect(cfg).await?;
+    let history = shared.history();
     let hello = Hello {
         proto_min: msg::PROTO_MIN,
         proto_max: msg::PROTO_MAX,
-        master_id: shared.master_id,
+        history: history.clone(),
         next_seq: shared.head(),
+        flags: if cfg.fallback { msg::HELLO_FALLBACK } else { 0 },
         label: shared.label.clone(),
     };
     wr.write_all(&frame::encode_vec(
@@ -535,10 +563,33 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
         FrameType::HelloAck => HelloAck::decode(&reply.payload)?,
         FrameType::Refuse => {
             let r = Refuse::decode(&reply.payload)?;
+            if let (RefuseCode::Fenced, Some(e)) = (r.code, r.epoch) {
+                return Err(LinkError::Fenced(e));
+            }
             return Err(LinkError::Refused(format!("{:?}: {}", r.code, r.message)));
         }
         k => return Err(LinkError::Protocol(format!("expected HelloAck, got {k:?}"))),
     };
+    let beyond = ack.flags & msg::ack_flags::BEYOND_KNOWN != 0;
+    let standing = history::standing(
+        &history,
+        &ack.history,
+        ack.seen.as_ref(),
+        ack.applied,
+        beyond,
+    );
+    match &standing {
+        Standing::Fenced { newer } => return Err(LinkError::Fenced(*newer)),
+        Standing::Foreign { set } => {
+            return Err(LinkError::Refused(format!(
+                "it belongs to another replica set ({}); a replica of this one must start from \
+                 an empty state directory",
+                crate::node::hex(set)
+            )))
+        }
+        _ => {}
+    }
+    me.set_peer_label(&ack.label);
 
     let (tx, events) = mpsc::unbounded_channel();
     tokio::spawn(reader(rd, rbuf, shared.clone(), me.clone(), tx));
@@ -555,39 +606,66 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
     };
     me.connected.store(true, Ordering::Release);
 
-    // Resume where the slave stopped if this master still holds everything after that;
-    // otherwise bring it back by a sync.
+    // Resume where the slave stopped if it is on this node's line and everything after its
+    // position is still held here; otherwise bring it back by a sync, which stashes first
+    // whatever the slave holds that this line does not.
     let (front, head) = {
         let log = shared.lock();
         (log.front(), log.next_seq)
     };
-    let resumable = !me.needs_sync.load(Ordering::Acquire)
-        && ack.last_master == shared.master_id
-        && ack.last_applied + 1 >= front
-        && ack.last_applied < head;
+    let syncing = ack.flags & msg::ack_flags::SYNCING != 0;
+    let stashing = ack.flags & msg::ack_flags::STASHING != 0;
+    let applied = ack.applied;
+    let diverged = match standing {
+        Standing::Diverged { branch } => Some(branch),
+        // A master's replica ahead of the master on the master's own line: the master's
+        // state went back (restored from a backup, say). What the replica holds past the
+        // master's head is on no line the master knows.
+        Standing::Behind if applied >= head && !shared.relay && applied > 0 => Some(head - 1),
+        _ => None,
+    };
+    // A replica that never followed any line (empty history) holds a tree nobody knows:
+    // it is synced, whatever its position says.
+    let resumable = diverged.is_none()
+        && !ack.history.is_empty()
+        && !syncing
+        && !me.needs_sync.load(Ordering::Acquire)
+        && applied + 1 >= front
+        && applied < head;
     if resumable {
-        link.cursor = ack.last_applied + 1;
-        me.applied.store(ack.last_applied, Ordering::Release);
-        me.received.store(ack.last_applied, Ordering::Release);
+        link.cursor = applied + 1;
+        me.applied.store(applied, Ordering::Release);
+        me.received.store(applied, Ordering::Release);
         me.durable.store(0, Ordering::Release);
         shared.set_need(me, link.cursor);
         me.set_state(LinkState::Streaming);
         shared.check_in_sync(me);
         info!(slave = %cfg.addr, from = link.cursor, head, "connected; streaming");
     } else {
-        let why = if ack.last_master == [0; 16] {
-            "new or empty slave".to_string()
-        } else if ack.last_master != shared.master_id {
-            "slave was last fed by another master".to_string()
-        } else if me.needs_sync.load(Ordering::Acquire) {
-            "slave missed ops this master no longer holds".to_string()
-        } else {
+        let stash = diverged.is_some() || stashing;
+        let why = if let Some(branch) = diverged {
+            warn!(
+                slave = %cfg.addr,
+                applied,
+                branch,
+                "slave diverged: it applied ops after seq {branch} that are not on this node's \
+                 line ({}); they will be stashed on it, then it is made identical",
+                history.last().map_or_else(String::new, |e| e.to_string())
+            );
+            format!("slave diverged after seq {branch} (it applied {applied})")
+        } else if syncing {
             format!(
-                "slave applied seq {} but this master holds {front}..{head}",
-                ack.last_applied
+                "a sync into the slave was interrupted{}",
+                if stashing { " (it was stashing)" } else { "" }
             )
+        } else if ack.history.is_empty() && applied == 0 {
+            "new or empty slave".to_string()
+        } else if me.needs_sync.load(Ordering::Acquire) {
+            "slave missed ops this node no longer holds".to_string()
+        } else {
+            format!("slave applied seq {applied} but this node holds {front}..{head}")
         };
-        link.sync(&why, shared.checksum_sync).await?;
+        link.sync(&why, shared.checksum_sync, stash).await?;
     }
     link.stream().await
 }

@@ -15,9 +15,9 @@
 //! Lock order: the log (order) lock, then the inode table's lock; the ack lock is never held
 //! with either.
 
+mod inspector;
 mod journal;
 mod link;
-mod state;
 mod sync;
 mod transport;
 
@@ -27,15 +27,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use tdfs_protocol::msg::MasterId;
-use tdfs_protocol::{Compression, Op};
+use anyhow::{bail, Context};
+use tdfs_protocol::{Compression, Epoch, History, Op, DEFAULT_PORT};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use journal::{Journal, SegmentView};
 
+use crate::node::NodeState;
+pub use crate::node::SAVE_EVERY;
 use crate::tree::Tree;
-pub use state::{MasterState, SAVE_EVERY};
+pub use inspector::Inspector;
 pub use transport::{connect, BoxRead, BoxWrite};
 
 /// A slave as configured on the command line.
@@ -45,6 +47,84 @@ pub struct SlaveConfig {
     pub addr: String,
     pub compression: Compression,
     pub nodelay: bool,
+    /// A fallback upstream for this node (`,fallback`): it takes the node only while the
+    /// node's own upstream is gone, and gives it back when that one returns.
+    pub fallback: bool,
+}
+
+impl SlaveConfig {
+    /// Parses `HOST[:PORT][,z=N][,fallback]` (the `-c` syntax of both daemons; default port
+    /// 4731, compression `default_z` unless `z=` says otherwise).
+    pub fn parse(spec: &str, default_z: Compression, nodelay: bool) -> anyhow::Result<SlaveConfig> {
+        let (addr, opts) = match spec.split_once(',') {
+            Some((a, o)) => (a, Some(o)),
+            None => (spec, None),
+        };
+        let mut compression = default_z;
+        let mut fallback = false;
+        if let Some(opts) = opts {
+            for o in opts.split(',') {
+                match o.split_once('=') {
+                    Some(("z", v)) => {
+                        compression = v
+                            .parse::<u8>()
+                            .ok()
+                            .and_then(Compression::from_level)
+                            .with_context(|| {
+                                format!("bad compression level in slave spec {spec:?}")
+                            })?;
+                    }
+                    None if o == "fallback" => fallback = true,
+                    _ => {
+                        bail!(
+                            "unknown option {o:?} in slave spec {spec:?} (expected z=0, z=1, z=2 or \
+                             fallback)"
+                        )
+                    }
+                }
+            }
+        }
+        if addr.is_empty() {
+            bail!("empty slave address in {spec:?}");
+        }
+        // HOST, HOST:PORT, [V6], [V6]:PORT, or a bare V6 address.
+        let addr = if addr.starts_with('[') {
+            if addr.ends_with(']') {
+                format!("{addr}:{DEFAULT_PORT}")
+            } else {
+                addr.to_string()
+            }
+        } else if addr.matches(':').count() > 1 {
+            format!("[{addr}]:{DEFAULT_PORT}")
+        } else if addr.contains(':') {
+            let (_, port) = addr.rsplit_once(':').expect("has colon");
+            port.parse::<u16>()
+                .with_context(|| format!("bad port in slave address {addr:?}"))?;
+            addr.to_string()
+        } else {
+            format!("{addr}:{DEFAULT_PORT}")
+        };
+        Ok(SlaveConfig {
+            addr,
+            compression,
+            nodelay,
+            fallback,
+        })
+    }
+
+    /// The spec that parses back into this configuration.
+    pub fn spec(&self) -> String {
+        let z = match self.compression {
+            Compression::None => 0,
+            Compression::Lzf => 1,
+            Compression::Lz4 => 2,
+        };
+        format!(
+            "{},z={z}{}",
+            self.addr,
+            if self.fallback { ",fallback" } else { "" }
+        )
+    }
 }
 
 /// When a mutation may return (`--sync`).
@@ -110,6 +190,8 @@ pub struct SlaveStatus {
     pub removed: AtomicBool,
     /// The last error seen for this slave (apply error with path and errno, or link error).
     pub last_error: Mutex<Option<String>>,
+    /// What the slave calls itself (host and directory), from its handshake.
+    pub peer_label: Mutex<String>,
 }
 
 impl SlaveStatus {
@@ -132,7 +214,12 @@ impl SlaveStatus {
             apply_errors: AtomicU64::new(0),
             removed: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            peer_label: Mutex::new(String::new()),
         }
+    }
+
+    pub fn set_peer_label(&self, l: &str) {
+        *self.peer_label.lock().unwrap_or_else(|p| p.into_inner()) = l.to_string();
     }
 
     pub fn set_error(&self, e: String) {
@@ -230,7 +317,21 @@ pub(crate) struct Shared {
     /// The slaves; changed at runtime by `tdfs slave add/remove`.
     slaves: RwLock<Vec<Arc<SlaveStatus>>>,
     mem_cap: usize,
-    master_id: MasterId,
+    /// Where this node's fencing and history live.
+    node: Arc<NodeState>,
+    /// The epochs of the ops this node feeds.
+    history: RwLock<History>,
+    /// First sequence number of this run: numbers before it that no slave holds were
+    /// skipped (an unclean restart), not issued, and are no lag.
+    base_seq: u64,
+    /// Set once a replica reported a newer epoch: this master was replaced, and every
+    /// mutation fails with EROFS from then on.
+    fenced: AtomicBool,
+    fence: Mutex<Option<Fence>>,
+    /// Mutations are allowed until this CLOCK_MONOTONIC instant, in ns (u64::MAX: no lease).
+    /// A node supervisor holding a leader lease in etcd keeps moving it; if the supervisor
+    /// stops (cut off, stuck), writes stop by themselves before the lease can expire.
+    lease_until: AtomicU64,
     label: String,
     closing: AtomicBool,
     /// Signalled on every acknowledgement, for [`Replicator::drain`].
@@ -242,6 +343,9 @@ pub(crate) struct Shared {
     dir_renames: AtomicU64,
     checksum_sync: bool,
     policy: Policy,
+    /// This node relays what it applies from its own upstream: a replica ahead of it on its
+    /// line waits for it to catch up, instead of being taken as diverged.
+    relay: bool,
 }
 
 /// What writers wait for, from the command line.
@@ -342,6 +446,57 @@ impl Shared {
 
     fn head(&self) -> u64 {
         self.lock().next_seq
+    }
+
+    pub(crate) fn history(&self) -> History {
+        self.history.read().expect("history poisoned").clone()
+    }
+
+    /// Whether mutations may go on: not fenced, and within the lease (if any).
+    fn may_write(&self) -> io::Result<()> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        let until = self.lease_until.load(Ordering::Acquire);
+        if until != u64::MAX && monotonic_ns() >= until {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    /// A downstream node (`by`) reported `newer`, an epoch newer than this node's: another
+    /// node was promoted, and this one must stop at once. Recorded in the state directory,
+    /// so that this node never leads again without being made a replica first.
+    pub(crate) fn fence(&self, newer: Epoch, by: &str) {
+        {
+            let mut f = self.fence.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_none() {
+                *f = Some(Fence {
+                    newer,
+                    by: by.to_string(),
+                });
+            }
+        }
+        if !self.fenced.swap(true, Ordering::AcqRel) {
+            let mine = self.history().last().copied();
+            error!(
+                slave = %by,
+                "FENCED: {by} has seen {newer}, newer than this node's {}: another node was \
+                 promoted master, and this one stops taking writes (they fail with EROFS) and \
+                 stops streaming. To rejoin as a replica of the new master: unmount, then run \
+                 tdfs-slave on this directory with this --state-dir (whatever only this node \
+                 holds will be stashed, not lost).",
+                mine.map_or_else(|| "none".to_string(), |e| e.to_string())
+            );
+            for s in self.slaves().iter() {
+                s.in_sync.store(false, Ordering::Release);
+            }
+            self.wake.notify_waiters();
+            self.note_ack();
+        }
+        if let Err(e) = self.node.heard_of(&newer) {
+            error!("recording {newer} in {}: {e}", self.node.path().display());
+        }
     }
 
     /// Waits until `done()` holds or `deadline` passes, re-checking on every acknowledgement
@@ -470,7 +625,13 @@ pub struct SlaveSnapshot {
 /// The replication state at one instant.
 #[derive(Debug, Clone)]
 pub struct Status {
-    pub master_id: MasterId,
+    /// The epochs of the ops this node feeds (the last one is its current epoch).
+    pub history: History,
+    /// Set when a replica reported a newer epoch: writes fail, streaming stopped.
+    pub fence: Option<Fence>,
+    /// Time left on the write lease, when a node supervisor holds one (seconds; negative:
+    /// expired, writes refused).
+    pub lease_left: Option<f64>,
     /// Sequence number the next op gets.
     pub head: u64,
     /// Bytes of ops held in memory.
@@ -478,6 +639,18 @@ pub struct Status {
     /// Bytes of ops in the on-disk journal.
     pub journal_bytes: u64,
     pub slaves: Vec<SlaveSnapshot>,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock a lease deadline is given in (the same
+/// for every process on the machine, so a supervisor can hand its deadline to the master).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Runs a slave's link, and runs it again if it panics: a bug in one link (once, a codec
@@ -516,6 +689,28 @@ pub struct Replicator {
     rt: tokio::runtime::Handle,
 }
 
+/// Where a feeding node's stream comes from: its state, its line of epochs, and where its
+/// sequence numbers stand.
+pub struct Origin {
+    pub node: Arc<NodeState>,
+    pub history: History,
+    /// Sequence number of the next op.
+    pub next_seq: u64,
+    /// The previous run did not exit cleanly: ops before `next_seq` may be held nowhere, so
+    /// every slave is synced.
+    pub unclean: bool,
+    /// The journal in the state directory holds ops of this line (else it is dropped).
+    pub journal_valid: bool,
+}
+
+/// Why a master stopped taking writes: a replica reported a newer epoch.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub newer: Epoch,
+    /// Which downstream node said so.
+    pub by: String,
+}
+
 /// Sizes and files of the replication layer.
 pub struct ReplConfig {
     pub label: String,
@@ -528,6 +723,8 @@ pub struct ReplConfig {
     /// Syncs compare content checksums even where metadata agree (`tdfs verify --repair`).
     pub checksum_sync: bool,
     pub policy: Policy,
+    /// A relaying slave's engine (see `Shared::relay`).
+    pub relay: bool,
 }
 
 impl Replicator {
@@ -535,17 +732,25 @@ impl Replicator {
     pub fn start(
         rt: &tokio::runtime::Handle,
         slaves: Vec<SlaveConfig>,
-        state: &MasterState,
+        origin: Origin,
         cfg: ReplConfig,
     ) -> io::Result<Self> {
-        let mut journal = Journal::open(&state.dir.join("journal"), cfg.journal_bytes)?;
-        let mut next_seq = state.next_seq;
-        let sync_all = state.was_unclean;
-        if sync_all {
-            // Ops issued just before the crash may be in no journal and on no slave; only
-            // comparing trees can tell what the slaves lack.
+        let mut journal = Journal::open(&origin.node.dir.join("journal"), cfg.journal_bytes)?;
+        let mut next_seq = origin.next_seq;
+        let sync_all = origin.unclean;
+        if sync_all || !origin.journal_valid {
+            // Ops issued just before a crash may be in no journal and on no slave; only
+            // comparing trees can tell what the slaves lack. A journal left from another
+            // role or epoch holds ops of another line.
             if journal.front().is_some() {
-                info!("previous run ended uncleanly: dropping the journal; every slave will be synced");
+                info!(
+                    "dropping the journal ({})",
+                    if sync_all {
+                        "the previous run ended uncleanly; every slave will be synced"
+                    } else {
+                        "it holds ops of an earlier epoch or role"
+                    }
+                );
             }
             journal.clear()?;
         } else if let Some(end) = journal.end() {
@@ -573,7 +778,12 @@ impl Replicator {
             wake: Notify::new(),
             slaves: RwLock::new(slaves),
             mem_cap: cfg.mem_cap,
-            master_id: state.id,
+            node: origin.node,
+            history: RwLock::new(origin.history),
+            base_seq: next_seq,
+            fenced: AtomicBool::new(false),
+            fence: Mutex::new(None),
+            lease_until: AtomicU64::new(u64::MAX),
             label: cfg.label,
             closing: AtomicBool::new(false),
             acked: (Mutex::new(()), Condvar::new()),
@@ -581,6 +791,7 @@ impl Replicator {
             dir_renames: AtomicU64::new(0),
             checksum_sync: cfg.checksum_sync,
             policy: cfg.policy,
+            relay: cfg.relay,
         });
         for s in shared.slaves().iter() {
             spawn_link(rt, shared.clone(), s.clone());
@@ -643,6 +854,9 @@ impl Replicator {
         }
         let mut emit = Emit::default();
         let mut log = self.shared.lock();
+        // Under the order lock: once fenced (or once the lease ran out), no mutation reaches
+        // the backing tree, not even one that was already waiting for the lock.
+        self.shared.may_write()?;
         let result = f(&mut emit);
         if emit.ops.is_empty() {
             return result.map(|v| (v, None));
@@ -838,7 +1052,8 @@ impl Replicator {
                 let applied = s.applied.load(Ordering::Acquire);
                 let connected = s.connected.load(Ordering::Acquire);
                 let state = s.state();
-                let lag_ops = head.saturating_sub(applied + 1);
+                // Numbers skipped at an unclean restart were never issued: they are no lag.
+                let lag_ops = head.saturating_sub((applied + 1).max(self.shared.base_seq));
                 let (mut lag_bytes, mut oldest) = (0u64, None);
                 for e in log.entries.iter().filter(|e| e.seq > applied) {
                     lag_bytes += e.data.bytes.len() as u64;
@@ -892,12 +1107,47 @@ impl Replicator {
             })
             .collect();
         Status {
-            master_id: self.shared.master_id,
+            history: self.shared.history(),
+            fence: self
+                .shared
+                .fence
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            lease_left: {
+                let until = self.shared.lease_until.load(Ordering::Acquire);
+                (until != u64::MAX).then(|| (until as f64 - monotonic_ns() as f64) / 1e9)
+            },
             head,
             queue_bytes: log.bytes as u64,
             journal_bytes,
             slaves: snaps,
         }
+    }
+
+    /// Allows mutations until `until` (CLOCK_MONOTONIC ns; u64::MAX: no lease).
+    pub fn set_lease(&self, until: u64) {
+        self.shared.lease_until.store(until, Ordering::Release);
+    }
+
+    /// Stops mutations now (`tdfs fence`, a planned switchover, a supervisor losing its
+    /// lease): they fail with EROFS. Reads go on.
+    pub fn stop_writes(&self) {
+        self.shared.lease_until.store(0, Ordering::Release);
+    }
+
+    /// Whether a replica reported a newer epoch (this master was replaced).
+    pub fn fenced(&self) -> Option<Fence> {
+        self.shared
+            .fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The epochs of the ops this node feeds.
+    pub fn history(&self) -> History {
+        self.shared.history()
     }
 
     /// The status of the `i`th slave.
@@ -912,6 +1162,44 @@ impl Replicator {
 
     pub fn next_seq(&self) -> u64 {
         self.shared.head()
+    }
+
+    /// Waits until every connected slave has applied and made durable everything up to
+    /// `seq` (or `timeout` passes); true when they all did. A slave that is away counts as
+    /// not done.
+    pub fn wait_durable(&self, seq: u64, timeout: Duration) -> bool {
+        if seq == 0 {
+            return true;
+        }
+        // A durability barrier for what is applied but not yet durable: a sequence number
+        // used up by nothing else (writes are stopped), streamed as an fsync of the whole
+        // tree.
+        let barrier = {
+            let mut log = self.shared.lock();
+            let seq = log.next_seq;
+            log.next_seq += 1;
+            let mut buf = Vec::new();
+            Op::new(tdfs_protocol::OpKind::Fsync {
+                path: None,
+                datasync: false,
+            })
+            .encode(&mut buf);
+            log.bytes += buf.len();
+            log.entries.push_back(Entry {
+                seq,
+                data: Arc::new(LogOp::new(Arc::from(buf))),
+                at: Instant::now(),
+            });
+            seq
+        };
+        self.shared.wake.notify_waiters();
+        let deadline = Instant::now() + timeout;
+        self.shared.wait_acked(deadline, || {
+            self.shared
+                .slaves()
+                .iter()
+                .all(|s| s.durable.load(Ordering::Acquire) >= barrier.max(seq))
+        })
     }
 
     /// Waits until every connected slave has applied everything (or `timeout` passes), ends
@@ -987,6 +1275,7 @@ mod tests {
                 addr: "127.0.0.1:1".into(),
                 compression: Compression::None,
                 nodelay: true,
+                fallback: false,
             },
             1,
             false,

@@ -567,7 +567,14 @@ impl Link {
     }
 
     /// Brings the slave to identical with the master, then leaves it streaming.
-    pub(super) async fn sync(&mut self, why: &str, checksums: bool) -> Result<(), LinkError> {
+    /// `stash`: the slave holds ops of its own (it diverged); it is told so at the start,
+    /// and preserves whatever the sync would overwrite or remove.
+    pub(super) async fn sync(
+        &mut self,
+        why: &str,
+        checksums: bool,
+        stash: bool,
+    ) -> Result<(), LinkError> {
         let started = Instant::now();
         let addr = self.me.config.addr.clone();
         self.me.set_state(LinkState::Syncing);
@@ -580,7 +587,12 @@ impl Link {
             .store(h0.saturating_sub(1), Ordering::Release);
         self.shared.set_need(&self.me, h0);
         info!(slave = %addr, from = h0, "sync starting: {why}");
-        self.send_frame(FrameType::SyncBegin, 0, &[]).await?;
+        let flags = if stash {
+            tdfs_protocol::sync::SYNC_STASH
+        } else {
+            0
+        };
+        self.send_frame(FrameType::SyncBegin, 0, &[flags]).await?;
         let mut st = Stats::default();
         let mut links = Links::new();
         let mut misses = Vec::new();

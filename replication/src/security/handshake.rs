@@ -66,10 +66,7 @@ async fn send<S: AsyncWrite + Unpin>(s: &mut S, kind: FrameType, payload: &[u8])
 }
 
 async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: RefuseCode, message: &str) {
-    let r = Refuse {
-        code,
-        message: message.into(),
-    };
+    let r = Refuse::new(code, message);
     let _ = send(s, FrameType::Refuse, &r.encode()).await;
     let _ = s.shutdown().await;
 }

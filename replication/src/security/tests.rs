@@ -62,10 +62,11 @@ fn hello_without_auth_is_refused() {
     rt().block_on(async {
         let (mut a, mut b) = tokio::io::duplex(4096);
         let hello = tdfs_protocol::msg::Hello {
-            proto_min: 1,
-            proto_max: 1,
-            master_id: [1; 16],
+            proto_min: tdfs_protocol::msg::PROTO_MIN,
+            proto_max: tdfs_protocol::msg::PROTO_MAX,
+            history: tdfs_protocol::History::genesis([1; 16], 1),
             next_seq: 1,
+            flags: 0,
             label: "x".repeat(1000),
         };
         let f = tdfs_protocol::frame::encode_vec(
