@@ -45,6 +45,7 @@ pub fn status(shared: &Shared, mirror: &str, listen: &str) -> Value {
         "sessions": st.sessions.load(Ordering::Relaxed),
         "apply_errors": st.apply_errors.load(Ordering::Relaxed),
         "last_error": st.last_error(),
+        "fenced_masters": st.fenced_refusals.load(Ordering::Relaxed),
         "uptime_secs": st.started.elapsed().as_secs_f64(),
     })
 }
@@ -120,6 +121,37 @@ impl Collector for Metrics {
             "tdfs_slave_last_applied_seq",
             "Sequence number of the last op applied",
             &[(none(), st.applied.load(Ordering::Relaxed) as f64)],
+        )?;
+        let rec = self.0.node().record();
+        let flags = st.flags.load(Ordering::Relaxed);
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_epoch",
+            "Epoch of the master line this replica follows (0: none yet)",
+            &[(none(), rec.history.last().map_or(0.0, |e| e.number as f64))],
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_seen_epoch",
+            "Newest epoch this replica has heard of; masters of older epochs are refused",
+            &[(
+                none(),
+                rec.seen
+                    .or(rec.history.last().copied())
+                    .map_or(0.0, |e| e.number as f64),
+            )],
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_slave_syncing",
+            "1 while a sync into this replica is under way or was interrupted (not consistent)",
+            &[(none(), (flags & ack_flags::SYNCING != 0) as u8 as f64)],
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_fenced_masters",
+            "Handshakes refused because the master's epoch was older than one seen here",
+            &c(&st.fenced_refusals),
         )?;
         http::gauges(
             &mut enc,

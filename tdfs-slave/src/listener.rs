@@ -38,16 +38,54 @@ pub struct Core {
     pub stash_dir: PathBuf,
 }
 
-/// Who holds the session slot, for the message a refused master gets.
+/// Who holds the session slot: for the message a refused master gets, and to decide
+/// whether a newcomer may take the slot over.
 #[derive(Clone)]
 struct Active {
     label: String,
     peer: SocketAddr,
+    ticket: u64,
+    /// The holder's epoch (from its Hello).
+    epoch: Option<tdfs_protocol::Epoch>,
+    /// The holder connected as a fallback upstream (a relay's second choice).
+    fallback: bool,
+    /// Tells the holder's session to end after the round in hand.
+    preempt: watch::Sender<bool>,
+}
+
+/// Whether a master saying `hello` may take the slot from `cur`. A session can outlive its
+/// master by a minute (a master cut off by a partition, or one that reconnects after a
+/// blip, leaves a connection nothing closes until TCP gives up): waiting that out would
+/// hold the replica away from the master that now leads.
+/// - A newer epoch: the holder was replaced (it is fenced the next time it asks).
+/// - The holder's own master again (same epoch, same label): its old connection is dead.
+/// - Same epoch, and the holder is a fallback upstream while the newcomer is not: the
+///   preferred upstream is back.
+///
+/// Two primaries of one epoch (a misconfiguration) never take turns: the second is refused.
+fn preempts(cur: &Active, hello: &Hello) -> bool {
+    let (Some(c), Some(h)) = (cur.epoch, hello.history.last()) else {
+        return false;
+    };
+    if h.number > c.number {
+        return true;
+    }
+    if h.number < c.number || h.id != c.id {
+        return false;
+    }
+    let fallback = hello.flags & tdfs_protocol::msg::HELLO_FALLBACK != 0;
+    hello.label == cur.label && fallback == cur.fallback || cur.fallback && !fallback
 }
 
 pub struct Shared {
     core: Mutex<Core>,
     active: Mutex<Option<Active>>,
+    /// The ticket of the session allowed to change the tree. A session checks it under the
+    /// core lock before each round: one whose slot was taken over applies nothing more,
+    /// however late it wakes up.
+    holder: std::sync::atomic::AtomicU64,
+    tickets: std::sync::atomic::AtomicU64,
+    slot_freed: tokio::sync::Notify,
     /// Checked between ops so a signal stops the apply loop after the op in hand.
     pub stopping: AtomicBool,
     stop_tx: watch::Sender<bool>,
@@ -74,6 +112,9 @@ impl Shared {
         Arc::new(Self {
             core: Mutex::new(core),
             active: Mutex::new(None),
+            holder: std::sync::atomic::AtomicU64::new(0),
+            tickets: std::sync::atomic::AtomicU64::new(0),
+            slot_freed: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
             stop_tx,
             nodelay,
@@ -121,31 +162,110 @@ impl Shared {
         lock(&self.active).is_some()
     }
 
-    pub fn set_label(&self, label: &str) {
-        if let Some(a) = lock(&self.active).as_mut() {
+    pub fn set_label(&self, ticket: u64, label: &str) {
+        if let Some(a) = lock(&self.active).as_mut().filter(|a| a.ticket == ticket) {
             a.label = label.to_owned();
         }
     }
 
-    fn claim(self: &Arc<Self>, peer: SocketAddr) -> Result<SlotGuard, Active> {
+    /// Whether the session holding `ticket` may still change the tree. Check it under the
+    /// core lock.
+    pub fn holds(&self, ticket: u64) -> bool {
+        self.holder.load(Ordering::Acquire) == ticket
+    }
+
+    /// Takes the slot for a master saying `hello` (None: not a Hello; a session then ends
+    /// at its handshake). With `force`, even from a holder (which is told to end).
+    fn take(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        hello: Option<&Hello>,
+        force: bool,
+    ) -> Result<SlotGuard, Active> {
         let mut a = lock(&self.active);
         if let Some(cur) = a.as_ref() {
-            return Err(cur.clone());
+            if !force {
+                return Err(cur.clone());
+            }
+            cur.preempt.send_replace(true);
         }
+        let ticket = self.tickets.fetch_add(1, Ordering::AcqRel) + 1;
+        let (tx, rx) = watch::channel(false);
         *a = Some(Active {
-            label: "handshake pending".into(),
+            label: hello.map_or_else(|| "handshake pending".into(), |h| h.label.clone()),
             peer,
+            ticket,
+            epoch: hello.and_then(|h| h.history.last().copied()),
+            fallback: hello.is_some_and(|h| h.flags & tdfs_protocol::msg::HELLO_FALLBACK != 0),
+            preempt: tx,
         });
-        Ok(SlotGuard(self.clone()))
+        // Before the new session touches the core: from here on the old one applies nothing.
+        self.holder.store(ticket, Ordering::Release);
+        Ok(SlotGuard {
+            shared: self.clone(),
+            ticket,
+            preempted: rx,
+        })
+    }
+
+    /// The slot for `hello`: free, or taken over from a holder it [`preempts`] (which gets
+    /// a few seconds to finish its round and leave; it can apply nothing more either way).
+    async fn claim(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        hello: Option<&Hello>,
+    ) -> Result<SlotGuard, Active> {
+        let cur = match self.take(peer, hello, false) {
+            Ok(g) => return Ok(g),
+            Err(cur) => cur,
+        };
+        let Some(h) = hello.filter(|h| preempts(&cur, h)) else {
+            return Err(cur);
+        };
+        tracing::warn!(
+            "master {} from {peer} takes this replica over from {} at {} ({})",
+            h.label,
+            cur.label,
+            cur.peer,
+            match (cur.epoch, h.history.last()) {
+                (Some(c), Some(n)) if n.number > c.number =>
+                    format!("{n} replaces {c}; that session is stale"),
+                _ if cur.fallback => "the preferred upstream is back".to_string(),
+                _ => "the same master reconnected; its old connection is dead".to_string(),
+            }
+        );
+        cur.preempt.send_replace(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let freed = self.slot_freed.notified();
+            if !self.session_active() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                break;
+            }
+        }
+        self.take(peer, hello, true)
     }
 }
 
-/// Frees the session slot when the session ends, however it ends.
-pub struct SlotGuard(Arc<Shared>);
+/// Frees the session slot when the session ends, however it ends (unless another session
+/// took it over meanwhile).
+pub struct SlotGuard {
+    shared: Arc<Shared>,
+    pub ticket: u64,
+    /// Set when another master took the slot over: end after the round in hand.
+    pub preempted: watch::Receiver<bool>,
+}
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        *lock(&self.0.active) = None;
+        let mut a = lock(&self.shared.active);
+        if a.as_ref().is_some_and(|c| c.ticket == self.ticket) {
+            *a = None;
+        }
+        drop(a);
+        self.shared.slot_freed.notify_waiters();
     }
 }
 
@@ -218,28 +338,31 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             // A master this replica must refuse (an older epoch than one it has seen, another
             // replica set, another protocol) is told so even while another holds the slot: a
             // replaced master learns it at once, and touches nothing.
-            if let Ok(f) = frame::parse(&first) {
-                if f.kind == FrameType::Hello {
-                    if let Ok(hello) = Hello::decode(&f.payload) {
-                        if let Some((code, message, epoch)) = refusal(&shared, &hello) {
-                            tracing::warn!(
-                                "refusing master {} from {peer}: {message}",
-                                hello.label
-                            );
-                            let r = Refuse {
-                                code,
-                                message,
-                                epoch,
-                            };
-                            send_refusal(wr, r).await;
-                            return;
-                        }
+            let hello = frame::parse(&first)
+                .ok()
+                .filter(|f| f.kind == FrameType::Hello)
+                .and_then(|f| Hello::decode(&f.payload).ok());
+            if let Some(hello) = &hello {
+                if let Some((code, message, epoch)) = refusal(&shared, hello) {
+                    if code == RefuseCode::Fenced {
+                        shared
+                            .stats
+                            .fenced_refusals
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
+                    tracing::warn!("refusing master {} from {peer}: {message}", hello.label);
+                    let r = Refuse {
+                        code,
+                        message,
+                        epoch,
+                    };
+                    send_refusal(wr, r).await;
+                    return;
                 }
             }
-            match shared.claim(peer) {
+            match shared.claim(peer, hello.as_ref()).await {
                 Ok(guard) => {
-                    session::run(rd, wr, peer, shared, first).await;
+                    session::run(rd, wr, peer, shared, first, &guard).await;
                     drop(guard);
                 }
                 Err(cur) => {
@@ -302,4 +425,73 @@ async fn send_refuse_frame(mut stream: BoxWrite, payload: Vec<u8>) {
         stream.shutdown().await
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tdfs_protocol::{Epoch, History};
+
+    fn epoch(number: u64, id: u8) -> Epoch {
+        Epoch {
+            number,
+            id: [id; 16],
+            start: number * 100,
+        }
+    }
+
+    fn holder(e: Epoch, label: &str, fallback: bool) -> Active {
+        Active {
+            label: label.into(),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            ticket: 1,
+            epoch: Some(e),
+            fallback,
+            preempt: watch::channel(false).0,
+        }
+    }
+
+    fn hello(e: Epoch, label: &str, fallback: bool) -> Hello {
+        Hello {
+            proto_min: PROTO_MIN,
+            proto_max: PROTO_MAX,
+            history: History { epochs: vec![e] },
+            next_seq: 1,
+            flags: if fallback {
+                tdfs_protocol::msg::HELLO_FALLBACK
+            } else {
+                0
+            },
+            label: label.into(),
+        }
+    }
+
+    #[test]
+    fn who_may_take_the_slot_over() {
+        let e1 = epoch(1, 1);
+        let e2 = epoch(2, 2);
+        let rival = epoch(1, 9);
+        let a = holder(e1, "a:/x", false);
+        // A newer epoch replaces a stale master.
+        assert!(preempts(&a, &hello(e2, "b:/x", false)));
+        // The same master reconnecting.
+        assert!(preempts(&a, &hello(e1, "a:/x", false)));
+        // Another primary of the same epoch, or an older or rival epoch: refused.
+        assert!(!preempts(&a, &hello(e1, "relay:/x", false)));
+        assert!(!preempts(
+            &holder(e2, "b:/x", false),
+            &hello(e1, "a:/x", false)
+        ));
+        assert!(!preempts(&a, &hello(rival, "r:/x", false)));
+        // A fallback never takes over from a primary; a primary does from a fallback.
+        assert!(!preempts(&a, &hello(e1, "relay:/x", true)));
+        assert!(preempts(
+            &holder(e1, "relay:/x", true),
+            &hello(e1, "a:/x", false)
+        ));
+        // A holder whose handshake has not told its epoch yet is left alone.
+        let mut pending = a.clone();
+        pending.epoch = None;
+        assert!(!preempts(&pending, &hello(e2, "b:/x", false)));
+    }
 }

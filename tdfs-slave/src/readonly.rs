@@ -105,6 +105,10 @@ pub async fn serve(
                             if let tdfs_protocol::Standing::Fenced { newer } =
                                 crate::session::judge(&h, &rec, &c.state)
                             {
+                                shared
+                                    .stats
+                                    .fenced_refusals
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 tracing::warn!(
                                     "{} from {peer} asked where this replica stands: {}",
                                     h.label,

@@ -52,6 +52,8 @@ enum End {
     Applied,
     /// The master said goodbye.
     Bye,
+    /// Another master took the slot over (see `listener::preempts`).
+    Preempted,
 }
 
 impl From<io::Error> for End {
@@ -69,6 +71,7 @@ impl fmt::Display for End {
             End::Protocol(m) => f.write_str(m),
             End::Applied => f.write_str("apply error"),
             End::Bye => f.write_str("master said bye"),
+            End::Preempted => f.write_str("another master took this replica over"),
         }
     }
 }
@@ -79,6 +82,9 @@ struct Session {
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
+    /// This session's claim on the tree, and the signal that another master took it over.
+    ticket: u64,
+    preempted: watch::Receiver<bool>,
     /// Received bytes not parsed yet. Whole frames are split off the front and frozen, so
     /// the ops decoded from them point into this allocation instead of copies.
     buf: BytesMut,
@@ -103,7 +109,14 @@ struct Session {
 }
 
 /// Runs a session to its end; never returns an error, only logs it.
-pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared>, first: Vec<u8>) {
+pub async fn run(
+    rd: BoxRead,
+    wr: BoxWrite,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    first: Vec<u8>,
+    slot: &crate::listener::SlotGuard,
+) {
     let stop = shared.stop_rx();
     let mut s = Session {
         rd,
@@ -111,6 +124,8 @@ pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared
         peer,
         shared,
         stop,
+        ticket: slot.ticket,
+        preempted: slot.preempted.clone(),
         buf: BytesMut::from(&first[..]),
         upstream: History::default(),
         diverged: false,
@@ -131,7 +146,7 @@ pub async fn run(rd: BoxRead, wr: BoxWrite, peer: SocketAddr, shared: Arc<Shared
     match &end {
         End::Protocol(m) => tracing::warn!("closing connection from {peer}: {m}"),
         End::Io(e) => tracing::warn!("connection from {peer} failed: {e}"),
-        End::Bye | End::Eof | End::Stopping | End::Applied => {
+        End::Bye | End::Eof | End::Stopping | End::Applied | End::Preempted => {
             tracing::info!("session with {peer} ended: {end}")
         }
     }
@@ -173,8 +188,14 @@ impl Session {
         }
         let res = tokio::select! {
             // Cancel safe: on cancellation nothing was read.
-            r = self.rd.read_buf(&mut self.buf) => Some(r),
+            r = self.rd.read_buf(&mut self.buf) => Some(Ok(r)),
             _ = self.stop.wait_for(|s| *s) => None,
+            _ = self.preempted.wait_for(|p| *p) => Some(Err(End::Preempted)),
+        };
+        let res = match res {
+            Some(Err(end)) => return Err(end),
+            Some(Ok(r)) => Some(r),
+            None => None,
         };
         match res {
             None => Err(End::Stopping),
@@ -235,6 +256,12 @@ impl Session {
             Err(_) => return End::Protocol("no Hello within the handshake timeout".into()),
         }
         loop {
+            // On shutdown: what was taken off the buffer was acknowledged as received (masters
+            // in `received` mode count on it) and is applied whole; what is still in the
+            // buffer was not, and the master resends it.
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                return End::Stopping;
+            }
             let (frames, err) = self.take_frames();
             if frames.is_empty() && err.is_none() {
                 if let Err(e) = self.read_more().await {
@@ -283,7 +310,7 @@ impl Session {
                 )
                 .await);
         };
-        self.shared.set_label(&hello.label);
+        self.shared.set_label(self.ticket, &hello.label);
         // Judged again under the core lock (the listener judged before claiming the slot, but
         // a session may have changed this tree's line since).
         let (standing, rec, applied, flags, durable) = {
@@ -348,8 +375,12 @@ impl Session {
         if same_line && !hello.history.is_empty() {
             let shared = self.shared.clone();
             let h = hello.history.clone();
+            let ticket = self.ticket;
             let r = tokio::task::spawn_blocking(move || {
                 let mut core = shared.core();
+                if !shared.holds(ticket) {
+                    return Err(io::Error::other("another master took this replica over"));
+                }
                 if let Some(set) = h.set_id() {
                     core.state.set_set(set)?;
                 }
@@ -565,6 +596,7 @@ impl Session {
         let upstream = self.upstream.clone();
         let first = self.expected;
         let syncing = self.syncing;
+        let ticket = self.ticket;
         let live: u64 = batches
             .iter()
             .map(|w| match w {
@@ -585,14 +617,17 @@ impl Session {
             .any(|w| matches!(w, Work::Sync(_) | Work::List(..) | Work::Sum(..)));
         let res = if heavy {
             tokio::task::spawn_blocking(move || {
-                apply_blocking(&shared, &upstream, first, syncing, batches)
+                apply_blocking(&shared, ticket, &upstream, first, syncing, batches)
             })
             .await
             .map_err(|e| End::Protocol(format!("apply task failed: {e}")))?
         } else {
-            apply_blocking(&shared, &upstream, first, syncing, batches)
+            apply_blocking(&shared, ticket, &upstream, first, syncing, batches)
         };
-        let done = if res.failed.is_some() || res.stopped {
+        if res.preempted {
+            return Err(End::Preempted);
+        }
+        let done = if res.failed.is_some() {
             live.min(res.next.saturating_sub(first))
         } else {
             live
@@ -648,9 +683,6 @@ impl Session {
         if let Some(e) = res.state_error {
             return Err(End::Protocol(format!("state file: {e}")));
         }
-        if res.stopped {
-            return Err(End::Stopping);
-        }
         Ok(())
     }
 }
@@ -669,14 +701,14 @@ struct BatchResult {
     durable: u64,
     failed: Option<Failed>,
     state_error: Option<io::Error>,
-    /// The process is shutting down; ops after `next - 1` were left for the next session.
-    stopped: bool,
     /// Sync mode after this round.
     syncing: bool,
     /// Paths of live ops skipped during a sync.
     misses: Vec<WirePath>,
     /// Answers to ListDir/Checksum: (frame type, request id, payload).
     replies: Vec<(FrameType, u64, Vec<u8>)>,
+    /// Another session holds the tree now: nothing was applied.
+    preempted: bool,
 }
 
 /// A frame taken off the read buffer. Its payload is a slice of the buffer (an uncompressed
@@ -761,6 +793,7 @@ fn strerror(e: &io::Error) -> String {
 
 fn apply_blocking(
     shared: &Shared,
+    ticket: u64,
     upstream: &History,
     first: u64,
     syncing: bool,
@@ -772,11 +805,15 @@ fn apply_blocking(
         durable: core.durable,
         failed: None,
         state_error: None,
-        stopped: false,
         syncing,
         misses: Vec::new(),
         replies: Vec::new(),
+        preempted: false,
     };
+    if !shared.holds(ticket) {
+        res.preempted = true;
+        return res;
+    }
     'outer: for work in batches {
         let (seq0, ops) = match work {
             Work::Ops(seq0, ops) => (seq0, ops),
@@ -909,10 +946,6 @@ fn apply_blocking(
         };
         for (i, op) in ops.iter().enumerate() {
             let seq = seq0 + i as u64;
-            if shared.stopping.load(Ordering::SeqCst) {
-                res.stopped = true;
-                break 'outer;
-            }
             tracing::trace!(seq, op = op.name(), path = %op_path(op), touch = ?op.touch, "apply");
             let replay = core.state.is_replay(seq);
             if let Err(e) = core.applier.apply(op) {

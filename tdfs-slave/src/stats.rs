@@ -22,6 +22,8 @@ pub struct Stats {
     pub apply_errors: AtomicU64,
     /// Master sessions that completed a handshake.
     pub sessions: AtomicU64,
+    /// Masters refused because they were of an older epoch than one seen here.
+    pub fenced_refusals: AtomicU64,
     pub bytes_received: AtomicU64,
     /// The last sequence number applied (from the state file at start, then per round).
     pub applied: AtomicU64,
@@ -49,6 +51,7 @@ impl Default for Stats {
             rounds: AtomicU64::new(0),
             apply_errors: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
+            fenced_refusals: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             connected: AtomicBool::new(false),

@@ -753,13 +753,26 @@ mod session {
             .expect("timed out waiting for the slave")
         }
         async fn hello(&mut self, id: u8, next_seq: u64) -> Result<HelloAck, Refuse> {
+            self.hello_as(
+                tdfs_protocol::History::genesis([id; 16], 1),
+                next_seq,
+                &format!("test-master-{id}"),
+            )
+            .await
+        }
+        async fn hello_as(
+            &mut self,
+            history: tdfs_protocol::History,
+            next_seq: u64,
+            label: &str,
+        ) -> Result<HelloAck, Refuse> {
             let h = Hello {
                 proto_min: tdfs_protocol::msg::PROTO_MIN,
                 proto_max: tdfs_protocol::msg::PROTO_MAX,
-                history: tdfs_protocol::History::genesis([id; 16], 1),
+                history,
                 next_seq,
                 flags: 0,
-                label: format!("test-master-{id}"),
+                label: label.to_string(),
             };
             self.send(FrameType::Hello, 0, &h.encode()).await;
             let f = self.recv().await.expect("reply to hello");
@@ -829,11 +842,15 @@ mod session {
             vec![b'z'; 100_000]
         );
 
-        // A second master is refused while the first is connected.
+        // A second master of the same epoch is refused while the first is connected.
         // (It is told once it says Hello: a read-only verifier would be let in.)
         let mut c2 = Conn::open(sl.addr).await;
         let r = c2
-            .hello(1, 1)
+            .hello_as(
+                tdfs_protocol::History::genesis([1; 16], 1),
+                1,
+                "another-master",
+            )
             .await
             .expect_err("a second master must be refused");
         assert_eq!(r.code, RefuseCode::Busy);
@@ -877,6 +894,51 @@ mod session {
         assert!(c.recv().await.is_none());
         assert!(!sl.root.path().join("out-of-order").exists());
         assert!(sl.shared.core().state.applied == 5);
+    }
+
+    /// The slot holder is replaced by its own master reconnecting (its old connection is
+    /// dead but nothing closed it) and by a master of a newer epoch; the replaced session
+    /// applies nothing more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reconnecting_or_newer_master_takes_the_slot_over() {
+        let sl = start().await;
+        let (mut old, _) = session(sl.addr, 1, 1).await;
+        old.ops(1, &[create("a")]).await;
+        assert_eq!(old.ack().await.applied, 1);
+        // The same master again, on a new connection.
+        let (mut same, ha) = session(sl.addr, 1, 2).await;
+        assert_eq!(ha.applied, 1);
+        assert!(old.recv().await.is_none(), "the stale session must end");
+        // Whatever the stale connection still sends goes nowhere (it may fail with EPIPE).
+        let mut payload = Vec::new();
+        wire_op::encode_batch(&[create("from-the-stale-session")], &mut payload);
+        let f = frame::encode_vec(FrameType::Ops, 2, &payload, Compression::None);
+        let _ = old.s.write_all(&f).await;
+        same.ops(2, &[create("b")]).await;
+        assert_eq!(same.ack().await.applied, 2);
+        assert!(!sl.root.path().join("from-the-stale-session").exists());
+
+        // A master of a newer epoch (promoted after seq 2) replaces it.
+        let mut h = tdfs_protocol::History::genesis([1; 16], 1);
+        h.epochs.push(tdfs_protocol::Epoch {
+            number: 2,
+            id: [2; 16],
+            start: 3,
+        });
+        let mut newer = Conn::open(sl.addr).await;
+        let ha = newer
+            .hello_as(h, 3, "promoted-master")
+            .await
+            .expect("a newer epoch takes the slot over");
+        assert_eq!(ha.applied, 2);
+        assert!(same.recv().await.is_none(), "the replaced session must end");
+        newer.ops(3, &[create("c")]).await;
+        assert_eq!(newer.ack().await.applied, 3);
+        // And the replaced master is now refused as fenced.
+        let mut again = Conn::open(sl.addr).await;
+        let r = again.hello(1, 3).await.expect_err("fenced");
+        assert_eq!(r.code, RefuseCode::Fenced);
+        assert_eq!(r.epoch.map(|e| e.number), Some(2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

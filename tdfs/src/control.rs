@@ -140,6 +140,17 @@ impl Control {
                     "reconnects": s.reconnects,
                     "apply_errors": s.apply_errors,
                     "last_error": s.last_error,
+                    "syncs": s.syncs,
+                    "sync_bytes": s.sync_bytes,
+                    "last_sync": s.last_sync.as_ref().map(|r| json!({
+                        "why": r.why,
+                        "entries": r.entries,
+                        "fixed": r.fixed,
+                        "bytes": r.bytes,
+                        "secs": r.secs,
+                        "stashed": r.stashed,
+                        "resumed_at": r.resumed_at,
+                    })),
                 })
             })
             .collect();
@@ -503,6 +514,25 @@ pub fn format_status(v: &Value) -> String {
     }
     if slaves.is_empty() {
         out.push_str("(no slaves)\n");
+    }
+    for s in slaves {
+        let r = &s["last_sync"];
+        if r.is_object() {
+            out.push_str(&format!(
+                "last sync into {}: {} entries compared, {} fixed, {} moved in {}{} ({})\n",
+                s["addr"].as_str().unwrap_or(""),
+                u(r, "entries"),
+                u(r, "fixed"),
+                human_bytes(u(r, "bytes") as f64),
+                secs(f(r, "secs")),
+                if r["stashed"].as_bool() == Some(true) {
+                    ", the slave stashed what it replaced"
+                } else {
+                    ""
+                },
+                r["why"].as_str().unwrap_or("")
+            ));
+        }
     }
     out
 }

@@ -115,6 +115,26 @@ impl Collector for MasterMetrics {
         )?;
         http::gauges(
             &mut enc,
+            "tdfs_epoch",
+            "The epoch this master writes in (a promotion starts a higher one)",
+            &[(none(), st.history.last().map_or(0.0, |e| e.number as f64))],
+        )?;
+        http::gauges(
+            &mut enc,
+            "tdfs_fenced",
+            "1 when a replica has seen a newer epoch: this master was replaced; writes fail",
+            &[(none(), st.fence.is_some() as u8 as f64)],
+        )?;
+        if let Some(l) = st.lease_left {
+            http::gauges(
+                &mut enc,
+                "tdfs_lease_seconds",
+                "Time left on the write lease (0 or less: writes fail)",
+                &[(none(), l)],
+            )?;
+        }
+        http::gauges(
+            &mut enc,
             "tdfs_queue_bytes",
             "Bytes of ops held in memory for slaves that have not acknowledged them",
             &[(none(), st.queue_bytes as f64)],
@@ -156,6 +176,18 @@ impl Collector for MasterMetrics {
             "tdfs_slave_reconnects",
             "Connections (re)established to each slave",
             &per(&|s| s.reconnects),
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_syncs",
+            "Syncs completed into each slave (instead of resuming its stream)",
+            &per(&|s| s.syncs),
+        )?;
+        http::counters(
+            &mut enc,
+            "tdfs_slave_sync_bytes",
+            "File data sent to each slave by syncs, bytes",
+            &per(&|s| s.sync_bytes),
         )?;
         let errors: Vec<(Labels, u64)> = st
             .slaves

@@ -183,10 +183,13 @@ impl Slave {
 
     fn spawn(&mut self, port: u16) -> Result<(), String> {
         assert!(self.child.is_none(), "slave already running");
+        // Unique per process: a second Slave on the same dir and log dir must not append to
+        // the first one's log (its old "listening on" line would be taken for the new one's).
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let log = self.log_dir.join(format!(
             "slave-{}-{}.log",
             self.dir.file_name().unwrap_or_default().to_string_lossy(),
-            self.logs.len()
+            RUNS.fetch_add(1, Ordering::Relaxed)
         ));
         self.logs.push(log.clone());
         let (out, err) = log_file(&log);

@@ -192,6 +192,27 @@ pub struct SlaveStatus {
     pub last_error: Mutex<Option<String>>,
     /// What the slave calls itself (host and directory), from its handshake.
     pub peer_label: Mutex<String>,
+    /// Syncs completed into this slave, and the file data they moved.
+    pub syncs: AtomicU64,
+    pub sync_bytes: AtomicU64,
+    /// The last completed sync.
+    pub last_sync: Mutex<Option<SyncReport>>,
+}
+
+/// What one sync into a slave did.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    /// Why it ran (diverged, journal gone, new slave, ...).
+    pub why: String,
+    /// Entries compared, entries fixed, and file data sent, bytes.
+    pub entries: u64,
+    pub fixed: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    /// The slave preserved what the sync replaced (it held ops of another line).
+    pub stashed: bool,
+    /// Sequence number streaming resumed from.
+    pub resumed_at: u64,
 }
 
 impl SlaveStatus {
@@ -215,6 +236,9 @@ impl SlaveStatus {
             removed: AtomicBool::new(false),
             last_error: Mutex::new(None),
             peer_label: Mutex::new(String::new()),
+            syncs: AtomicU64::new(0),
+            sync_bytes: AtomicU64::new(0),
+            last_sync: Mutex::new(None),
         }
     }
 
@@ -468,6 +492,9 @@ impl Shared {
     /// node was promoted, and this one must stop at once. Recorded in the state directory,
     /// so that this node never leads again without being made a replica first.
     pub(crate) fn fence(&self, newer: Epoch, by: &str) {
+        // The flag first: whoever sees the fence recorded (status) must also find writes
+        // refused.
+        let first = !self.fenced.swap(true, Ordering::AcqRel);
         {
             let mut f = self.fence.lock().unwrap_or_else(|p| p.into_inner());
             if f.is_none() {
@@ -477,7 +504,7 @@ impl Shared {
                 });
             }
         }
-        if !self.fenced.swap(true, Ordering::AcqRel) {
+        if first {
             let mine = self.history().last().copied();
             error!(
                 slave = %by,
@@ -620,6 +647,9 @@ pub struct SlaveSnapshot {
     pub apply_errors: u64,
     pub compressed: bool,
     pub last_error: Option<String>,
+    pub syncs: u64,
+    pub sync_bytes: u64,
+    pub last_sync: Option<SyncReport>,
 }
 
 /// The replication state at one instant.
@@ -1103,6 +1133,13 @@ impl Replicator {
                     apply_errors: s.apply_errors.load(Ordering::Relaxed),
                     compressed: s.config.compression != Compression::None,
                     last_error,
+                    syncs: s.syncs.load(Ordering::Relaxed),
+                    sync_bytes: s.sync_bytes.load(Ordering::Relaxed),
+                    last_sync: s
+                        .last_sync
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
                 }
             })
             .collect();
@@ -1132,8 +1169,12 @@ impl Replicator {
 
     /// Stops mutations now (`tdfs fence`, a planned switchover, a supervisor losing its
     /// lease): they fail with EROFS. Reads go on.
+    /// Once this returns, no mutation is in flight: one that passed the check before the
+    /// store has emitted its ops (it held the order lock throughout), so `last_seq()` is
+    /// final. Blocks on the order lock: call it from a blocking thread.
     pub fn stop_writes(&self) {
         self.shared.lease_until.store(0, Ordering::Release);
+        drop(self.shared.lock());
     }
 
     /// Whether a replica reported a newer epoch (this master was replaced).

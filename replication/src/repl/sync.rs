@@ -662,6 +662,17 @@ impl Link {
         if st.fixed == 0 {
             debug!(slave = %addr, "slave was already identical");
         }
+        self.me.syncs.fetch_add(1, Ordering::Relaxed);
+        self.me.sync_bytes.fetch_add(st.bytes, Ordering::Relaxed);
+        *self.me.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(super::SyncReport {
+            why: why.to_string(),
+            entries: st.entries,
+            fixed: st.fixed,
+            bytes: st.bytes,
+            secs,
+            stashed: stash,
+            resumed_at: self.cursor,
+        });
         Ok(())
     }
 }
