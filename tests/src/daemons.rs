@@ -625,17 +625,20 @@ impl Master {
 
 impl Drop for Master {
     fn drop(&mut self) {
-        if is_fuse_mounted(&self.mountpoint) {
-            lazy_unmount(&self.mountpoint);
-        }
         self.watchdog_done.store(true, Ordering::SeqCst);
+        // Only a master still running owns the mount: once it was killed, unmounted or
+        // failed to start, whatever is mounted there now belongs to another (a restarted
+        // master on the same mountpoint) and must be left alone.
         if let Some(mut c) = self.child.take() {
+            if is_fuse_mounted(&self.mountpoint) {
+                lazy_unmount(&self.mountpoint);
+            }
             let _ = c.kill();
             let _ = c.wait();
-        }
-        // A mount could still be there if the master was killed before we detached.
-        if is_fuse_mounted(&self.mountpoint) {
-            lazy_unmount(&self.mountpoint);
+            // A mount could still be there if the master was killed before we detached.
+            if is_fuse_mounted(&self.mountpoint) {
+                lazy_unmount(&self.mountpoint);
+            }
         }
     }
 }
