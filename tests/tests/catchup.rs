@@ -113,10 +113,33 @@ fn master_killed_mid_workload_then_restarted() {
     // The log file is appended to: look only at what the restarted master writes.
     let mark = c.master.log_text().len();
     let since_restart = |c: &Cluster| c.master.log_text()[mark..].to_string();
+    // The slave is away while the master comes back: its position is not known yet.
+    c.slaves[0].stop();
     c.restart_master();
+    // The numbers skipped at the unclean restart are not ops: no lag, no rate from them,
+    // neither before the slave is back nor after.
+    let mut worst = (0u64, 0f64);
+    let mut sample = |c: &Cluster| {
+        let Some(v) = try_status_json(&c.master_state) else {
+            return (false, u64::MAX);
+        };
+        let s = &v["slaves"][0];
+        let lag = s["lag_ops"].as_u64().unwrap_or(u64::MAX);
+        let rate = s["ops_per_sec"].as_f64().unwrap_or(f64::MAX);
+        worst = (worst.0.max(lag), worst.1.max(rate));
+        (s["state"] == "streaming", lag)
+    };
+    let (_, lag0) = sample(&c);
     assert!(
-        wait_until(Duration::from_secs(60), || since_restart(&c)
-            .contains("sync complete")),
+        lag0 < 100_000,
+        "lag of the absent slave counts skipped numbers: {lag0}"
+    );
+    c.slaves[0].restart();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            sample(&c);
+            since_restart(&c).contains("sync complete")
+        }),
         "the restarted master never synced the slave:\n{}",
         since_restart(&c)
     );
@@ -127,7 +150,40 @@ fn master_killed_mid_workload_then_restarted() {
         "the restarted master did not sync because of the unclean exit:\n{log}"
     );
     fs::write(c.at("after"), b"after the restart").unwrap();
+    let settled = wait_until(Duration::from_secs(60), || sample(&c) == (true, 0));
+    assert!(
+        settled,
+        "slave never streaming with no lag after the restart"
+    );
+    // Rates are sampled once a second: look at a few.
+    let until = std::time::Instant::now() + Duration::from_millis(2500);
+    while std::time::Instant::now() < until {
+        sample(&c);
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        worst.0 < 100_000 && worst.1 < 1_000_000.0,
+        "status counted skipped sequence numbers as ops: lag {} ops, {} ops/s",
+        worst.0,
+        worst.1
+    );
     c.finish();
+}
+
+/// `tdfs status --json`, or None (with the reason on stderr) while it cannot answer.
+fn try_status_json(state_dir: &Path) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(tdfs_tests::bin("tdfs"))
+        .arg("status")
+        .arg("--json")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .output()
+        .expect("run tdfs status");
+    if !out.status.success() {
+        eprintln!("tdfs status: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 fn populate(root: &Path) {
