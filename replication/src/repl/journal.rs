@@ -26,6 +26,8 @@ use tracing::{info, warn};
 const HEADER: usize = 16;
 /// Largest record payload accepted when reading back (an op is far smaller).
 const MAX_RECORD: usize = 16 << 20;
+/// Appended records are written out once this many bytes are buffered (and at each flush).
+const FLUSH_AT: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 struct Segment {
@@ -44,6 +46,9 @@ pub struct Journal {
     segs: VecDeque<Segment>,
     cur: Option<File>,
     total: u64,
+    /// Records appended but not written yet (one write per batch, not per op). Readers
+    /// learn of records only through [`Journal::view`], taken after [`Journal::flush`].
+    buf: Vec<u8>,
 }
 
 /// What a link needs to read records without holding the journal's lock.
@@ -147,6 +152,7 @@ impl Journal {
             segs,
             cur: None,
             total,
+            buf: Vec::new(),
         };
         if let (Some(a), Some(b)) = (j.front(), j.end()) {
             info!(from = a, to = b - 1, bytes = j.total, "journal holds ops");
@@ -171,6 +177,7 @@ impl Journal {
     /// Deletes everything (e.g. after an unclean restart, when the journal may have gaps
     /// relative to what the slaves saw).
     pub fn clear(&mut self) -> io::Result<()> {
+        self.buf.clear();
         self.cur = None;
         for s in self.segs.drain(..) {
             fs::remove_file(&s.path).or_else(|e| {
@@ -197,6 +204,8 @@ impl Journal {
             Some(s) => s.bytes >= self.seg_bytes || self.cur.is_none(),
         };
         if need_new {
+            // What is buffered belongs to the segment being closed.
+            self.flush()?;
             let reuse = self
                 .segs
                 .back()
@@ -222,19 +231,22 @@ impl Journal {
                 self.cur = Some(OpenOptions::new().append(true).open(&s.path)?);
             }
         }
-        let mut rec = Vec::with_capacity(HEADER + data.len());
-        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        rec.extend_from_slice(&seq.to_le_bytes());
+        let len = HEADER + data.len();
+        self.buf
+            .extend_from_slice(&(data.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&seq.to_le_bytes());
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&seq.to_le_bytes());
         hasher.update(data);
-        rec.extend_from_slice(&hasher.finalize().to_le_bytes());
-        rec.extend_from_slice(data);
-        self.cur.as_mut().expect("segment open").write_all(&rec)?;
+        self.buf.extend_from_slice(&hasher.finalize().to_le_bytes());
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= FLUSH_AT {
+            self.flush()?;
+        }
         let s = self.segs.back_mut().expect("segment exists");
         s.end = seq + 1;
-        s.bytes += rec.len() as u64;
-        self.total += rec.len() as u64;
+        s.bytes += len as u64;
+        self.total += len as u64;
         // Stay in bounds by deleting whole old segments (never the one being written).
         let mut dropped_below = None;
         while self.total > self.max_bytes && self.segs.len() > 1 {
@@ -246,8 +258,23 @@ impl Journal {
         Ok(dropped_below)
     }
 
-    /// The segments, for a reader to use without the lock.
+    /// Writes out what [`Journal::append`] buffered.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = self
+            .cur
+            .as_mut()
+            .expect("a buffered record has an open segment")
+            .write_all(&self.buf);
+        self.buf.clear();
+        r
+    }
+
+    /// The segments, for a reader to use without the lock (flush first).
     pub fn view(&self) -> Vec<SegmentView> {
+        debug_assert!(self.buf.is_empty(), "journal view taken before a flush");
         self.segs
             .iter()
             .filter(|s| s.end > s.first)
@@ -261,10 +288,19 @@ impl Journal {
 
     /// Makes what was appended durable (at a clean exit, for slaves that were away).
     pub fn sync(&mut self) -> io::Result<()> {
+        self.flush()?;
         if let Some(f) = &self.cur {
             f.sync_data()?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            warn!("writing the journal's last records: {e}");
+        }
     }
 }
 
@@ -352,6 +388,7 @@ mod tests {
         assert!(front > 10);
         assert_eq!(j.end(), Some(2010));
         let mut r = Reader::default();
+        j.flush().unwrap();
         let v = j.view();
         assert!(r.read(&v, 10, 2010, 1 << 20).unwrap().is_none());
         let mut seq = front;
@@ -390,6 +427,7 @@ mod tests {
         for seq in 1..=3u64 {
             j.append(seq, b"payload").unwrap();
         }
+        j.flush().unwrap();
         let v = j.view();
         // Flip a payload byte of the second record.
         let f = OpenOptions::new().write(true).open(&v[0].path).unwrap();

@@ -316,7 +316,31 @@ pub(crate) struct Log {
     next_seq: u64,
     entries: VecDeque<Entry>,
     bytes: usize,
-    journal: Journal,
+    /// Ops below this number are in the journal too: memory may let them go.
+    spilled_to: u64,
+    /// The journal as of its last change (the journal itself has its own lock, held while
+    /// it is written, which the order lock never waits for).
+    jview: JournalView,
+}
+
+/// What the order lock needs to know of the journal.
+#[derive(Debug, Clone, Default)]
+struct JournalView {
+    front: Option<u64>,
+    end: Option<u64>,
+    bytes: u64,
+    segs: Vec<SegmentView>,
+}
+
+impl JournalView {
+    fn of(j: &Journal) -> Self {
+        JournalView {
+            front: j.front(),
+            end: j.end(),
+            bytes: j.bytes(),
+            segs: j.view(),
+        }
+    }
 }
 
 impl Log {
@@ -326,7 +350,7 @@ impl Log {
 
     /// The oldest op still held, in memory or in the journal.
     fn front(&self) -> u64 {
-        match (self.journal.front(), self.journal.end()) {
+        match (self.jview.front, self.jview.end) {
             // The journal counts only while it joins up with memory.
             (Some(f), Some(e)) if e >= self.mem_front() => f.min(self.mem_front()),
             _ => self.mem_front(),
@@ -336,6 +360,15 @@ impl Log {
 
 pub(crate) struct Shared {
     log: Mutex<Log>,
+    /// The on-disk journal. Written by the spiller thread without the order lock (lock
+    /// order: the log lock, then this one; the spiller never holds both).
+    journal: Mutex<Journal>,
+    /// Set (with a notify) when memory is over `mem_cap` and the spiller should write.
+    spill: (Mutex<bool>, Condvar),
+    /// `Log::bytes`, readable without the order lock: writers wait before taking it while
+    /// memory is over the hard cap (the spiller is behind).
+    mem_bytes: std::sync::atomic::AtomicUsize,
+    room: (Mutex<()>, Condvar),
     /// Wakes link tasks when the log grows, a slave acknowledges, or the master closes.
     wake: Notify,
     /// The slaves; changed at runtime by `tdfs slave add/remove`.
@@ -440,9 +473,9 @@ impl Shared {
         let log = self.lock();
         let mem_front = log.mem_front();
         if from < mem_front {
-            return match (log.journal.front(), log.journal.end()) {
+            return match (log.jview.front, log.jview.end) {
                 (Some(f), Some(e)) if f <= from && e >= mem_front => {
-                    BatchResult::Journal(log.journal.view(), mem_front)
+                    BatchResult::Journal(log.jview.segs.clone(), mem_front)
                 }
                 _ => BatchResult::Lost,
             };
@@ -585,46 +618,169 @@ impl Shared {
         s.need_from.store(NEEDS_NOTHING, Ordering::Release);
     }
 
-    /// Drops what no slave needs, spills to the journal what does not fit in memory.
+    /// Drops what no slave needs and what the journal holds already; when memory is still
+    /// over its cap, asks the spiller to write the oldest ops out. Never writes itself: it
+    /// runs under the order lock, and the journal's disk writes must not hold up writers.
     fn trim(&self, log: &mut Log) {
-        let need = self
-            .slaves()
-            .iter()
-            .map(|s| s.need_from.load(Ordering::Acquire))
-            .min()
-            .unwrap_or(NEEDS_NOTHING);
+        let need = self.need();
         while let Some(e) = log.entries.front() {
-            if e.seq < need {
+            if e.seq < need || (log.bytes > self.mem_cap && e.seq < log.spilled_to) {
                 log.bytes -= e.data.bytes.len();
                 log.entries.pop_front();
-            } else if log.bytes > self.mem_cap {
-                let e = log.entries.pop_front().expect("front exists");
-                log.bytes -= e.data.bytes.len();
-                match log.journal.append(e.seq, &e.data.bytes) {
-                    Ok(Some(below)) => {
-                        for s in self.slaves().iter() {
-                            if s.need_from.load(Ordering::Acquire) < below {
-                                self.require_sync(s, "it is further behind than --journal-size");
-                            }
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(err) => {
-                        error!(
-                            "writing the journal: {err}; slaves that need these ops will be synced"
-                        );
-                        let _ = log.journal.clear();
-                        for s in self.slaves().iter() {
-                            if s.need_from.load(Ordering::Acquire) <= e.seq {
-                                self.require_sync(s, "the journal could not be written");
-                            }
-                        }
-                    }
-                }
             } else {
                 break;
             }
         }
+        self.mem_bytes.store(log.bytes, Ordering::Release);
+        if log.bytes > self.mem_cap {
+            let mut req = self.spill.0.lock().unwrap_or_else(|p| p.into_inner());
+            if !*req {
+                *req = true;
+                self.spill.1.notify_one();
+            }
+        }
+    }
+
+    /// The oldest op any slave may still need.
+    fn need(&self) -> u64 {
+        self.slaves()
+            .iter()
+            .map(|s| s.need_from.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(NEEDS_NOTHING)
+    }
+
+    /// Memory may grow past `mem_cap` by this much while the spiller catches up; beyond it,
+    /// writers wait for the disk.
+    fn hard_cap(&self) -> usize {
+        self.mem_cap + (self.mem_cap / 8).max(8 << 20)
+    }
+
+    /// Called before a mutation takes the order lock: waits while memory is over the hard
+    /// cap (a slave is far behind and the journal's disk is slower than the writers).
+    fn wait_room(&self) {
+        if self.mem_bytes.load(Ordering::Acquire) <= self.hard_cap() {
+            return;
+        }
+        let mut g = self.room.0.lock().unwrap_or_else(|p| p.into_inner());
+        while self.mem_bytes.load(Ordering::Acquire) > self.hard_cap()
+            && !self.closing.load(Ordering::Acquire)
+        {
+            g = self
+                .room
+                .1
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// One pass of the spiller: writes the oldest ops that memory cannot keep to the journal,
+    /// a batch at a time, taking the order lock only to pick a batch and to let it go.
+    fn spill_pass(&self) {
+        const BATCH: usize = 16 << 20;
+        loop {
+            let batch: Vec<(u64, Arc<LogOp>)> = {
+                let log = self.lock();
+                if log.bytes <= self.mem_cap {
+                    return;
+                }
+                let from = log.spilled_to.max(self.need());
+                let mut bytes = 0;
+                let mut out = Vec::new();
+                for e in log.entries.iter().filter(|e| e.seq >= from) {
+                    if bytes >= BATCH {
+                        break;
+                    }
+                    bytes += e.data.bytes.len();
+                    out.push((e.seq, e.data.clone()));
+                }
+                out
+            };
+            let Some(&(last, _)) = batch.last() else {
+                return;
+            };
+            let mut dropped_below = None;
+            let mut failed = None;
+            let view = {
+                let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+                for (seq, op) in &batch {
+                    match j.append(*seq, &op.bytes) {
+                        Ok(Some(below)) => dropped_below = Some(below),
+                        Ok(None) => {}
+                        Err(e) => {
+                            failed = Some((*seq, e));
+                            break;
+                        }
+                    }
+                }
+                if failed.is_none() {
+                    if let Err(e) = j.flush() {
+                        failed = Some((batch[0].0, e));
+                    }
+                }
+                if failed.is_some() {
+                    let _ = j.clear();
+                }
+                JournalView::of(&j)
+            };
+            let mut log = self.lock();
+            log.jview = view;
+            if let Some(below) = dropped_below {
+                for s in self.slaves().iter() {
+                    if s.need_from.load(Ordering::Acquire) < below {
+                        self.require_sync(s, "it is further behind than --journal-size");
+                    }
+                }
+            }
+            if let Some((at, err)) = failed {
+                error!("writing the journal: {err}; slaves that need these ops will be synced");
+                log.spilled_to = 0;
+                for s in self.slaves().iter() {
+                    if s.need_from.load(Ordering::Acquire) <= at.max(last) {
+                        self.require_sync(s, "the journal could not be written");
+                    }
+                }
+            } else {
+                log.spilled_to = last + 1;
+            }
+            self.trim(&mut log);
+            drop(log);
+            self.room.1.notify_all();
+        }
+    }
+}
+
+/// The spiller: a thread per engine that writes ops to the journal when memory is full,
+/// so the writers' order lock never waits for the disk. Ends when the engine is dropped.
+fn spawn_spiller(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    let r = std::thread::Builder::new()
+        .name("tdfs-spill".into())
+        .spawn(move || loop {
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let requested = {
+                let mut req = shared.spill.0.lock().unwrap_or_else(|p| p.into_inner());
+                if !*req {
+                    req = shared
+                        .spill
+                        .1
+                        .wait_timeout(req, Duration::from_millis(500))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                std::mem::take(&mut *req)
+            };
+            if requested {
+                shared.spill_pass();
+            }
+        });
+    if let Err(e) = r {
+        error!(
+            "cannot start the journal spiller thread: {e}; ops beyond --queue-size stay in memory"
+        );
     }
 }
 
@@ -803,8 +959,13 @@ impl Replicator {
                 next_seq,
                 entries: VecDeque::new(),
                 bytes: 0,
-                journal,
+                spilled_to: 0,
+                jview: JournalView::of(&journal),
             }),
+            journal: Mutex::new(journal),
+            spill: (Mutex::new(false), Condvar::new()),
+            mem_bytes: std::sync::atomic::AtomicUsize::new(0),
+            room: (Mutex::new(()), Condvar::new()),
             wake: Notify::new(),
             slaves: RwLock::new(slaves),
             mem_cap: cfg.mem_cap,
@@ -823,6 +984,7 @@ impl Replicator {
             policy: cfg.policy,
             relay: cfg.relay,
         });
+        spawn_spiller(&shared);
         for s in shared.slaves().iter() {
             spawn_link(rt, shared.clone(), s.clone());
         }
@@ -882,6 +1044,7 @@ impl Replicator {
         if policy.min_replicas > 0 {
             self.wait_replicas()?;
         }
+        self.shared.wait_room();
         let mut emit = Emit::default();
         let mut log = self.shared.lock();
         // Under the order lock: once fenced (or once the lease ran out), no mutation reaches
@@ -1075,7 +1238,7 @@ impl Replicator {
         let log = self.shared.lock();
         let head = log.next_seq;
         let mem_front = log.mem_front();
-        let journal_bytes = log.journal.bytes();
+        let journal_bytes = log.jview.bytes;
         let snaps = slaves
             .iter()
             .map(|s| {
@@ -1282,15 +1445,23 @@ impl Replicator {
                 .unwrap_or(NEEDS_NOTHING);
             let entries: Vec<Entry> = log.entries.drain(..).collect();
             log.bytes = 0;
-            for e in entries.into_iter().filter(|e| e.seq >= need) {
-                if let Err(err) = log.journal.append(e.seq, &e.data.bytes) {
+            let mut j = self
+                .shared
+                .journal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // What the spiller wrote already is there (memory kept a copy of it).
+            let held = j.end().unwrap_or(0);
+            for e in entries.into_iter().filter(|e| e.seq >= need.max(held)) {
+                if let Err(err) = j.append(e.seq, &e.data.bytes) {
                     error!("writing the journal at exit: {err}");
                     break;
                 }
             }
-            if let Err(err) = log.journal.sync() {
+            if let Err(err) = j.sync() {
                 error!("syncing the journal at exit: {err}");
             }
+            log.jview = JournalView::of(&j);
         }
         // Give the links a moment to say Bye so the slaves log an orderly end (a link
         // signals the ack condvar when its connection ends).
