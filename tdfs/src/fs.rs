@@ -200,14 +200,15 @@ fn kind_of(mode: u32) -> FileType {
     }
 }
 
-fn dtype_kind(d: u8) -> FileType {
+fn dtype_kind(d: rustix::fs::FileType) -> FileType {
+    use rustix::fs::FileType as T;
     match d {
-        libc::DT_DIR => FileType::Directory,
-        libc::DT_LNK => FileType::Symlink,
-        libc::DT_FIFO => FileType::NamedPipe,
-        libc::DT_SOCK => FileType::Socket,
-        libc::DT_CHR => FileType::CharDevice,
-        libc::DT_BLK => FileType::BlockDevice,
+        T::Directory => FileType::Directory,
+        T::Symlink => FileType::Symlink,
+        T::Fifo => FileType::NamedPipe,
+        T::Socket => FileType::Socket,
+        T::CharacterDevice => FileType::CharDevice,
+        T::BlockDevice => FileType::BlockDevice,
         _ => FileType::RegularFile,
     }
 }
@@ -709,29 +710,27 @@ impl Filesystem for TdfsFs {
         empty(reply, self.ops.fsync(ino.0, Some(fh.0), datasync))
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Opendir);
-        match self.ops.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
-        }
+        // Listings are stateless (see `Ops::readdir`): no handle.
+        reply.opened(FileHandle(0), FopenFlags::empty());
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Readdir);
-        let r = self.ops.readdir(fh.0, offset as i64, |e| {
+        let r = self.ops.readdir(ino.0, offset, |e| {
             reply.add(
                 INodeNo(e.ino),
-                e.offset as u64,
+                e.offset,
                 dtype_kind(e.kind),
-                OsStr::from_bytes(&e.name),
+                OsStr::from_bytes(e.name),
             )
         });
         match r {
@@ -744,12 +743,11 @@ impl Filesystem for TdfsFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Releasedir);
-        self.ops.releasedir(fh.0);
         reply.ok();
     }
 

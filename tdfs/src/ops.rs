@@ -3,7 +3,7 @@
 //! what the backing tree says *after* the syscall (resulting mode, owner and timestamps).
 
 use std::collections::HashMap;
-use std::ffi::{CStr, OsStr};
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -46,33 +46,25 @@ impl OpenFile {
     }
 }
 
-/// An open directory stream (`DIR*` owns its fd).
-struct DirStream(*mut libc::DIR);
-
-// SAFETY: a DIR* is only used under the Mutex that wraps it, from one thread at a time.
-unsafe impl Send for DirStream {}
-
-impl Drop for DirStream {
-    fn drop(&mut self) {
-        // SAFETY: the pointer came from fdopendir and is closed exactly once.
-        unsafe { libc::closedir(self.0) };
-    }
-}
-
 /// One directory entry for readdir.
-pub struct DirEntry {
+pub struct DirEntry<'a> {
+    /// The node id its inode has (or would have) in the inode table.
     pub ino: u64,
-    pub offset: i64,
-    pub kind: u8,
-    pub name: Vec<u8>,
+    /// The cookie of the entry after it.
+    pub offset: u64,
+    pub kind: rustix::fs::FileType,
+    pub name: &'a [u8],
 }
+
+/// getdents64 buffer: about what one FUSE reply holds (the kernel asks for a page of
+/// entries at a time), so that little is read and thrown away.
+const DIRENT_BUF: usize = 4096;
 
 pub struct Ops {
     pub backing: Backing,
     pub inodes: Inodes,
     pub repl: Replicator,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
-    dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
     /// Inodes with a writer that shares the kernel's passthrough backing file with readers
     /// (see `fs.rs`). Lock order: after the order lock.
@@ -176,7 +168,6 @@ impl Ops {
             inodes,
             repl,
             files: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             watched: Mutex::new(HashMap::new()),
             n_watched: AtomicUsize::new(0),
@@ -254,7 +245,7 @@ impl Ops {
             };
             for (name, _, dtype) in entries {
                 let Ok(p) = dir.join(&name) else { continue };
-                if dtype == libc::DT_DIR {
+                if dtype == rustix::fs::FileType::Directory {
                     stack.push(p);
                 } else if let Ok(st) = self.backing.lstat(&p) {
                     if st.st_dev == dev && st.st_ino == ino {
@@ -266,15 +257,18 @@ impl Ops {
         None
     }
 
-    fn list(&self, dir: &WirePath) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
+    fn list(&self, dir: &WirePath) -> io::Result<Vec<(Vec<u8>, u64, rustix::fs::FileType)>> {
         let fd = self
             .backing
             .open(dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        let ds = Self::dir_stream(fd)?;
+        let mut buf = [std::mem::MaybeUninit::uninit(); DIRENT_BUF];
+        let mut entries = rustix::fs::RawDir::new(&fd, &mut buf);
         let mut out = Vec::new();
-        while let Some(e) = Self::next_entry(&ds)? {
-            if e.name != b"." && e.name != b".." {
-                out.push((e.name, e.ino, e.kind));
+        while let Some(e) = entries.next() {
+            let e = e?;
+            let name = e.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                out.push((name.to_vec(), e.ino(), e.file_type()));
             }
         }
         Ok(out)
@@ -1408,94 +1402,54 @@ impl Ops {
 
     // ---- directories -------------------------------------------------------------------
 
-    fn dir_stream(fd: OwnedFd) -> io::Result<DirStream> {
-        let raw = fd.as_raw_fd();
-        // SAFETY: fdopendir takes ownership of a valid directory fd on success.
-        let d = unsafe { libc::fdopendir(raw) };
-        if d.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        std::mem::forget(fd);
-        Ok(DirStream(d))
-    }
-
-    fn next_entry(ds: &DirStream) -> io::Result<Option<DirEntry>> {
-        // SAFETY: errno is thread-local; resetting it distinguishes end-of-dir from error.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: ds.0 is a live DIR*; the returned dirent is valid until the next readdir.
-        let e = unsafe { libc::readdir64(ds.0) };
-        if e.is_null() {
-            let errno = io::Error::last_os_error();
-            return match errno.raw_os_error() {
-                Some(0) | None => Ok(None),
-                _ => Err(errno),
-            };
-        }
-        // SAFETY: e is non-null and points to a dirent with a NUL-terminated d_name.
-        let (ino, off, kind, name) = unsafe {
-            let e = &*e;
-            (
-                e.d_ino,
-                e.d_off,
-                e.d_type,
-                CStr::from_ptr(e.d_name.as_ptr()).to_bytes().to_vec(),
-            )
-        };
-        Ok(Some(DirEntry {
-            ino,
-            offset: off,
-            kind,
-            name,
-        }))
-    }
-
-    pub fn opendir(&self, ino: u64) -> io::Result<u64> {
-        let p = self.path(ino)?;
-        let fd = self
-            .backing
-            .open(&p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        let ds = Self::dir_stream(fd)?;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs
-            .lock()
-            .expect("dirs poisoned")
-            .insert(fh, Arc::new(Mutex::new(ds)));
-        Ok(fh)
-    }
-
-    /// Calls `add` for entries from `offset` until it returns true (reply buffer full).
-    pub fn readdir(
-        &self,
-        fh: u64,
-        offset: i64,
-        mut add: impl FnMut(&DirEntry) -> bool,
-    ) -> io::Result<()> {
-        let ds = self
-            .dirs
-            .lock()
-            .expect("dirs poisoned")
-            .get(&fh)
-            .cloned()
-            .ok_or_else(|| err(libc::EBADF))?;
-        let ds = ds.lock().expect("dir poisoned");
-        // SAFETY: ds.0 is a live DIR*; offsets are ones readdir handed out (or 0).
-        unsafe {
-            if offset == 0 {
-                libc::rewinddir(ds.0);
-            } else {
-                libc::seekdir(ds.0, offset as libc::c_long);
+    /// The backing directory of node `ino`, opened for listing. Its path is read from the
+    /// inode table, and a rename may move another directory onto that name between the
+    /// read and the open: the fd is checked to be `ino` itself, or the path is read again.
+    fn open_dir(&self, ino: u64) -> io::Result<OwnedFd> {
+        for _ in 0..16 {
+            let p = self.path(ino)?;
+            let fd = self
+                .backing
+                .open(&p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            let st = fstat(fd.as_raw_fd())?;
+            if self.inodes.peek_id(st.st_dev, st.st_ino) == ino {
+                return Ok(fd);
             }
         }
-        while let Some(mut e) = Self::next_entry(&ds)? {
-            e.ino = self.inodes.peek_id(self.backing.dev, e.ino);
-            if add(&e) {
+        Err(err(libc::ESTALE))
+    }
+
+    /// Lists directory `ino` from `offset` (0, or the cookie of an entry listed before),
+    /// calling `add` for each entry until it returns true (the reply is full; that entry
+    /// was not taken).
+    ///
+    /// Stateless: the directory is opened for each call, so that no handle is kept between
+    /// the kernel's calls (and the kernel need not open one). The cookies are the backing
+    /// filesystem's `d_off`, valid across opens.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry) -> bool,
+    ) -> io::Result<()> {
+        let fd = self.open_dir(ino)?;
+        if offset != 0 {
+            rustix::fs::seek(&fd, rustix::fs::SeekFrom::Start(offset))?;
+        }
+        let mut buf = [std::mem::MaybeUninit::uninit(); DIRENT_BUF];
+        let mut entries = rustix::fs::RawDir::new(&fd, &mut buf);
+        while let Some(e) = entries.next() {
+            let e = e?;
+            let entry = DirEntry {
+                ino: self.inodes.peek_id(self.backing.dev, e.ino()),
+                offset: e.next_entry_cookie(),
+                kind: e.file_type(),
+                name: e.file_name().to_bytes(),
+            };
+            if add(&entry) {
                 break;
             }
         }
         Ok(())
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs.lock().expect("dirs poisoned").remove(&fh);
     }
 }
