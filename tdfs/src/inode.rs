@@ -278,6 +278,12 @@ impl Inodes {
         Ok(Some(p))
     }
 
+    /// The node that the kernel knows by `name` in `parent`, if any.
+    pub fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let t = self.t.read().expect("inode table poisoned");
+        t.children.get(&(parent, name.to_os_string())).copied()
+    }
+
     /// Path of `name` inside directory `parent`.
     pub fn child_path(&self, parent: u64, name: &OsStr) -> io::Result<WirePath> {
         let p = self.path(parent)?.ok_or_else(enoent)?;

@@ -3,7 +3,7 @@
 //! what the backing tree says *after* the syscall (resulting mode, owner and timestamps).
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -54,6 +54,8 @@ pub struct DirEntry<'a> {
     pub offset: u64,
     pub kind: rustix::fs::FileType,
     pub name: &'a [u8],
+    /// For readdirplus: its attributes, and a lookup counted for it.
+    pub plus: Option<libc::stat>,
 }
 
 /// getdents64 buffer: about what one FUSE reply holds (the kernel asks for a page of
@@ -300,13 +302,37 @@ impl Ops {
         if let Some(f) = fh.and_then(|fh| self.file(fh).ok()) {
             return fstat(f.fd());
         }
-        match self.inodes.path(ino)? {
-            Some(p) => self.backing.lstat(&p),
-            None => match self.any_open(ino) {
-                Some(f) => fstat(f.fd()),
-                None => Err(err(libc::ENOENT)),
-            },
+        // The kernel may cache the answer for long: it must be this inode's, not that of
+        // whatever a concurrent rename just moved onto its name (then read the name again).
+        for _ in 0..16 {
+            match self.inodes.path(ino)? {
+                Some(p) => {
+                    let st = self.backing.lstat(&p)?;
+                    if self.inodes.peek_id(st.st_dev, st.st_ino) == ino {
+                        return Ok(st);
+                    }
+                }
+                None => {
+                    return match self.any_open(ino) {
+                        Some(f) => fstat(f.fd()),
+                        None => Err(err(libc::ENOENT)),
+                    }
+                }
+            }
         }
+        Err(err(libc::ESTALE))
+    }
+
+    /// Whether a writer shares `ino`'s passthrough backing file (see `Watch`): its shared
+    /// mapping changes the file's times without the daemon, so the kernel must not cache
+    /// its attributes.
+    pub fn is_watched(&self, ino: u64) -> bool {
+        self.n_watched.load(Ordering::Acquire) > 0
+            && self
+                .watched
+                .lock()
+                .expect("watched poisoned")
+                .contains_key(&ino)
     }
 
     pub fn readlink(&self, ino: u64) -> io::Result<Vec<u8>> {
@@ -325,6 +351,17 @@ impl Ops {
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: usize) -> io::Result<Vec<u8>> {
         self.backing
             .getxattr(&self.path(ino)?, name.as_bytes(), size)
+    }
+
+    /// Whether the backing filesystem keeps POSIX ACLs (its root answers for one).
+    pub fn acls_supported(&self) -> bool {
+        match self
+            .backing
+            .getxattr(&WirePath::root(), b"system.posix_acl_access", 0)
+        {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() == Some(libc::ENODATA),
+        }
     }
 
     pub fn listxattr(&self, ino: u64, size: usize) -> io::Result<Vec<u8>> {
@@ -850,6 +887,8 @@ impl Ops {
             .map(drop)
     }
 
+    /// Renames `parent/name` to `newparent/newname`. Returns whether a directory changed
+    /// parent (its `..` now names another directory).
     pub fn rename(
         &self,
         who: Caller,
@@ -858,7 +897,7 @@ impl Ops {
         newparent: u64,
         newname: &OsStr,
         flags: u32,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) != 0 {
             return Err(err(libc::EINVAL));
         }
@@ -903,20 +942,24 @@ impl Ops {
                 // (and the other side's, for an exchange) so nothing is left to the slave's
                 // clock.
                 let moved = self.backing.lstat(&to);
-                if moved
-                    .as_ref()
-                    .map_or(true, |m| m.st_mode & libc::S_IFMT == libc::S_IFDIR)
-                    || flags & RENAME_EXCHANGE != 0
-                {
+                let is_dir = |st: &io::Result<libc::stat>| {
+                    st.as_ref()
+                        .map_or(true, |m| m.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                };
+                let exchanged = if flags & RENAME_EXCHANGE != 0 {
+                    Some(self.backing.lstat(&from))
+                } else {
+                    None
+                };
+                let dir_moved = is_dir(&moved) || exchanged.as_ref().is_some_and(is_dir);
+                if is_dir(&moved) || exchanged.is_some() {
                     self.repl.note_dir_rename();
                 }
                 if let Ok(m) = &moved {
                     op = op.with_touch(Touch::Own(times_of(m)));
                 }
-                if flags & RENAME_EXCHANGE != 0 {
-                    if let Ok(st) = self.backing.lstat(&from) {
-                        op = op.with_touch(Touch::Path(from.clone(), times_of(&st)));
-                    }
+                if let Some(Ok(st)) = &exchanged {
+                    op = op.with_touch(Touch::Path(from.clone(), times_of(st)));
                 }
                 if let Ok(t) = self.parent_touch(&to) {
                     op = op.with_touch(t);
@@ -949,9 +992,9 @@ impl Ops {
                         emit.op(wop);
                     }
                 }
-                Ok(())
+                Ok(dir_moved && parent != newparent)
             })
-            .map(drop)
+            .map(|(moved, _)| moved)
     }
 
     pub fn setattr(&self, ino: u64, req: &SetAttrReq) -> io::Result<libc::stat> {
@@ -1404,7 +1447,8 @@ impl Ops {
 
     /// The backing directory of node `ino`, opened for listing. Its path is read from the
     /// inode table, and a rename may move another directory onto that name between the
-    /// read and the open: the fd is checked to be `ino` itself, or the path is read again.
+    /// read and the open: the fd is checked to be `ino` itself, or the path is read again,
+    /// since a listing of the wrong directory would stay in the kernel's directory cache.
     fn open_dir(&self, ino: u64) -> io::Result<OwnedFd> {
         for _ in 0..16 {
             let p = self.path(ino)?;
@@ -1419,17 +1463,37 @@ impl Ops {
         Err(err(libc::ESTALE))
     }
 
+    /// Looks `name` up in the directory `dir` (node `parent`), counting a lookup, as
+    /// [`Ops::lookup`] does but relative to the directory's fd: one short `fstatat` instead
+    /// of a walk of the whole path.
+    fn lookup_in(&self, dir: &OwnedFd, parent: u64, name: &CStr) -> io::Result<(u64, libc::stat)> {
+        loop {
+            let generation = self.inodes.generation();
+            let st = tdfs_replication::fsio::lstat_at(dir.as_fd(), name)?;
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            let name = OsStr::from_bytes(name.to_bytes());
+            if let Some(id) = self
+                .inodes
+                .lookup_checked(generation, parent, name, st.st_dev, st.st_ino, is_dir)
+            {
+                return Ok((id, st));
+            }
+        }
+    }
+
     /// Lists directory `ino` from `offset` (0, or the cookie of an entry listed before),
     /// calling `add` for each entry until it returns true (the reply is full; that entry
-    /// was not taken).
+    /// was not taken). With `plus` (readdirplus), each entry but `.` and `..` comes with its
+    /// attributes and counts as a lookup, taken back if `add` refuses it.
     ///
-    /// Stateless: the directory is opened for each call, so that no handle is kept between
-    /// the kernel's calls (and the kernel need not open one). The cookies are the backing
+    /// Stateless: the directory is opened for each call, so the kernel needs no opendir
+    /// round trip (it caches the listing itself, see `fs.rs`). The cookies are the backing
     /// filesystem's `d_off`, valid across opens.
     pub fn readdir(
         &self,
         ino: u64,
         offset: u64,
+        plus: bool,
         mut add: impl FnMut(&DirEntry) -> bool,
     ) -> io::Result<()> {
         let fd = self.open_dir(ino)?;
@@ -1440,13 +1504,32 @@ impl Ops {
         let mut entries = rustix::fs::RawDir::new(&fd, &mut buf);
         while let Some(e) = entries.next() {
             let e = e?;
+            let name = e.file_name();
+            let dot = matches!(name.to_bytes(), b"." | b"..");
+            let looked = if plus && !dot {
+                match self.lookup_in(&fd, ino, name) {
+                    Ok(st) => Some(st),
+                    // Removed since the listing was read.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                None
+            };
             let entry = DirEntry {
-                ino: self.inodes.peek_id(self.backing.dev, e.ino()),
+                ino: match &looked {
+                    Some((id, _)) => *id,
+                    None => self.inodes.peek_id(self.backing.dev, e.ino()),
+                },
                 offset: e.next_entry_cookie(),
                 kind: e.file_type(),
-                name: e.file_name().to_bytes(),
+                name: name.to_bytes(),
+                plus: looked.map(|(_, st)| st),
             };
             if add(&entry) {
+                if entry.plus.is_some() {
+                    self.inodes.forget(entry.ino, 1);
+                }
                 break;
             }
         }
