@@ -18,7 +18,7 @@ use tdfs_protocol::{Attr, NodeKind, Op, OpKind, Touch, WirePath};
 use tracing::{debug, warn};
 
 use crate::backing::{cvt, cvt_sz, fstat, times_of, Backing};
-use crate::inode::Inodes;
+use crate::inode::{Inodes, Xattrs};
 use tdfs_replication::flags::FsXattr;
 use tdfs_replication::repl::{Emit, Replicator};
 
@@ -348,9 +348,26 @@ impl Ops {
         self.getattr(ino, None).map(drop)
     }
 
+    /// `ls -l` asks for an SELinux label and ACLs of every file, and most files have no
+    /// xattr at all: a file's first query lists its xattrs instead (one syscall either
+    /// way), and when there are none, later queries are answered without a syscall.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: usize) -> io::Result<Vec<u8>> {
-        self.backing
-            .getxattr(&self.path(ino)?, name.as_bytes(), size)
+        let (known, epoch) = self.inodes.xattrs(ino);
+        if known == Xattrs::None {
+            return Err(err(libc::ENODATA));
+        }
+        let p = self.path(ino)?;
+        if known == Xattrs::Unknown {
+            match self.backing.listxattr(&p, 0) {
+                Ok(l) if l.is_empty() => {
+                    self.inodes.set_xattrs(ino, epoch, Xattrs::None);
+                    return Err(err(libc::ENODATA));
+                }
+                Ok(_) => self.inodes.set_xattrs(ino, epoch, Xattrs::Some),
+                Err(_) => {}
+            }
+        }
+        self.backing.getxattr(&p, name.as_bytes(), size)
     }
 
     /// Whether the backing filesystem keeps POSIX ACLs (its root answers for one).
@@ -365,6 +382,9 @@ impl Ops {
     }
 
     pub fn listxattr(&self, ino: u64, size: usize) -> io::Result<Vec<u8>> {
+        if self.inodes.xattrs(ino).0 == Xattrs::None {
+            return Ok(Vec::new());
+        }
         self.backing.listxattr(&self.path(ino)?, size)
     }
 
@@ -1356,7 +1376,10 @@ impl Ops {
             return Err(err(libc::ERANGE));
         }
         self.repl.mutate(|| {
-            self.backing.setxattr(&p, name.as_bytes(), value, flags)?;
+            let r = self.backing.setxattr(&p, name.as_bytes(), value, flags);
+            // Also on failure: a failed call may still have changed them.
+            self.inodes.xattrs_changed(ino);
+            r?;
             let op = Op::new(OpKind::SetXattr {
                 path: p.clone(),
                 name: name.as_bytes().to_vec(),
@@ -1370,7 +1393,9 @@ impl Ops {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> io::Result<()> {
         let p = self.path(ino)?;
         self.repl.mutate(|| {
-            self.backing.removexattr(&p, name.as_bytes())?;
+            let r = self.backing.removexattr(&p, name.as_bytes());
+            self.inodes.xattrs_changed(ino);
+            r?;
             let op = Op::new(OpKind::RemoveXattr {
                 path: p.clone(),
                 name: name.as_bytes().to_vec(),

@@ -528,6 +528,76 @@ fn xattr_and_acl_changes_show_at_once() {
     }
 }
 
+/// The daemon answers xattr queries of a file it knows to have none without a syscall:
+/// an xattr set while others query the file must show at once all the same, and a file
+/// created in a directory with a default ACL has one from the start.
+#[test]
+fn xattrs_set_while_others_query_them() {
+    let mut c = Cluster::single("mc-xattr-race");
+    fs::create_dir(c.at("d")).unwrap();
+    write(&c.at("d/f"), b"f");
+    let stop = Arc::new(AtomicBool::new(false));
+    let queriers: Vec<_> = (0..2)
+        .map(|_| {
+            let (f, stop) = (c.at("d/f"), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = get_xattr(&f, "user.x");
+                    let _ = tdfs_tests::util::list_xattrs(&f);
+                }
+            })
+        })
+        .collect();
+    let f = c.at("d/f");
+    for i in 0..300u32 {
+        let v = i.to_string();
+        set_xattr(&f, "user.x", v.as_bytes(), 0).unwrap();
+        assert_eq!(
+            get_xattr(&f, "user.x").unwrap().as_deref(),
+            Some(v.as_bytes()),
+            "round {i}: the xattr just set"
+        );
+        remove_xattr(&f, "user.x").unwrap();
+        assert_eq!(get_xattr(&f, "user.x").unwrap(), None, "round {i}: removed");
+        assert!(tdfs_tests::util::list_xattrs(&f).unwrap().is_empty());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for q in queriers {
+        q.join().unwrap();
+    }
+    // Inherited at creation from the directory's default ACL.
+    let default = acl(&[
+        (ACL_USER_OBJ, 7, NO_ID),
+        (ACL_USER, 5, 1234),
+        (ACL_GROUP_OBJ, 5, NO_ID),
+        (ACL_MASK, 5, NO_ID),
+        (ACL_OTHER, 5, NO_ID),
+    ]);
+    assert_eq!(
+        get_xattr(&c.at("d"), "system.posix_acl_default").unwrap(),
+        None
+    );
+    set_xattr(&c.at("d"), "system.posix_acl_default", &default, 0).unwrap();
+    write(&c.at("d/inherits"), b"i");
+    fs::create_dir(c.at("d/subdir")).unwrap();
+    for n in ["d/inherits", "d/subdir"] {
+        assert_eq!(
+            get_xattr(&c.at(n), "system.posix_acl_access").unwrap(),
+            get_xattr(&c.backing.join(n), "system.posix_acl_access").unwrap(),
+            "{n}: its inherited ACL"
+        );
+        assert!(get_xattr(&c.at(n), "system.posix_acl_access")
+            .unwrap()
+            .is_some());
+    }
+    assert_fresh(
+        &c,
+        &["d", "d/f", "d/inherits", "d/subdir"],
+        "after the xattrs",
+    );
+    c.finish();
+}
+
 #[test]
 fn inode_flags_move_the_ctime_at_once() {
     const FS_NODUMP_FL: u32 = 0x40;
