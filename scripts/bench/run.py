@@ -40,6 +40,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -62,7 +63,7 @@ CREATE_SPLIT = 10000
 # Metadata section: warm passes per command (each one sample of the median), the targets
 # it runs on by default, and the commands (see Bench.metadata).
 META_WARM = 3
-META_TARGETS = ("native", "bindfs", "passthrough_hp", "tdfs-0", "tdfs-1")
+META_TARGETS = ("bindfs", "passthrough_hp", "tdfs-0", "tdfs-1")
 META_CMDS = ("ls -lR", "find -newer", "stat", "git status", "du -s", "find -type f")
 PTHP_DEFAULT = os.path.join(os.environ.get("TDFS_BENCH_OPT", "/opt/tdfs-bench"), "passthrough_hp")
 
@@ -553,12 +554,13 @@ class SimpleFuse(Target):
 
 
 class Tdfs(Target):
-    def __init__(self, name, nslaves, z=0, proxy=False, extra=()):
+    def __init__(self, name, nslaves, z=0, proxy=False, extra=(), master=None):
         self.name = name
         self.nslaves = nslaves
         self.z = z
         self.proxy = proxy
         self.extra = list(extra)
+        self.master_bin = master
         self.replicated = nslaves > 0
         self.desc = (f"tdfs, {nslaves} local slave{'s' if nslaves != 1 else ''}"
                      + (f", -z {z}" if nslaves else "") + ", async (default)")
@@ -597,7 +599,7 @@ class Tdfs(Target):
                 addrs.append(f"127.0.0.1:{px.port}")
             else:
                 addrs.append(f"127.0.0.1:{port[0]}")
-        argv = [BINS["master"], "-m", self.back]
+        argv = [self.master_bin or BINS["master"], "-m", self.back]
         for a in addrs:
             argv += ["-c", a]
         argv += ["-z", str(self.z), "--state-dir", os.path.join(base, "mstate")] + self.extra
@@ -1096,52 +1098,76 @@ class Bench:
         return run
 
     def metadata(self, run):
-        """Per tree size and target: the tree extracted through the mount (replicas waited
-        for), an untimed `git status` that refreshes the index for that mount, then each
-        command cold (caches dropped: the first pass after mount, for the kernel's caches
-        and the daemon's) and warm (META_WARM passes right after, median)."""
+        """Per tree size: a native reference copy of the tree (in the work directory), then
+        per target the tree extracted through the mount (replicas waited for), an untimed
+        `git status` that refreshes the index for that mount, and each command cold (caches
+        dropped: the first pass after mount, for the kernel's caches and the daemon's) and
+        warm (META_WARM passes right after). Every pass on a target sits between two passes
+        of the same command on the reference copy, cold or warm alike: its ratio to their
+        mean is free of the box's drift over the minutes between targets."""
         a = self.a
         for n in a.meta_files:
             if n not in self.meta_trees:
                 log(f"generating the {n:,}-file metadata tree")
                 self.meta_trees[n] = make_meta_tree(self.work, n)
             tarball, paths = self.meta_trees[n]
+            native = self.fresh(self.work, f"meta-native-{n}-{run}")
+            self.before_creates(tarball)
+            t0 = time.monotonic()
+            subprocess.run(["tar", "-xf", tarball, "-C", native], check=True)
+            self.rec("native", f"meta:{n}:extract", time.monotonic() - t0)
+            self.git_refresh(native)
             for t in self.meta_targets:
                 base = os.path.join(self.work, f"meta{n}-{t.name}-{run}")
                 os.makedirs(base)
                 log(f"run {run}: metadata, {n:,} files, {t.name}")
                 root = t.start(base)
                 try:
-                    self.meta_target(t, root, n, tarball, paths)
+                    self.meta_target(t, root, n, tarball, paths, native)
                 except (OSError, subprocess.SubprocessError, BenchError) as e:
                     note = f"{t.name} run {run}: metadata ({n:,} files) failed: {e}"
                     warn(note)
                     self.notes.append(note)
                 t.stop()
 
-    def meta_target(self, t, root, n, tarball, paths):
+    @staticmethod
+    def git_refresh(d):
+        """The index records each file's inode number and ctime: refresh it for the tree as
+        seen here (this may write the index), so that the timed runs only stat."""
+        env = dict(os.environ, LC_ALL="C", **GIT_ENV)
+        subprocess.run(["git", "status"], cwd=d, env=env, stdout=subprocess.DEVNULL, check=True)
+
+    def meta_target(self, t, root, n, tarball, paths, native):
         d = self.fresh(root, "tree")
         self.before_creates(tarball)
         t0 = time.monotonic()
         subprocess.run(["tar", "-xf", tarball, "-C", d], check=True)
         self.rec(t.name, f"meta:{n}:extract", time.monotonic() - t0)
         self.settle(t, root, "tree", f"meta-extract-{n}")
-        # The index records each file's inode number and ctime: refresh it for this mount
-        # (it may write the index), so the timed runs only stat.
-        env = dict(os.environ, LC_ALL="C", **GIT_ENV)
-        subprocess.run(["git", "status"], cwd=d, env=env, stdout=subprocess.DEVNULL,
-                       check=True)
+        self.git_refresh(d)
         self.settle(t, root, "tree", f"meta-refresh-{n}")
-        ref = os.path.join(d, paths[len(paths) // 2])
+        middle = paths[len(paths) // 2]
         for name in META_CMDS:
-            run = self.meta_cmd(name, d, paths, ref)
-            if drop_caches():
-                self.rec(t.name, f"meta:{n}:{name}:cold", timed(run))
-            else:
-                self.can_drop = False
-                run()
-            for _ in range(META_WARM):
-                self.rec(t.name, f"meta:{n}:{name}:warm", timed(run))
+            run = self.meta_cmd(name, d, paths, os.path.join(d, middle))
+            ref = self.meta_cmd(name, native, paths, os.path.join(native, middle))
+            phases = [("cold", drop_caches)] if self.can_drop else []
+            phases += [("warm", lambda: True)] * META_WARM
+            for phase, prepare in phases:
+                if not prepare():
+                    self.can_drop = False
+                    continue
+                before = timed(ref)
+                prepare()
+                el = timed(run)
+                prepare()
+                after = timed(ref)
+                key = f"meta:{n}:{name}:{phase}"
+                self.rec(t.name, key, el)
+                self.rec(t.name, key + ":paired", el / ((before + after) / 2))
+                self.rec("native", key, before)
+                self.rec("native", key, after)
+                if phase == "cold":
+                    run()  # the drop before `after` emptied its caches again
 
     def before_creates(self, *warm):
         """Sync, drop caches, then read `warm` (inputs of the workload) back into the cache.
@@ -1650,6 +1676,10 @@ def report(b, targets, skipped, env):
     return "\n".join(out) + "\n"
 
 
+def fmt3(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
 def meta_report(b, P):
     """Metadata tables: seconds per command (median) and, in parentheses, the time relative
     to native measured in the same run (lower is better; 1.50× = half again as long)."""
@@ -1657,36 +1687,40 @@ def meta_report(b, P):
     names = [t.name for t in b.meta_targets]
     if not names or not any(k.startswith("meta:") for n in names for k in R.get(n, {})):
         return
-    P("## Metadata (issue #20): seconds, and time relative to native (lower is better)\n")
+    P("## Metadata (issue #20): seconds (median), and time relative to native (lower is "
+      "better)\n")
     P(f"Trees generated at bench time ({', '.join(f'{n:,}' for n in a.meta_files)} files, "
-      "about 20 per directory, a git repository of each), extracted through the mount. "
-      "**cold**: the first pass after `sync; echo 3 > /proc/sys/vm/drop_caches` (the "
-      "kernel's dentries, inodes and page cache of the mount and of the backing directory "
-      f"emptied); **warm**: {META_WARM} passes right after it, median. `stat`: lstat of "
-      "every file and symlink from Python; `git status` with GIT_OPTIONAL_LOCKS=0 (it never "
-      "writes the index).\n")
+      "about 20 per directory, a git repository of each), extracted through the mount, and "
+      "natively as the reference. **cold**: the first pass after `sync; echo 3 > "
+      "/proc/sys/vm/drop_caches` (the kernel's dentries, inodes and page cache of the mount "
+      f"and of the backing directory emptied); **warm**: {META_WARM} passes right after it. "
+      "Paired: each pass through a mount sits between two passes of the same command, cold "
+      "or warm alike, on the native copy, and the ratio (in parentheses, median) is to "
+      "their mean: free of the box's drift between targets. `stat`: lstat of every file "
+      "and symlink from Python; `git status` with GIT_OPTIONAL_LOCKS=0 (it never writes the "
+      "index).\n")
     for phase in ("warm", "cold"):
         P(f"### {phase}\n")
-        P("| files | command | " + " | ".join(names) + " |")
-        P("|---|---|" + "---|" * len(names))
+        P("| files | command | native | " + " | ".join(names) + " |")
+        P("|---|---|---|" + "---|" * len(names))
         for n in a.meta_files:
             for cmd in META_CMDS:
                 key = f"meta:{n}:{cmd}:{phase}"
-                nat = med(R.get("native", {}).get(key, []))
-                cells = []
+                cells = [fmt3(med(R.get("native", {}).get(key, [])))]
                 for t in names:
                     v = med(R.get(t, {}).get(key, []))
-                    c = "–" if v is None else f"{v:.3f}"
-                    if v is not None and nat and t != "native":
-                        c += f" ({v / nat:.2f}×)"
+                    c = fmt3(v)
+                    r = med(R.get(t, {}).get(key + ":paired", []))
+                    if v is not None and r is not None:
+                        c += f" ({r:.2f}×)"
                     cells.append(c)
                 P(f"| {n:,} | `{cmd}` | " + " | ".join(cells) + " |")
         P("")
-    P("| files | extracting the tree (tar -x), seconds | " + " | ".join(names) + " |")
-    P("|---|---|" + "---|" * len(names))
+    P("| files | extracting the tree (tar -x), seconds | native | " + " | ".join(names) + " |")
+    P("|---|---|---|" + "---|" * len(names))
     for n in a.meta_files:
         P(f"| {n:,} | | " + " | ".join(fmt(med(R.get(t, {}).get(f"meta:{n}:extract", [])), "s")
-                                    for t in names) + " |")
+                                    for t in ["native"] + names) + " |")
     P("")
 
 
@@ -1780,6 +1814,10 @@ def meta_goals(b, names, P):
     if not tds or not any(m(tds[0], f"meta:{n}:{c}:warm") for n in a.meta_files
                           for c in META_CMDS):
         return
+
+    def paired(t, key):
+        # each target's ratio to the native copy, measured around its own passes
+        return 1.0 if t == "native" else m(t, key + ":paired")
     P("## Metadata goals (issue #20): time relative to the reference, measured in this run\n")
     P("| files | command | " + " | ".join(f"{t} {ph} / {ref} (≤ {need}×)"
                                           for t, ph, ref, need in cols) + " |")
@@ -1789,7 +1827,8 @@ def meta_goals(b, names, P):
         for cmd in META_CMDS:
             cells = []
             for t, ph, ref, need in cols:
-                v, r = m(t, f"meta:{n}:{cmd}:{ph}"), m(ref, f"meta:{n}:{cmd}:{ph}")
+                key = f"meta:{n}:{cmd}:{ph}"
+                v, r = paired(t, key), paired(ref, key)
                 if v is None or not r:
                     cells.append("–")
                     continue
@@ -1839,6 +1878,10 @@ def parse_args():
                                       "passthrough_hp-nocache,tdfs-0,tdfs-1,tdfs-1-z1,tdfs-2")
     ap.add_argument("--sections", default="workloads,repl,scale,metadata",
                     help="comma-separated subset of workloads,repl,scale,metadata")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:DIR[:ARGS]",
+                    help="another tdfs-0 target, tdfs-0-NAME: the master in DIR (empty: the "
+                         "one built) with extra flags ARGS, to compare settings or builds "
+                         "side by side; repeatable")
     ap.add_argument("--meta-files",
                     help="tree sizes of the metadata section (default 5000,100000; "
                          "--quick: 2000)")
@@ -1910,12 +1953,22 @@ def build_targets(a):
     else:
         skipped.append(("passthrough_hp", f"{pthp} not built (run scripts/bench/setup.sh)"))
     all_t += [Tdfs("tdfs-0", 0), Tdfs("tdfs-1", 1, 0), Tdfs("tdfs-1-z1", 1, 1), Tdfs("tdfs-2", 2)]
+    for v in a.variant:
+        # NAME:DIR[:ARGS]: a master built elsewhere (DIR/tdfs; empty: this one) and/or with
+        # other flags, beside the others in the same run.
+        name, _, rest = v.partition(":")
+        bindir, _, args = rest.partition(":")
+        t = Tdfs(f"tdfs-0-{name}", 0, extra=shlex.split(args),
+                 master=os.path.join(bindir, "tdfs") if bindir else None)
+        t.desc = f"tdfs, no slave, master {t.master_bin or 'as built'} {args}".rstrip()
+        all_t.append(t)
     if a.targets:
         want = a.targets.split(",")
         unknown = set(want) - {t.name for t in all_t} - {n for n, _ in skipped}
         if unknown:
             raise SystemExit(f"unknown targets: {','.join(sorted(unknown))}")
-        all_t = [t for t in all_t if t.name in want]
+        variants = {f"tdfs-0-{v.partition(':')[0]}" for v in a.variant}
+        all_t = [t for t in all_t if t.name in want or t.name in variants]
         skipped = [(n, w) for n, w in skipped if n in want]
     return all_t, skipped
 
@@ -1952,7 +2005,9 @@ def main():
     targets, skipped = build_targets(a)
     b = Bench(a)
     # Metadata runs on the targets the issue compares (all of them with --targets).
-    b.meta_targets = [t for t in targets if a.targets or t.name in META_TARGETS]
+    # (Native is measured around each of them: see Bench.metadata.)
+    b.meta_targets = [t for t in targets if t.name != "native" and (
+        a.targets or t.name in META_TARGETS or t.name.startswith("tdfs-0-"))]
     b.lag_samples = []
     REG.work = tempfile.mkdtemp(prefix="tdfs-bench.", dir=a.workdir)
     os.chmod(REG.work, 0o755)
