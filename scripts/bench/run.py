@@ -5,6 +5,7 @@ Usage (as root, from anywhere):
 
     scripts/bench/setup.sh            # once: fio, bindfs, passthrough_hp (built under /opt)
     scripts/bench/run.py [--quick] [--runs N] [--out FILE] [--targets a,b,...] [--sections ...]
+                         [--meta-files N,...] [--variant NAME[@N]:DIR[:ARGS]]
                          [--no-hold-memory] [--prefault-gib N]
 
 Every target is a directory the workloads run in: a fresh directory on the work filesystem
@@ -1878,10 +1879,10 @@ def parse_args():
                                       "passthrough_hp-nocache,tdfs-0,tdfs-1,tdfs-1-z1,tdfs-2")
     ap.add_argument("--sections", default="workloads,repl,scale,metadata",
                     help="comma-separated subset of workloads,repl,scale,metadata")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME:DIR[:ARGS]",
-                    help="another tdfs-0 target, tdfs-0-NAME: the master in DIR (empty: the "
-                         "one built) with extra flags ARGS, to compare settings or builds "
-                         "side by side; repeatable")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[@N]:DIR[:ARGS]",
+                    help="another tdfs target with N local slaves (default 0), tdfs-N-NAME: "
+                         "the master in DIR (empty: the one built) with extra flags ARGS, to "
+                         "compare settings or builds side by side; repeatable")
     ap.add_argument("--meta-files",
                     help="tree sizes of the metadata section (default 5000,100000; "
                          "--quick: 2000)")
@@ -1933,6 +1934,12 @@ def parse_args():
     return a
 
 
+def variant_name(spec):
+    """tdfs-N-NAME for a --variant NAME[@N]:..."""
+    name, _, slaves = spec.partition(":")[0].partition("@")
+    return f"tdfs-{int(slaves or 0)}-{name}"
+
+
 def build_targets(a):
     pthp = a.passthrough_hp
     all_t = [Native()]
@@ -1954,20 +1961,23 @@ def build_targets(a):
         skipped.append(("passthrough_hp", f"{pthp} not built (run scripts/bench/setup.sh)"))
     all_t += [Tdfs("tdfs-0", 0), Tdfs("tdfs-1", 1, 0), Tdfs("tdfs-1-z1", 1, 1), Tdfs("tdfs-2", 2)]
     for v in a.variant:
-        # NAME:DIR[:ARGS]: a master built elsewhere (DIR/tdfs; empty: this one) and/or with
-        # other flags, beside the others in the same run.
+        # NAME[@SLAVES]:DIR[:ARGS]: a master built elsewhere (DIR/tdfs; empty: this one)
+        # and/or with other flags, beside the others in the same run.
         name, _, rest = v.partition(":")
+        name, _, slaves = name.partition("@")
         bindir, _, args = rest.partition(":")
-        t = Tdfs(f"tdfs-0-{name}", 0, extra=shlex.split(args),
+        n = int(slaves or 0)
+        t = Tdfs(variant_name(v), n, extra=shlex.split(args),
                  master=os.path.join(bindir, "tdfs") if bindir else None)
-        t.desc = f"tdfs, no slave, master {t.master_bin or 'as built'} {args}".rstrip()
+        t.desc = (f"tdfs, {n} local slave{'s' if n != 1 else ''}, master "
+                  f"{t.master_bin or 'as built'} {args}").rstrip()
         all_t.append(t)
     if a.targets:
         want = a.targets.split(",")
         unknown = set(want) - {t.name for t in all_t} - {n for n, _ in skipped}
         if unknown:
             raise SystemExit(f"unknown targets: {','.join(sorted(unknown))}")
-        variants = {f"tdfs-0-{v.partition(':')[0]}" for v in a.variant}
+        variants = {variant_name(v) for v in a.variant}
         all_t = [t for t in all_t if t.name in want or t.name in variants]
         skipped = [(n, w) for n, w in skipped if n in want]
     return all_t, skipped
@@ -2006,8 +2016,9 @@ def main():
     b = Bench(a)
     # Metadata runs on the targets the issue compares (all of them with --targets).
     # (Native is measured around each of them: see Bench.metadata.)
+    variants = {variant_name(v) for v in a.variant}
     b.meta_targets = [t for t in targets if t.name != "native" and (
-        a.targets or t.name in META_TARGETS or t.name.startswith("tdfs-0-"))]
+        a.targets or t.name in META_TARGETS or t.name in variants)]
     b.lag_samples = []
     REG.work = tempfile.mkdtemp(prefix="tdfs-bench.", dir=a.workdir)
     os.chmod(REG.work, 0o755)
