@@ -5,6 +5,7 @@ Usage (as root, from anywhere):
 
     scripts/bench/setup.sh            # once: fio, bindfs, passthrough_hp (built under /opt)
     scripts/bench/run.py [--quick] [--runs N] [--out FILE] [--targets a,b,...] [--sections ...]
+                         [--meta-files N,...] [--variant NAME[@N]:DIR[:ARGS]]
                          [--no-hold-memory] [--prefault-gib N]
 
 Every target is a directory the workloads run in: a fresh directory on the work filesystem
@@ -40,6 +41,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -59,6 +61,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 WARM_PASSES = 5
 # Small-file creates: the rate over this many first files is recorded too (see w_smallfiles).
 CREATE_SPLIT = 10000
+# Metadata section: warm passes per command (each one sample of the median), the targets
+# it runs on by default, and the commands (see Bench.metadata).
+META_WARM = 3
+META_TARGETS = ("bindfs", "passthrough_hp", "tdfs-0", "tdfs-1")
+META_CMDS = ("ls -lR", "find -newer", "stat", "git status", "du -s", "find -type f")
 PTHP_DEFAULT = os.path.join(os.environ.get("TDFS_BENCH_OPT", "/opt/tdfs-bench"), "passthrough_hp")
 
 
@@ -548,12 +555,13 @@ class SimpleFuse(Target):
 
 
 class Tdfs(Target):
-    def __init__(self, name, nslaves, z=0, proxy=False, extra=()):
+    def __init__(self, name, nslaves, z=0, proxy=False, extra=(), master=None):
         self.name = name
         self.nslaves = nslaves
         self.z = z
         self.proxy = proxy
         self.extra = list(extra)
+        self.master_bin = master
         self.replicated = nslaves > 0
         self.desc = (f"tdfs, {nslaves} local slave{'s' if nslaves != 1 else ''}"
                      + (f", -z {z}" if nslaves else "") + ", async (default)")
@@ -592,7 +600,7 @@ class Tdfs(Target):
                 addrs.append(f"127.0.0.1:{px.port}")
             else:
                 addrs.append(f"127.0.0.1:{port[0]}")
-        argv = [BINS["master"], "-m", self.back]
+        argv = [self.master_bin or BINS["master"], "-m", self.back]
         for a in addrs:
             argv += ["-c", a]
         argv += ["-z", str(self.z), "--state-dir", os.path.join(base, "mstate")] + self.extra
@@ -819,6 +827,73 @@ def py_random_io(path, rw, size_mib, ops):
     return ops / (time.monotonic() - t0)
 
 
+# ---------------------------------------------------------------------------------------
+# Metadata trees: generated, deterministic, with a git repository
+# ---------------------------------------------------------------------------------------
+
+META_WORDS = ("alpha beta gamma delta return self import from def class if else for while "
+              "with as try except raise lambda yield none true false int str list dict "
+              "value index node tree path file data buffer offset length count").split()
+GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.org",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.org",
+           "GIT_AUTHOR_DATE": "2020-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2020-01-01T00:00:00Z",
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
+
+
+def gen_tree(root, nfiles, seed=20):
+    """A source-like tree of NFILES regular files under ROOT, the same for every seed: about
+    20 files per directory, directories up to 6 deep, sizes log-normal around 1 KiB (text
+    lines), a symlink per 400 files. Returns the relative paths of the files and links."""
+    rnd = random.Random(seed)
+    ndirs = max(1, nfiles // 20)
+    dirs, depth = [""], {"": 0}
+    for i in range(1, ndirs):
+        # parents among the last few directories made: deep, bushy trees like real sources
+        parent = rnd.choice([d for d in dirs[-8:] if depth[d] < 6] or [""])
+        d = os.path.join(parent, f"d{i:05d}")
+        dirs.append(d)
+        depth[d] = depth[parent] + 1
+    for d in dirs[1:]:
+        os.mkdir(os.path.join(root, d))
+    lines = [" ".join(rnd.choice(META_WORDS) for _ in range(rnd.randint(3, 12))) + "\n"
+             for _ in range(512)]
+    names = []
+    for i in range(nfiles):
+        d = dirs[rnd.randrange(len(dirs))]
+        size = min(65536, int(rnd.lognormvariate(6.8, 1.1)))
+        body, n = [], 0
+        while n < size:
+            line = lines[rnd.randrange(len(lines))]
+            body.append(line)
+            n += len(line)
+        name = os.path.join(d, f"f{i:06d}" + rnd.choice((".py", ".c", ".h", ".txt", ".md", ".rs")))
+        with open(os.path.join(root, name), "w") as f:
+            f.write("".join(body))
+        names.append(name)
+        if i % 400 == 399:
+            link = os.path.join(d, f"l{i:06d}")
+            os.symlink(os.path.basename(name), os.path.join(root, link))
+            names.append(link)
+    return names
+
+
+def make_meta_tree(work, nfiles):
+    """A tarball of a generated tree of NFILES files with a git repository of it (committed,
+    packed), made natively at bench time. Returns (tarball, relative paths of its files)."""
+    root = os.path.join(work, f"meta-src-{nfiles}")
+    os.makedirs(root)
+    names = gen_tree(root, nfiles)
+    env = dict(os.environ, **GIT_ENV)
+    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "tree"],
+                ["gc", "-q"]):
+        subprocess.run(["git", "-C", root, "-c", "gc.auto=0"] + cmd, check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    tarball = os.path.join(work, f"meta-{nfiles}.tar")
+    subprocess.run(["tar", "-cf", tarball, "-C", root, "."], check=True)
+    shutil.rmtree(root)
+    return tarball, names
+
+
 class Bench:
     def __init__(self, args):
         self.a = args
@@ -827,6 +902,8 @@ class Bench:
         self.dropped_note = False
         self.buf = os.urandom(MiB) if not args.zero_data else bytes(MiB)
         self.can_drop = True
+        self.meta_trees = {}  # files -> (tarball, paths)
+        self.meta_targets = []
 
     def rec(self, tname, metric, value):
         if value is not None:
@@ -993,6 +1070,105 @@ class Bench:
         if self.check(t, r, "git clone"):
             self.rec(t.name, "clone", time.monotonic() - t0)
         self.settle(t, root, os.path.basename(dest), "clone")
+
+    # -- metadata (issue #20) ------------------------------------------------------------------
+
+    def meta_cmd(self, name, d, paths, ref):
+        """A callable that runs metadata command NAME in directory D; output discarded."""
+        env = dict(os.environ, LC_ALL="C", GIT_OPTIONAL_LOCKS="0", **GIT_ENV)
+        argv = {
+            "ls -lR": ["ls", "-lR", "--color=never", "."],
+            "find -newer": ["find", ".", "-newer", ref],
+            "git status": ["git", "status"],
+            "du -s": ["du", "-s", "."],
+            "find -type f": ["find", ".", "-type", "f"],
+        }.get(name)
+        if argv is None:  # stat of every file and link: lstat in this process
+            full = [os.path.join(d, p) for p in paths]
+
+            def run():
+                for p in full:
+                    os.lstat(p)
+            return run
+
+        def run():
+            r = subprocess.run(argv, cwd=d, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, errors="replace")
+            if r.returncode != 0:
+                raise BenchError(f"`{name}` exited {r.returncode}: {r.stderr.strip()[:300]}")
+        return run
+
+    def metadata(self, run):
+        """Per tree size: a native reference copy of the tree (in the work directory), then
+        per target the tree extracted through the mount (replicas waited for), an untimed
+        `git status` that refreshes the index for that mount, and each command cold (caches
+        dropped: the first pass after mount, for the kernel's caches and the daemon's) and
+        warm (META_WARM passes right after). Every pass on a target sits between two passes
+        of the same command on the reference copy, cold or warm alike: its ratio to their
+        mean is free of the box's drift over the minutes between targets."""
+        a = self.a
+        for n in a.meta_files:
+            if n not in self.meta_trees:
+                log(f"generating the {n:,}-file metadata tree")
+                self.meta_trees[n] = make_meta_tree(self.work, n)
+            tarball, paths = self.meta_trees[n]
+            native = self.fresh(self.work, f"meta-native-{n}-{run}")
+            self.before_creates(tarball)
+            t0 = time.monotonic()
+            subprocess.run(["tar", "-xf", tarball, "-C", native], check=True)
+            self.rec("native", f"meta:{n}:extract", time.monotonic() - t0)
+            self.git_refresh(native)
+            for t in self.meta_targets:
+                base = os.path.join(self.work, f"meta{n}-{t.name}-{run}")
+                os.makedirs(base)
+                log(f"run {run}: metadata, {n:,} files, {t.name}")
+                root = t.start(base)
+                try:
+                    self.meta_target(t, root, n, tarball, paths, native)
+                except (OSError, subprocess.SubprocessError, BenchError) as e:
+                    note = f"{t.name} run {run}: metadata ({n:,} files) failed: {e}"
+                    warn(note)
+                    self.notes.append(note)
+                t.stop()
+
+    @staticmethod
+    def git_refresh(d):
+        """The index records each file's inode number and ctime: refresh it for the tree as
+        seen here (this may write the index), so that the timed runs only stat."""
+        env = dict(os.environ, LC_ALL="C", **GIT_ENV)
+        subprocess.run(["git", "status"], cwd=d, env=env, stdout=subprocess.DEVNULL, check=True)
+
+    def meta_target(self, t, root, n, tarball, paths, native):
+        d = self.fresh(root, "tree")
+        self.before_creates(tarball)
+        t0 = time.monotonic()
+        subprocess.run(["tar", "-xf", tarball, "-C", d], check=True)
+        self.rec(t.name, f"meta:{n}:extract", time.monotonic() - t0)
+        self.settle(t, root, "tree", f"meta-extract-{n}")
+        self.git_refresh(d)
+        self.settle(t, root, "tree", f"meta-refresh-{n}")
+        middle = paths[len(paths) // 2]
+        for name in META_CMDS:
+            run = self.meta_cmd(name, d, paths, os.path.join(d, middle))
+            ref = self.meta_cmd(name, native, paths, os.path.join(native, middle))
+            phases = [("cold", drop_caches)] if self.can_drop else []
+            phases += [("warm", lambda: True)] * META_WARM
+            for phase, prepare in phases:
+                if not prepare():
+                    self.can_drop = False
+                    continue
+                before = timed(ref)
+                prepare()
+                el = timed(run)
+                prepare()
+                after = timed(ref)
+                key = f"meta:{n}:{name}:{phase}"
+                self.rec(t.name, key, el)
+                self.rec(t.name, key + ":paired", el / ((before + after) / 2))
+                self.rec("native", key, before)
+                self.rec("native", key, after)
+                if phase == "cold":
+                    run()  # the drop before `after` emptied its caches again
 
     def before_creates(self, *warm):
         """Sync, drop caches, then read `warm` (inputs of the workload) back into the cache.
@@ -1469,6 +1645,7 @@ def report(b, targets, skipped, env):
               "the least any master pays per slave, and any slave per GiB, before writing a "
               "byte. Every row shares the same cores (`box busy`).\n")
 
+    meta_report(b, P)
     goals(b, [t.name for t in targets], P)
     P("## Notes\n")
     P("- Everything shares one machine: a local slave writes the same data to the same disk "
@@ -1498,6 +1675,54 @@ def report(b, targets, skipped, env):
     for n in b.notes:
         P(f"- {n}")
     return "\n".join(out) + "\n"
+
+
+def fmt3(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
+def meta_report(b, P):
+    """Metadata tables: seconds per command (median) and, in parentheses, the time relative
+    to native measured in the same run (lower is better; 1.50× = half again as long)."""
+    R, a = b.res, b.a
+    names = [t.name for t in b.meta_targets]
+    if not names or not any(k.startswith("meta:") for n in names for k in R.get(n, {})):
+        return
+    P("## Metadata (issue #20): seconds (median), and time relative to native (lower is "
+      "better)\n")
+    P(f"Trees generated at bench time ({', '.join(f'{n:,}' for n in a.meta_files)} files, "
+      "about 20 per directory, a git repository of each), extracted through the mount, and "
+      "natively as the reference. **cold**: the first pass after `sync; echo 3 > "
+      "/proc/sys/vm/drop_caches` (the kernel's dentries, inodes and page cache of the mount "
+      f"and of the backing directory emptied); **warm**: {META_WARM} passes right after it. "
+      "Paired: each pass through a mount sits between two passes of the same command, cold "
+      "or warm alike, on the native copy, and the ratio (in parentheses, median) is to "
+      "their mean: free of the box's drift between targets. `stat`: lstat of every file "
+      "and symlink from Python; `git status` with GIT_OPTIONAL_LOCKS=0 (it never writes the "
+      "index).\n")
+    for phase in ("warm", "cold"):
+        P(f"### {phase}\n")
+        P("| files | command | native | " + " | ".join(names) + " |")
+        P("|---|---|---|" + "---|" * len(names))
+        for n in a.meta_files:
+            for cmd in META_CMDS:
+                key = f"meta:{n}:{cmd}:{phase}"
+                cells = [fmt3(med(R.get("native", {}).get(key, [])))]
+                for t in names:
+                    v = med(R.get(t, {}).get(key, []))
+                    c = fmt3(v)
+                    r = med(R.get(t, {}).get(key + ":paired", []))
+                    if v is not None and r is not None:
+                        c += f" ({r:.2f}×)"
+                    cells.append(c)
+                P(f"| {n:,} | `{cmd}` | " + " | ".join(cells) + " |")
+        P("")
+    P("| files | extracting the tree (tar -x), seconds | native | " + " | ".join(names) + " |")
+    P("|---|---|---|" + "---|" * len(names))
+    for n in a.meta_files:
+        P(f"| {n:,} | | " + " | ".join(fmt(med(R.get(t, {}).get(f"meta:{n}:extract", [])), "s")
+                                    for t in ["native"] + names) + " |")
+    P("")
 
 
 def goals(b, names, P):
@@ -1560,14 +1785,59 @@ def goals(b, names, P):
             per = (1 - v / base) / n * 100
             rows.append((f"master throughput cost per slave, {n} slave(s)", f"{per:.0f}%",
                          "≤ 10%", "yes" if per <= 10 else "**no**"))
-    if not rows:
+    # Issue #20 (the metadata goals per command are in their own table, see meta_goals):
+    # creating and deleting files at least half as fast as native with one slave.
+    for k, what in (("create", "create"), ("delete", "delete")):
+        ratio(f"{what} {a.files:,} files/s, tdfs-1 / native", m("tdfs-1", k), m("native", k), 0.5)
+    if rows:
+        P("## Goals (issues #5 and #20), measured in this run\n")
+        P("| goal | measured | wanted | met |")
+        P("|---|---|---|---|")
+        for r in rows:
+            P("| " + " | ".join(r) + " |")
+        P("")
+    meta_goals(b, names, P)
+
+
+def meta_goals(b, names, P):
+    """Issue #20's metadata goals per tree and command, as time ratios measured in this run:
+    warm within 1.5× native, cold within 3× native and ahead of (below 1× of)
+    passthrough_hp and bindfs."""
+    R, a = b.res, b.a
+
+    def m(n, k):
+        return med(R.get(n, {}).get(k, []))
+
+    tds = [t for t in ("tdfs-0", "tdfs-1") if t in names]
+    others = [o for o in ("passthrough_hp", "bindfs") if o in names]
+    cols = ([(t, "warm", "native", 1.5) for t in tds] + [(t, "cold", "native", 3.0) for t in tds]
+            + [(t, "cold", o, 1.0) for t in tds for o in others])
+    if not tds or not any(m(tds[0], f"meta:{n}:{c}:warm") for n in a.meta_files
+                          for c in META_CMDS):
         return
-    P("## Goals (issue #5), measured in this run\n")
-    P("| goal | measured | wanted | met |")
-    P("|---|---|---|---|")
-    for r in rows:
-        P("| " + " | ".join(r) + " |")
-    P("")
+
+    def paired(t, key):
+        # each target's ratio to the native copy, measured around its own passes
+        return 1.0 if t == "native" else m(t, key + ":paired")
+    P("## Metadata goals (issue #20): time relative to the reference, measured in this run\n")
+    P("| files | command | " + " | ".join(f"{t} {ph} / {ref} (≤ {need}×)"
+                                          for t, ph, ref, need in cols) + " |")
+    P("|---|---|" + "---|" * len(cols))
+    met = total = 0
+    for n in a.meta_files:
+        for cmd in META_CMDS:
+            cells = []
+            for t, ph, ref, need in cols:
+                key = f"meta:{n}:{cmd}:{ph}"
+                v, r = paired(t, key), paired(ref, key)
+                if v is None or not r:
+                    cells.append("–")
+                    continue
+                ok = v / r <= need
+                met, total = met + ok, total + 1
+                cells.append(f"{v / r:.2f}×" + ("" if ok else " **no**"))
+            P(f"| {n:,} | `{cmd}` | " + " | ".join(cells) + " |")
+    P(f"\n{met} of {total} met.\n")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1607,8 +1877,15 @@ def parse_args():
                                   "raw numbers go next to it as .json)")
     ap.add_argument("--targets", help="comma-separated subset of: native,bindfs,passthrough_hp,"
                                       "passthrough_hp-nocache,tdfs-0,tdfs-1,tdfs-1-z1,tdfs-2")
-    ap.add_argument("--sections", default="workloads,repl,scale",
-                    help="comma-separated subset of workloads,repl,scale")
+    ap.add_argument("--sections", default="workloads,repl,scale,metadata",
+                    help="comma-separated subset of workloads,repl,scale,metadata")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[@N]:DIR[:ARGS]",
+                    help="another tdfs target with N local slaves (default 0), tdfs-N-NAME: "
+                         "the master in DIR (empty: the one built) with extra flags ARGS, to "
+                         "compare settings or builds side by side; repeatable")
+    ap.add_argument("--meta-files",
+                    help="tree sizes of the metadata section (default 5000,100000; "
+                         "--quick: 2000)")
     ap.add_argument("--skip", default="", help="workloads to skip: seqwrite,random,smallfiles,untar,clone")
     ap.add_argument("--size-mib", type=int, help="sequential write/read size (default 1024)")
     ap.add_argument("--rand-mib", type=int, help="random I/O file size (default 256)")
@@ -1653,7 +1930,14 @@ def parse_args():
     a.wire_mib = 16 if q else 128
     a.skip = set(x for x in a.skip.split(",") if x)
     a.sections = set(a.sections.split(","))
+    a.meta_files = [int(x) for x in (a.meta_files or ("2000" if q else "5000,100000")).split(",")]
     return a
+
+
+def variant_name(spec):
+    """tdfs-N-NAME for a --variant NAME[@N]:..."""
+    name, _, slaves = spec.partition(":")[0].partition("@")
+    return f"tdfs-{int(slaves or 0)}-{name}"
 
 
 def build_targets(a):
@@ -1676,12 +1960,25 @@ def build_targets(a):
     else:
         skipped.append(("passthrough_hp", f"{pthp} not built (run scripts/bench/setup.sh)"))
     all_t += [Tdfs("tdfs-0", 0), Tdfs("tdfs-1", 1, 0), Tdfs("tdfs-1-z1", 1, 1), Tdfs("tdfs-2", 2)]
+    for v in a.variant:
+        # NAME[@SLAVES]:DIR[:ARGS]: a master built elsewhere (DIR/tdfs; empty: this one)
+        # and/or with other flags, beside the others in the same run.
+        name, _, rest = v.partition(":")
+        name, _, slaves = name.partition("@")
+        bindir, _, args = rest.partition(":")
+        n = int(slaves or 0)
+        t = Tdfs(variant_name(v), n, extra=shlex.split(args),
+                 master=os.path.join(bindir, "tdfs") if bindir else None)
+        t.desc = (f"tdfs, {n} local slave{'s' if n != 1 else ''}, master "
+                  f"{t.master_bin or 'as built'} {args}").rstrip()
+        all_t.append(t)
     if a.targets:
         want = a.targets.split(",")
         unknown = set(want) - {t.name for t in all_t} - {n for n, _ in skipped}
         if unknown:
             raise SystemExit(f"unknown targets: {','.join(sorted(unknown))}")
-        all_t = [t for t in all_t if t.name in want]
+        variants = {variant_name(v) for v in a.variant}
+        all_t = [t for t in all_t if t.name in want or t.name in variants]
         skipped = [(n, w) for n, w in skipped if n in want]
     return all_t, skipped
 
@@ -1717,6 +2014,11 @@ def main():
 
     targets, skipped = build_targets(a)
     b = Bench(a)
+    # Metadata runs on the targets the issue compares (all of them with --targets).
+    # (Native is measured around each of them: see Bench.metadata.)
+    variants = {variant_name(v) for v in a.variant}
+    b.meta_targets = [t for t in targets if t.name != "native" and (
+        a.targets or t.name in META_TARGETS or t.name in variants)]
     b.lag_samples = []
     REG.work = tempfile.mkdtemp(prefix="tdfs-bench.", dir=a.workdir)
     os.chmod(REG.work, 0o755)
@@ -1742,6 +2044,8 @@ def main():
                 b.repl_wire(run)
             if "scale" in a.sections:
                 b.scale(run)
+            if "metadata" in a.sections:
+                b.metadata(run)
         cpu1 = cpu_times()
         stolen = (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]) * 100
         rev = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],

@@ -230,10 +230,10 @@ impl Backing {
 
     fn xpath(&self, p: &WirePath) -> io::Result<CString> {
         let mut v = self.proc_root.as_bytes().to_vec();
-        if !p.is_root() {
-            v.push(b'/');
-            v.extend_from_slice(p.as_bytes());
-        }
+        v.push(b'/');
+        // The root as `/proc/self/fd/N/.`: the l*xattr calls do not follow a final magic
+        // link, so `/proc/self/fd/N` alone names the proc link itself (EOPNOTSUPP).
+        v.extend_from_slice(p.to_at_path());
         cstr(&v)
     }
 

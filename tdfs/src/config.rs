@@ -42,6 +42,7 @@ pub struct MasterFile {
     pub no_nodelay: Option<bool>,
     pub state_dir: Option<PathBuf>,
     pub passthrough: Option<bool>,
+    pub cache_timeout: Option<f64>,
     pub threads: Option<u16>,
     pub queue_size: Option<usize>,
     pub journal_size: Option<u64>,
@@ -63,6 +64,12 @@ impl MasterFile {
     pub fn check(&self) -> anyhow::Result<()> {
         if let Some(z) = self.compression {
             anyhow::ensure!(z <= 2, "compression = {z}: expected 0, 1 or 2");
+        }
+        if let Some(t) = self.cache_timeout {
+            anyhow::ensure!(
+                t.is_finite() && (0.0..=1e9).contains(&t),
+                "cache_timeout = {t}: expected seconds between 0 and 1e9"
+            );
         }
         if let Some(t) = self.threads {
             anyhow::ensure!((1..=64).contains(&t), "threads = {t}: expected 1..=64");
@@ -245,6 +252,15 @@ mod tests {
         assert!(e.contains("unknown field") && e.contains("slave"), "{e}");
         let bad = MasterFile {
             sync: Some("sometimes".into()),
+            ..Default::default()
+        };
+        assert!(bad.check().is_err());
+        std::fs::write(&p, "cache_timeout = 0.5\n").unwrap();
+        let f: MasterFile = load(&p).unwrap();
+        f.check().unwrap();
+        assert_eq!(f.cache_timeout, Some(0.5));
+        let bad = MasterFile {
+            cache_timeout: Some(-1.0),
             ..Default::default()
         };
         assert!(bad.check().is_err());

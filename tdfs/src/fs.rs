@@ -7,29 +7,55 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use fuser::{BackingId, InitFlags};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::ops::{Caller, Ops, SetAttrReq, TimeArg};
 
-/// How long the kernel may cache attributes and names. Every change goes through this mount,
-/// and each reply carries fresh attributes, so caching does not hide changes. For the same
-/// reason opens keep the kernel's page cache (FOPEN_KEEP_CACHE): writes go through the
-/// kernel's cache of this inode, so nothing it holds can be stale.
-const TTL: Duration = Duration::from_secs(1);
+/// What the kernel caches, and what it is told.
+///
+/// Every change goes through this mount, so the kernel sees every change and may cache
+/// names, negative lookups, attributes, directory listings, symlink targets and POSIX ACLs
+/// for `ttl` (a day by default), not just a second. Its own bookkeeping covers what a
+/// request changes on the inodes it names (a reply carries the new attributes; an unlink
+/// drops the link count of every name of the inode; a rename moves the dentry). The rest
+/// it is told, with an invalidation sent before the reply, of:
+/// - directories whose entries changed (their times, link count): the kernel marks them
+///   stale itself, but a getattr that read the old state and is answered after the change
+///   would be taken as fresh for a day. An invalidation from the daemon bumps the kernel's
+///   attribute version, which makes such a late answer be dropped;
+/// - inodes a rename moved or replaced (ctime, link count), a setxattr or removexattr
+///   touched (ctime; an ACL also sets the mode), an inode-flag ioctl or a fallocate
+///   changed;
+/// - a directory moved to another parent: its cached listing (its `..`);
+/// - everything a failed mutation may have changed before failing (see `Ops::restate`);
+/// - a file with a writer beside passthrough readers: that writer's shared mapping writes
+///   the backing file directly, so its attributes are not cached at all while it is open.
+pub struct Cache {
+    /// How long names, negative lookups and attributes stay valid; zero caches nothing.
+    pub ttl: Duration,
+    /// Set once the session exists (before the first request).
+    pub notifier: Arc<OnceLock<Notifier>>,
+}
 
 pub struct TdfsFs {
     pub ops: Ops,
     pub max_write: u32,
+    cache: Cache,
+    /// Negotiated at init: directories are opened by the kernel alone, which then caches
+    /// every listing (see `opendir`).
+    no_opendir: AtomicBool,
+    /// Negotiated at init: the kernel caches POSIX ACLs (and enforces them).
+    posix_acl: AtomicBool,
     /// Use the kernel's FUSE passthrough for read-only opens (if the kernel offers it).
     pub want_passthrough: bool,
     /// Negotiated at init.
@@ -167,10 +193,13 @@ impl Backings {
 }
 
 impl TdfsFs {
-    pub fn new(ops: Ops, max_write: u32, want_passthrough: bool) -> Self {
+    pub fn new(ops: Ops, max_write: u32, want_passthrough: bool, cache: Cache) -> Self {
         TdfsFs {
             ops,
             max_write,
+            cache,
+            no_opendir: AtomicBool::new(false),
+            posix_acl: AtomicBool::new(false),
             want_passthrough,
             passthrough: AtomicBool::new(false),
             direct: AtomicBool::new(false),
@@ -200,16 +229,46 @@ fn kind_of(mode: u32) -> FileType {
     }
 }
 
-fn dtype_kind(d: u8) -> FileType {
+fn dtype_kind(d: rustix::fs::FileType) -> FileType {
+    use rustix::fs::FileType as T;
     match d {
-        libc::DT_DIR => FileType::Directory,
-        libc::DT_LNK => FileType::Symlink,
-        libc::DT_FIFO => FileType::NamedPipe,
-        libc::DT_SOCK => FileType::Socket,
-        libc::DT_CHR => FileType::CharDevice,
-        libc::DT_BLK => FileType::BlockDevice,
+        T::Directory => FileType::Directory,
+        T::Symlink => FileType::Symlink,
+        T::Fifo => FileType::NamedPipe,
+        T::Socket => FileType::Socket,
+        T::CharacterDevice => FileType::CharDevice,
+        T::BlockDevice => FileType::BlockDevice,
         _ => FileType::RegularFile,
     }
+}
+
+/// Attributes for a reply that the kernel does not read: a negative lookup (node id 0),
+/// and readdirplus's `.` and `..` (which it never links).
+fn placeholder(id: u64, kind: FileType) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(id),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind,
+        perm: 0,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
+fn is_acl_name(name: &OsStr) -> bool {
+    matches!(
+        name.as_bytes(),
+        b"system.posix_acl_access" | b"system.posix_acl_default"
+    )
 }
 
 fn attr(id: u64, st: &libc::stat) -> FileAttr {
@@ -290,9 +349,98 @@ impl TdfsFs {
 
     fn entry(&self, reply: ReplyEntry, r: std::io::Result<(u64, libc::stat)>) {
         match r {
-            Ok((id, st)) => reply.entry(&TTL, &attr(id, &st), Generation(0)),
+            Ok((id, st)) => reply.entry_with_ttls(
+                &self.attr_ttl(id),
+                &self.cache.ttl,
+                &attr(id, &st),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// How long the kernel may keep `ino`'s attributes.
+    fn attr_ttl(&self, ino: u64) -> Duration {
+        if self.ops.is_watched(ino) {
+            Duration::ZERO
+        } else {
+            self.cache.ttl
+        }
+    }
+
+    /// Tells the kernel that what it holds of these inodes' attributes is stale (see
+    /// `Cache`). Node id 0 (none) is skipped; an inode the kernel does not have is no error.
+    fn stale(&self, inos: &[u64]) {
+        self.invalidate(inos, -1);
+    }
+
+    /// [`TdfsFs::stale`], and the cached listing of these directories too.
+    fn stale_listing(&self, inos: &[u64]) {
+        self.invalidate(inos, 0);
+    }
+
+    fn invalidate(&self, inos: &[u64], offset: i64) {
+        let Some(n) = self.cache.notifier.get() else {
+            return;
+        };
+        if self.cache.ttl.is_zero() {
+            return;
+        }
+        for (i, &ino) in inos.iter().enumerate() {
+            if ino == 0 || inos[..i].contains(&ino) {
+                continue;
+            }
+            if let Err(e) = n.inval_inode(INodeNo(ino), offset, 0) {
+                // The connection is going away (unmount): nothing is cached any more.
+                debug!(ino, "invalidating the kernel's cache: {e}");
+            }
+        }
+    }
+
+    /// Replies to a mutation that names no inode in its reply, invalidating `inos` before
+    /// (see `Cache`): on success those whose attributes it changed, on failure those it
+    /// may have changed before failing.
+    fn empty_stale(
+        &self,
+        reply: ReplyEmpty,
+        r: std::io::Result<()>,
+        on_ok: &[u64],
+        on_err: &[u64],
+    ) {
+        self.stale(if r.is_ok() { on_ok } else { on_err });
+        empty(reply, r)
+    }
+
+    /// Asks for what lets the kernel cache metadata (see `Cache`), as far as it offers it.
+    fn init_caching(&self, config: &mut KernelConfig) {
+        let caps = config.capabilities();
+        let mut want = InitFlags::empty();
+        // `ls -l` and `find` get each directory's attributes with its listing: one
+        // round trip per directory (a page of entries), not one lookup per entry. Only for
+        // the first page of a listing, or after lookups in it (AUTO): a plain readdir
+        // (`find -type f`, `du` once cached) asks for no attributes.
+        want |= InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
+        // Lookups and listings of one directory run concurrently.
+        want |= InitFlags::FUSE_PARALLEL_DIROPS;
+        // A symlink's target never changes (a new one is a new inode).
+        want |= InitFlags::FUSE_CACHE_SYMLINKS;
+        if caps.contains(InitFlags::FUSE_POSIX_ACL) && self.ops.acls_supported() {
+            // The kernel caches ACLs (`ls -l` asks for them for every file) and
+            // enforces them in its permission checks, as the backing filesystem would.
+            want |= InitFlags::FUSE_POSIX_ACL;
+            self.posix_acl.store(true, Ordering::Release);
+        }
+        let _ = config.add_capabilities(want & caps);
+        if caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT) {
+            self.no_opendir.store(true, Ordering::Release);
+        }
+        info!(
+            ttl_secs = self.cache.ttl.as_secs_f64(),
+            readdirplus = caps.contains(InitFlags::FUSE_DO_READDIRPLUS),
+            posix_acl = self.posix_acl.load(Ordering::Acquire),
+            no_opendir = caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT),
+            "kernel metadata caching on"
+        );
     }
 
     /// The passthrough backing id for an open of `ino` that `admit` chose to pass through:
@@ -360,6 +508,8 @@ impl TdfsFs {
                 self.ops.release(fh);
                 return Err(e);
             }
+            // Attributes cached before are dropped; while it is open none are cached.
+            self.stale(&[ino]);
         }
         let backing = match mode {
             Mode::Passthrough => {
@@ -421,12 +571,25 @@ impl Filesystem for TdfsFs {
         } else if self.want_passthrough {
             info!("kernel offers no FUSE passthrough: reads go through the daemon");
         }
+        if !self.cache.ttl.is_zero() {
+            self.init_caching(config);
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Lookup);
-        self.entry(reply, self.ops.lookup(parent.0, name));
+        match self.ops.lookup(parent.0, name) {
+            // A negative entry (node id 0) with a timeout: the kernel remembers the name is
+            // free. Whatever takes it later is created through the mount, which fills it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !self.cache.ttl.is_zero() => reply
+                .entry(
+                    &self.cache.ttl,
+                    &placeholder(0, FileType::RegularFile),
+                    Generation(0),
+                ),
+            r => self.entry(reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -437,7 +600,7 @@ impl Filesystem for TdfsFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Getattr);
         match self.ops.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+            Ok(st) => reply.attr(&self.attr_ttl(ino.0), &attr(ino.0, &st)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -471,8 +634,12 @@ impl Filesystem for TdfsFs {
             fh: fh.map(|f| f.0),
         };
         match self.ops.setattr(ino.0, &req) {
-            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
-            Err(e) => reply.error(errno(e)),
+            Ok(st) => reply.attr(&self.attr_ttl(ino.0), &attr(ino.0, &st)),
+            Err(e) => {
+                // An earlier step may have taken effect (see `Ops::setattr`).
+                self.stale(&[ino.0]);
+                reply.error(errno(e))
+            }
         }
     }
 
@@ -495,11 +662,11 @@ impl Filesystem for TdfsFs {
         reply: ReplyEntry,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Mknod);
-        self.entry(
-            reply,
-            self.ops
-                .mknod(caller(req), parent.0, name, mode, u64::from(rdev)),
-        );
+        let r = self
+            .ops
+            .mknod(caller(req), parent.0, name, mode, u64::from(rdev));
+        self.stale(&[parent.0]);
+        self.entry(reply, r);
     }
 
     fn mkdir(
@@ -512,17 +679,21 @@ impl Filesystem for TdfsFs {
         reply: ReplyEntry,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Mkdir);
-        self.entry(reply, self.ops.mkdir(caller(req), parent.0, name, mode));
+        let r = self.ops.mkdir(caller(req), parent.0, name, mode);
+        self.stale(&[parent.0]);
+        self.entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Unlink);
-        empty(reply, self.ops.unlink(parent.0, name, false))
+        let r = self.ops.unlink(parent.0, name, false);
+        self.empty_stale(reply, r, &[parent.0], &[parent.0])
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Rmdir);
-        empty(reply, self.ops.unlink(parent.0, name, true))
+        let r = self.ops.unlink(parent.0, name, true);
+        self.empty_stale(reply, r, &[parent.0], &[parent.0])
     }
 
     fn symlink(
@@ -534,15 +705,14 @@ impl Filesystem for TdfsFs {
         reply: ReplyEntry,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Symlink);
-        self.entry(
-            reply,
-            self.ops.symlink(
-                caller(req),
-                parent.0,
-                link_name,
-                target.as_os_str().as_bytes(),
-            ),
+        let r = self.ops.symlink(
+            caller(req),
+            parent.0,
+            link_name,
+            target.as_os_str().as_bytes(),
         );
+        self.stale(&[parent.0]);
+        self.entry(reply, r);
     }
 
     fn rename(
@@ -556,17 +726,25 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Rename);
-        empty(
-            reply,
-            self.ops.rename(
-                caller(req),
-                parent.0,
-                name,
-                newparent.0,
-                newname,
-                flags.bits(),
-            ),
-        )
+        // The inodes behind both names, as the kernel knows them (it has looked both up).
+        let moved = self.ops.inodes.child(parent.0, name).unwrap_or(0);
+        let replaced = self.ops.inodes.child(newparent.0, newname).unwrap_or(0);
+        let r = self.ops.rename(
+            caller(req),
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            flags.bits(),
+        );
+        let touched = [parent.0, newparent.0, moved, replaced];
+        if let Ok(true) = r {
+            // A directory moved to another parent: its listing's `..` changed (the other
+            // side of an exchange moved too).
+            let exchanged = flags.bits() & libc::RENAME_EXCHANGE != 0;
+            self.stale_listing(&[moved, if exchanged { replaced } else { 0 }]);
+        }
+        self.empty_stale(reply, r.map(drop), &touched, &touched)
     }
 
     fn link(
@@ -578,7 +756,12 @@ impl Filesystem for TdfsFs {
         reply: ReplyEntry,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Link);
-        self.entry(reply, self.ops.link(ino.0, newparent.0, newname));
+        let r = self.ops.link(ino.0, newparent.0, newname);
+        if r.is_err() {
+            self.stale(&[ino.0]);
+        }
+        self.stale(&[newparent.0]);
+        self.entry(reply, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -622,7 +805,7 @@ impl Filesystem for TdfsFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -637,8 +820,19 @@ impl Filesystem for TdfsFs {
             None
         };
         match self.ops.write(ino.0, fh.0, offset, data, sync) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e)),
+            Ok(n) => {
+                // A write-back of a shared mapping: the kernel marks the times stale but
+                // does not bump the attribute version (see `Cache`).
+                if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+                    self.stale(&[ino.0]);
+                }
+                reply.written(n)
+            }
+            Err(e) => {
+                // A failed write may have moved the times (see `Ops::restate`).
+                self.stale(&[ino.0]);
+                reply.error(errno(e))
+            }
         }
     }
 
@@ -681,6 +875,8 @@ impl Filesystem for TdfsFs {
                     "could not resend a file changed through a shared mapping: {e}"
                 );
             }
+            // Its mapping may have moved the times: from now on they are cached again.
+            self.stale(&[ino]);
         }
         reply.ok();
     }
@@ -702,6 +898,7 @@ impl Filesystem for TdfsFs {
             .get(&fh.0)
             .is_some_and(|h| h.mixed);
         if mixed {
+            self.stale(&[ino.0]);
             if let Err(e) = self.ops.recheck_watched(ino.0) {
                 return reply.error(errno(e));
             }
@@ -709,30 +906,77 @@ impl Filesystem for TdfsFs {
         empty(reply, self.ops.fsync(ino.0, Some(fh.0), datasync))
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Opendir);
-        match self.ops.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+        if self.no_opendir.load(Ordering::Acquire) {
+            // From now on the kernel opens directories without asking (no opendir or
+            // releasedir round trips), and caches every listing (FOPEN_CACHE_DIR and
+            // FOPEN_KEEP_CACHE): it drops one when the directory changes, and every change
+            // reaches it through this mount.
+            return reply.error(Errno::ENOSYS);
         }
+        // Listings are stateless (see `Ops::readdir`): no handle.
+        let flags = if self.cache.ttl.is_zero() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(0), flags);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Readdir);
-        let r = self.ops.readdir(fh.0, offset as i64, |e| {
+        let r = self.ops.readdir(ino.0, offset, false, |e| {
             reply.add(
                 INodeNo(e.ino),
-                e.offset as u64,
+                e.offset,
                 dtype_kind(e.kind),
-                OsStr::from_bytes(&e.name),
+                OsStr::from_bytes(e.name),
             )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let _t = crate::metrics::time(crate::metrics::FuseOp::Readdirplus);
+        let r = self.ops.readdir(ino.0, offset, true, |e| {
+            let name = OsStr::from_bytes(e.name);
+            match &e.plus {
+                Some(st) => reply.add(
+                    INodeNo(e.ino),
+                    e.offset,
+                    name,
+                    &self.attr_ttl(e.ino),
+                    &attr(e.ino, st),
+                    Generation(0),
+                ),
+                // `.` and `..`: listed, never linked by the kernel, so not counted.
+                None => reply.add(
+                    INodeNo(e.ino),
+                    e.offset,
+                    name,
+                    &Duration::ZERO,
+                    &placeholder(e.ino, FileType::Directory),
+                    Generation(0),
+                ),
+            }
         });
         match r {
             Ok(()) => reply.ok(),
@@ -744,12 +988,11 @@ impl Filesystem for TdfsFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Releasedir);
-        self.ops.releasedir(fh.0);
         reply.ok();
     }
 
@@ -793,12 +1036,24 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Setxattr);
-        empty(reply, self.ops.setxattr(ino.0, name, value, flags))
+        let r = self.ops.setxattr(ino.0, name, value, flags);
+        self.empty_stale(reply, r, &[ino.0], &[])
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Getxattr);
-        xattr(reply, size, self.ops.getxattr(ino.0, name, size as usize))
+        let mut r = self.ops.getxattr(ino.0, name, size as usize);
+        if self.posix_acl.load(Ordering::Relaxed) && is_acl_name(name) {
+            if let Err(e) = &r {
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    // An inode on a filesystem without ACLs (mounted inside the backing
+                    // tree) has none: the kernel would fail every permission check that
+                    // consults its ACL with EOPNOTSUPP.
+                    r = Err(std::io::Error::from_raw_os_error(libc::ENODATA));
+                }
+            }
+        }
+        xattr(reply, size, r)
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -808,7 +1063,8 @@ impl Filesystem for TdfsFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Removexattr);
-        empty(reply, self.ops.removexattr(ino.0, name))
+        let r = self.ops.removexattr(ino.0, name);
+        self.empty_stale(reply, r, &[ino.0], &[])
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -827,11 +1083,13 @@ impl Filesystem for TdfsFs {
         reply: ReplyCreate,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Create);
-        match self.ops.create(caller(req), parent.0, name, mode, flags) {
+        let r = self.ops.create(caller(req), parent.0, name, mode, flags);
+        self.stale(&[parent.0]);
+        match r {
             Ok((id, st, fh)) => {
                 if !self.passthrough.load(Ordering::Acquire) {
                     return reply.created(
-                        &TTL,
+                        &self.cache.ttl,
                         &attr(id, &st),
                         Generation(0),
                         FileHandle(fh),
@@ -846,9 +1104,9 @@ impl Filesystem for TdfsFs {
                 let (a, fh) = (attr(id, &st), FileHandle(fh));
                 match admitted {
                     Ok((Some(bid), f)) => {
-                        reply.created_passthrough(&TTL, &a, Generation(0), fh, f, &bid)
+                        reply.created_passthrough(&self.cache.ttl, &a, Generation(0), fh, f, &bid)
                     }
-                    Ok((None, f)) => reply.created(&TTL, &a, Generation(0), fh, f),
+                    Ok((None, f)) => reply.created(&self.cache.ttl, &a, Generation(0), fh, f),
                     Err(e) => reply.error(errno(e)),
                 }
             }
@@ -867,7 +1125,10 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Fallocate);
-        empty(reply, self.ops.fallocate(ino.0, fh.0, offset, length, mode))
+        let r = self.ops.fallocate(ino.0, fh.0, offset, length, mode);
+        // With FALLOC_FL_KEEP_SIZE the kernel marks the times stale without a version
+        // bump; a failed one may have allocated part of the range.
+        self.empty_stale(reply, r, &[ino.0], &[ino.0])
     }
 
     fn lseek(
@@ -937,6 +1198,14 @@ impl Filesystem for TdfsFs {
         } else {
             Err(std::io::Error::from_raw_os_error(libc::ENOTTY))
         };
+        if r.is_ok()
+            && (cmd == libc::FS_IOC_SETFLAGS as libc::c_ulong
+                || cmd == FS_IOC32_SETFLAGS
+                || cmd == FS_IOC_FSSETXATTR)
+        {
+            // The kernel does not know that flags move the ctime.
+            self.stale(&[ino.0]);
+        }
         match r {
             Ok(data) => reply.ioctl(0, &data),
             Err(e) => reply.error(errno(e)),
@@ -961,7 +1230,10 @@ impl Filesystem for TdfsFs {
             ino_in.0, fh_in.0, offset_in, ino_out.0, fh_out.0, offset_out, len,
         ) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => {
+                self.stale(&[ino_out.0]);
+                reply.error(errno(e))
+            }
         }
     }
 }

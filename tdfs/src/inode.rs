@@ -32,6 +32,22 @@ struct Inode {
     ino: u64,
     nlookup: u64,
     names: Vec<(u64, OsString)>,
+    /// What is known of its extended attributes (see [`Inodes::xattrs`]).
+    xattrs: Xattrs,
+    /// Bumped by every change of its extended attributes through the mount.
+    xattr_epoch: u64,
+}
+
+/// Whether an inode has extended attributes, as far as the daemon knows. Every xattr is
+/// set through the mount, so once a listing showed none, queries can be answered without
+/// a syscall until one is set. (What the backing filesystem removes on its own, a file
+/// capability on write or chown, only makes "none" truer.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Xattrs {
+    #[default]
+    Unknown,
+    None,
+    Some,
 }
 
 #[derive(Debug)]
@@ -91,6 +107,8 @@ impl Inodes {
                 ino: root_ino,
                 nlookup: 1,
                 names: Vec::new(),
+                xattrs: Xattrs::Unknown,
+                xattr_epoch: 0,
             },
         );
         Inodes {
@@ -156,7 +174,44 @@ impl Inodes {
     /// order lock (creations), where no name can change meanwhile.
     pub fn lookup(&self, parent: u64, name: &OsStr, dev: u64, ino: u64, is_dir: bool) -> u64 {
         let mut t = self.t.write().expect("inode table poisoned");
-        self.lookup_locked(&mut t, parent, name, dev, ino, is_dir)
+        let id = self.lookup_locked(&mut t, parent, name, dev, ino, is_dir);
+        // A new inode (perhaps under the number of one the kernel has yet to forget) may
+        // have inherited a default ACL.
+        Self::xattrs_changed_locked(&mut t, id);
+        id
+    }
+
+    /// What is known of node `id`'s extended attributes, and the epoch to pass to
+    /// [`Inodes::set_xattrs`] when recording what a listing read after this showed.
+    pub fn xattrs(&self, id: u64) -> (Xattrs, u64) {
+        let t = self.t.read().expect("inode table poisoned");
+        t.nodes
+            .get(&id)
+            .map_or((Xattrs::Unknown, 0), |n| (n.xattrs, n.xattr_epoch))
+    }
+
+    /// Records what a listing of node `id`'s xattrs showed, unless they changed since
+    /// `epoch` was read (before the listing).
+    pub fn set_xattrs(&self, id: u64, epoch: u64, known: Xattrs) {
+        let mut t = self.t.write().expect("inode table poisoned");
+        if let Some(n) = t.nodes.get_mut(&id) {
+            if n.xattr_epoch == epoch {
+                n.xattrs = known;
+            }
+        }
+    }
+
+    /// After an xattr of node `id` was set or removed (or may have been).
+    pub fn xattrs_changed(&self, id: u64) {
+        let mut t = self.t.write().expect("inode table poisoned");
+        Self::xattrs_changed_locked(&mut t, id);
+    }
+
+    fn xattrs_changed_locked(t: &mut Table, id: u64) {
+        if let Some(n) = t.nodes.get_mut(&id) {
+            n.xattrs = Xattrs::Unknown;
+            n.xattr_epoch += 1;
+        }
     }
 
     fn lookup_locked(
@@ -183,6 +238,8 @@ impl Inodes {
             ino,
             nlookup: 0,
             names: Vec::new(),
+            xattrs: Xattrs::Unknown,
+            xattr_epoch: 0,
         });
         let mut stale = Vec::new();
         if node.dev != dev || node.ino != ino {
@@ -190,6 +247,8 @@ impl Inodes {
             // one (it was deleted). Names of the old inode are stale by construction.
             node.dev = dev;
             node.ino = ino;
+            node.xattrs = Xattrs::Unknown;
+            node.xattr_epoch += 1;
             stale.append(&mut node.names);
         }
         node.nlookup += 1;
@@ -276,6 +335,12 @@ impl Inodes {
             p.push(c.as_bytes()).map_err(name_error)?;
         }
         Ok(Some(p))
+    }
+
+    /// The node that the kernel knows by `name` in `parent`, if any.
+    pub fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        let t = self.t.read().expect("inode table poisoned");
+        t.children.get(&(parent, name.to_os_string())).copied()
     }
 
     /// Path of `name` inside directory `parent`.

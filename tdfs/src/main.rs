@@ -45,7 +45,8 @@ struct Cli {
     dir: Option<PathBuf>,
 
     /// TOML file with any of the flags by long name (dir, mountpoint, slaves = ["h:p,z=1"],
-    /// compression, no_nodelay, state_dir, passthrough, threads, queue_size, journal_size, sync,
+    /// compression, no_nodelay, state_dir, passthrough, cache_timeout, threads, queue_size,
+    /// journal_size, sync,
     /// fsync_local, sync_timeout, min_replicas, drain_timeout, secret_file, tls_cert,
     /// tls_key, tls_ca, metrics, log_level). Flags on the command line win; unknown keys
     /// are an error. SIGHUP re-reads it (slaves and log_level apply at once).
@@ -86,6 +87,13 @@ struct Cli {
     /// Passthrough is the default; kept so older command lines still parse.
     #[arg(long, hide = true, conflicts_with = "no_passthrough")]
     passthrough: bool,
+
+    /// How long the kernel may cache names, negative lookups and attributes, in seconds
+    /// (fractions allowed; 0 caches nothing). Every change goes through the mount, so
+    /// nothing the kernel caches goes stale: only change the backing directory behind the
+    /// mount's back (never supported) with a short one.
+    #[arg(long, default_value_t = 86400.0, value_name = "SECONDS")]
+    cache_timeout: f64,
 
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -190,6 +198,7 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: &config::MasterFile) -> anyhow:
             cli.no_passthrough = !p;
         }
     }
+    take!(cache_timeout, cache_timeout);
     take!(threads, threads);
     take!(queue_size, queue_size);
     take!(journal_size, journal_size);
@@ -485,10 +494,20 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         });
     }
 
+    anyhow::ensure!(
+        cli.cache_timeout.is_finite() && (0.0..=1e9).contains(&cli.cache_timeout),
+        "--cache-timeout {}: expected seconds between 0 and 1e9",
+        cli.cache_timeout
+    );
+    let notifier = Arc::new(std::sync::OnceLock::new());
     let fs = fs::TdfsFs::new(
         ops::Ops::new(backing, repl.clone()),
         1 << 20,
         !cli.no_passthrough,
+        fs::Cache {
+            ttl: Duration::from_secs_f64(cli.cache_timeout),
+            notifier: notifier.clone(),
+        },
     );
     let mut config = Config::default();
     config.mount_options = vec![
@@ -501,6 +520,8 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     config.clone_fd = true;
     let session = fuser::Session::new(fs, &mountpoint, &config)
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    // Before the first request: the INIT handshake is over, nothing else has been read.
+    let _ = notifier.set(session.notifier());
     info!(mountpoint = %mountpoint.display(), "mounted");
     stop.mounted();
     tdfs_replication::daemon::notify("ready");

@@ -18,7 +18,7 @@ use tdfs_protocol::{Attr, NodeKind, Op, OpKind, Touch, WirePath};
 use tracing::{debug, warn};
 
 use crate::backing::{cvt, cvt_sz, fstat, times_of, Backing};
-use crate::inode::Inodes;
+use crate::inode::{Inodes, Xattrs};
 use tdfs_replication::flags::FsXattr;
 use tdfs_replication::repl::{Emit, Replicator};
 
@@ -46,33 +46,27 @@ impl OpenFile {
     }
 }
 
-/// An open directory stream (`DIR*` owns its fd).
-struct DirStream(*mut libc::DIR);
-
-// SAFETY: a DIR* is only used under the Mutex that wraps it, from one thread at a time.
-unsafe impl Send for DirStream {}
-
-impl Drop for DirStream {
-    fn drop(&mut self) {
-        // SAFETY: the pointer came from fdopendir and is closed exactly once.
-        unsafe { libc::closedir(self.0) };
-    }
-}
-
 /// One directory entry for readdir.
-pub struct DirEntry {
+pub struct DirEntry<'a> {
+    /// The node id its inode has (or would have) in the inode table.
     pub ino: u64,
-    pub offset: i64,
-    pub kind: u8,
-    pub name: Vec<u8>,
+    /// The cookie of the entry after it.
+    pub offset: u64,
+    pub kind: rustix::fs::FileType,
+    pub name: &'a [u8],
+    /// For readdirplus: its attributes, and a lookup counted for it.
+    pub plus: Option<libc::stat>,
 }
+
+/// getdents64 buffer: about what one FUSE reply holds (the kernel asks for a page of
+/// entries at a time), so that little is read and thrown away.
+const DIRENT_BUF: usize = 4096;
 
 pub struct Ops {
     pub backing: Backing,
     pub inodes: Inodes,
     pub repl: Replicator,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
-    dirs: Mutex<HashMap<u64, Arc<Mutex<DirStream>>>>,
     next_fh: AtomicU64,
     /// Inodes with a writer that shares the kernel's passthrough backing file with readers
     /// (see `fs.rs`). Lock order: after the order lock.
@@ -176,7 +170,6 @@ impl Ops {
             inodes,
             repl,
             files: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             watched: Mutex::new(HashMap::new()),
             n_watched: AtomicUsize::new(0),
@@ -254,7 +247,7 @@ impl Ops {
             };
             for (name, _, dtype) in entries {
                 let Ok(p) = dir.join(&name) else { continue };
-                if dtype == libc::DT_DIR {
+                if dtype == rustix::fs::FileType::Directory {
                     stack.push(p);
                 } else if let Ok(st) = self.backing.lstat(&p) {
                     if st.st_dev == dev && st.st_ino == ino {
@@ -266,15 +259,18 @@ impl Ops {
         None
     }
 
-    fn list(&self, dir: &WirePath) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
+    fn list(&self, dir: &WirePath) -> io::Result<Vec<(Vec<u8>, u64, rustix::fs::FileType)>> {
         let fd = self
             .backing
             .open(dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        let ds = Self::dir_stream(fd)?;
+        let mut buf = [std::mem::MaybeUninit::uninit(); DIRENT_BUF];
+        let mut entries = rustix::fs::RawDir::new(&fd, &mut buf);
         let mut out = Vec::new();
-        while let Some(e) = Self::next_entry(&ds)? {
-            if e.name != b"." && e.name != b".." {
-                out.push((e.name, e.ino, e.kind));
+        while let Some(e) = entries.next() {
+            let e = e?;
+            let name = e.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                out.push((name.to_vec(), e.ino(), e.file_type()));
             }
         }
         Ok(out)
@@ -306,13 +302,37 @@ impl Ops {
         if let Some(f) = fh.and_then(|fh| self.file(fh).ok()) {
             return fstat(f.fd());
         }
-        match self.inodes.path(ino)? {
-            Some(p) => self.backing.lstat(&p),
-            None => match self.any_open(ino) {
-                Some(f) => fstat(f.fd()),
-                None => Err(err(libc::ENOENT)),
-            },
+        // The kernel may cache the answer for long: it must be this inode's, not that of
+        // whatever a concurrent rename just moved onto its name (then read the name again).
+        for _ in 0..16 {
+            match self.inodes.path(ino)? {
+                Some(p) => {
+                    let st = self.backing.lstat(&p)?;
+                    if self.inodes.peek_id(st.st_dev, st.st_ino) == ino {
+                        return Ok(st);
+                    }
+                }
+                None => {
+                    return match self.any_open(ino) {
+                        Some(f) => fstat(f.fd()),
+                        None => Err(err(libc::ENOENT)),
+                    }
+                }
+            }
         }
+        Err(err(libc::ESTALE))
+    }
+
+    /// Whether a writer shares `ino`'s passthrough backing file (see `Watch`): its shared
+    /// mapping changes the file's times without the daemon, so the kernel must not cache
+    /// its attributes.
+    pub fn is_watched(&self, ino: u64) -> bool {
+        self.n_watched.load(Ordering::Acquire) > 0
+            && self
+                .watched
+                .lock()
+                .expect("watched poisoned")
+                .contains_key(&ino)
     }
 
     pub fn readlink(&self, ino: u64) -> io::Result<Vec<u8>> {
@@ -328,12 +348,43 @@ impl Ops {
         self.getattr(ino, None).map(drop)
     }
 
+    /// `ls -l` asks for an SELinux label and ACLs of every file, and most files have no
+    /// xattr at all: a file's first query lists its xattrs instead (one syscall either
+    /// way), and when there are none, later queries are answered without a syscall.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: usize) -> io::Result<Vec<u8>> {
-        self.backing
-            .getxattr(&self.path(ino)?, name.as_bytes(), size)
+        let (known, epoch) = self.inodes.xattrs(ino);
+        if known == Xattrs::None {
+            return Err(err(libc::ENODATA));
+        }
+        let p = self.path(ino)?;
+        if known == Xattrs::Unknown {
+            match self.backing.listxattr(&p, 0) {
+                Ok(l) if l.is_empty() => {
+                    self.inodes.set_xattrs(ino, epoch, Xattrs::None);
+                    return Err(err(libc::ENODATA));
+                }
+                Ok(_) => self.inodes.set_xattrs(ino, epoch, Xattrs::Some),
+                Err(_) => {}
+            }
+        }
+        self.backing.getxattr(&p, name.as_bytes(), size)
+    }
+
+    /// Whether the backing filesystem keeps POSIX ACLs (its root answers for one).
+    pub fn acls_supported(&self) -> bool {
+        match self
+            .backing
+            .getxattr(&WirePath::root(), b"system.posix_acl_access", 0)
+        {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() == Some(libc::ENODATA),
+        }
     }
 
     pub fn listxattr(&self, ino: u64, size: usize) -> io::Result<Vec<u8>> {
+        if self.inodes.xattrs(ino).0 == Xattrs::None {
+            return Ok(Vec::new());
+        }
         self.backing.listxattr(&self.path(ino)?, size)
     }
 
@@ -856,6 +907,8 @@ impl Ops {
             .map(drop)
     }
 
+    /// Renames `parent/name` to `newparent/newname`. Returns whether a directory changed
+    /// parent (its `..` now names another directory).
     pub fn rename(
         &self,
         who: Caller,
@@ -864,7 +917,7 @@ impl Ops {
         newparent: u64,
         newname: &OsStr,
         flags: u32,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) != 0 {
             return Err(err(libc::EINVAL));
         }
@@ -909,20 +962,24 @@ impl Ops {
                 // (and the other side's, for an exchange) so nothing is left to the slave's
                 // clock.
                 let moved = self.backing.lstat(&to);
-                if moved
-                    .as_ref()
-                    .map_or(true, |m| m.st_mode & libc::S_IFMT == libc::S_IFDIR)
-                    || flags & RENAME_EXCHANGE != 0
-                {
+                let is_dir = |st: &io::Result<libc::stat>| {
+                    st.as_ref()
+                        .map_or(true, |m| m.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                };
+                let exchanged = if flags & RENAME_EXCHANGE != 0 {
+                    Some(self.backing.lstat(&from))
+                } else {
+                    None
+                };
+                let dir_moved = is_dir(&moved) || exchanged.as_ref().is_some_and(is_dir);
+                if is_dir(&moved) || exchanged.is_some() {
                     self.repl.note_dir_rename();
                 }
                 if let Ok(m) = &moved {
                     op = op.with_touch(Touch::Own(times_of(m)));
                 }
-                if flags & RENAME_EXCHANGE != 0 {
-                    if let Ok(st) = self.backing.lstat(&from) {
-                        op = op.with_touch(Touch::Path(from.clone(), times_of(&st)));
-                    }
+                if let Some(Ok(st)) = &exchanged {
+                    op = op.with_touch(Touch::Path(from.clone(), times_of(st)));
                 }
                 if let Ok(t) = self.parent_touch(&to) {
                     op = op.with_touch(t);
@@ -955,9 +1012,9 @@ impl Ops {
                         emit.op(wop);
                     }
                 }
-                Ok(())
+                Ok(dir_moved && parent != newparent)
             })
-            .map(drop)
+            .map(|(moved, _)| moved)
     }
 
     pub fn setattr(&self, ino: u64, req: &SetAttrReq) -> io::Result<libc::stat> {
@@ -1319,7 +1376,10 @@ impl Ops {
             return Err(err(libc::ERANGE));
         }
         self.repl.mutate(|| {
-            self.backing.setxattr(&p, name.as_bytes(), value, flags)?;
+            let r = self.backing.setxattr(&p, name.as_bytes(), value, flags);
+            // Also on failure: a failed call may still have changed them.
+            self.inodes.xattrs_changed(ino);
+            r?;
             let op = Op::new(OpKind::SetXattr {
                 path: p.clone(),
                 name: name.as_bytes().to_vec(),
@@ -1333,7 +1393,9 @@ impl Ops {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> io::Result<()> {
         let p = self.path(ino)?;
         self.repl.mutate(|| {
-            self.backing.removexattr(&p, name.as_bytes())?;
+            let r = self.backing.removexattr(&p, name.as_bytes());
+            self.inodes.xattrs_changed(ino);
+            r?;
             let op = Op::new(OpKind::RemoveXattr {
                 path: p.clone(),
                 name: name.as_bytes().to_vec(),
@@ -1408,94 +1470,94 @@ impl Ops {
 
     // ---- directories -------------------------------------------------------------------
 
-    fn dir_stream(fd: OwnedFd) -> io::Result<DirStream> {
-        let raw = fd.as_raw_fd();
-        // SAFETY: fdopendir takes ownership of a valid directory fd on success.
-        let d = unsafe { libc::fdopendir(raw) };
-        if d.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        std::mem::forget(fd);
-        Ok(DirStream(d))
-    }
-
-    fn next_entry(ds: &DirStream) -> io::Result<Option<DirEntry>> {
-        // SAFETY: errno is thread-local; resetting it distinguishes end-of-dir from error.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: ds.0 is a live DIR*; the returned dirent is valid until the next readdir.
-        let e = unsafe { libc::readdir64(ds.0) };
-        if e.is_null() {
-            let errno = io::Error::last_os_error();
-            return match errno.raw_os_error() {
-                Some(0) | None => Ok(None),
-                _ => Err(errno),
-            };
-        }
-        // SAFETY: e is non-null and points to a dirent with a NUL-terminated d_name.
-        let (ino, off, kind, name) = unsafe {
-            let e = &*e;
-            (
-                e.d_ino,
-                e.d_off,
-                e.d_type,
-                CStr::from_ptr(e.d_name.as_ptr()).to_bytes().to_vec(),
-            )
-        };
-        Ok(Some(DirEntry {
-            ino,
-            offset: off,
-            kind,
-            name,
-        }))
-    }
-
-    pub fn opendir(&self, ino: u64) -> io::Result<u64> {
-        let p = self.path(ino)?;
-        let fd = self
-            .backing
-            .open(&p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        let ds = Self::dir_stream(fd)?;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs
-            .lock()
-            .expect("dirs poisoned")
-            .insert(fh, Arc::new(Mutex::new(ds)));
-        Ok(fh)
-    }
-
-    /// Calls `add` for entries from `offset` until it returns true (reply buffer full).
-    pub fn readdir(
-        &self,
-        fh: u64,
-        offset: i64,
-        mut add: impl FnMut(&DirEntry) -> bool,
-    ) -> io::Result<()> {
-        let ds = self
-            .dirs
-            .lock()
-            .expect("dirs poisoned")
-            .get(&fh)
-            .cloned()
-            .ok_or_else(|| err(libc::EBADF))?;
-        let ds = ds.lock().expect("dir poisoned");
-        // SAFETY: ds.0 is a live DIR*; offsets are ones readdir handed out (or 0).
-        unsafe {
-            if offset == 0 {
-                libc::rewinddir(ds.0);
-            } else {
-                libc::seekdir(ds.0, offset as libc::c_long);
+    /// The backing directory of node `ino`, opened for listing. Its path is read from the
+    /// inode table, and a rename may move another directory onto that name between the
+    /// read and the open: the fd is checked to be `ino` itself, or the path is read again,
+    /// since a listing of the wrong directory would stay in the kernel's directory cache.
+    fn open_dir(&self, ino: u64) -> io::Result<OwnedFd> {
+        for _ in 0..16 {
+            let p = self.path(ino)?;
+            let fd = self
+                .backing
+                .open(&p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            let st = fstat(fd.as_raw_fd())?;
+            if self.inodes.peek_id(st.st_dev, st.st_ino) == ino {
+                return Ok(fd);
             }
         }
-        while let Some(mut e) = Self::next_entry(&ds)? {
-            e.ino = self.inodes.peek_id(self.backing.dev, e.ino);
-            if add(&e) {
+        Err(err(libc::ESTALE))
+    }
+
+    /// Looks `name` up in the directory `dir` (node `parent`), counting a lookup, as
+    /// [`Ops::lookup`] does but relative to the directory's fd: one short `fstatat` instead
+    /// of a walk of the whole path.
+    fn lookup_in(&self, dir: &OwnedFd, parent: u64, name: &CStr) -> io::Result<(u64, libc::stat)> {
+        loop {
+            let generation = self.inodes.generation();
+            let st = tdfs_replication::fsio::lstat_at(dir.as_fd(), name)?;
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            let name = OsStr::from_bytes(name.to_bytes());
+            if let Some(id) = self
+                .inodes
+                .lookup_checked(generation, parent, name, st.st_dev, st.st_ino, is_dir)
+            {
+                return Ok((id, st));
+            }
+        }
+    }
+
+    /// Lists directory `ino` from `offset` (0, or the cookie of an entry listed before),
+    /// calling `add` for each entry until it returns true (the reply is full; that entry
+    /// was not taken). With `plus` (readdirplus), each entry but `.` and `..` comes with its
+    /// attributes and counts as a lookup, taken back if `add` refuses it.
+    ///
+    /// Stateless: the directory is opened for each call, so the kernel needs no opendir
+    /// round trip (it caches the listing itself, see `fs.rs`). The cookies are the backing
+    /// filesystem's `d_off`, valid across opens.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        plus: bool,
+        mut add: impl FnMut(&DirEntry) -> bool,
+    ) -> io::Result<()> {
+        let fd = self.open_dir(ino)?;
+        if offset != 0 {
+            rustix::fs::seek(&fd, rustix::fs::SeekFrom::Start(offset))?;
+        }
+        let mut buf = [std::mem::MaybeUninit::uninit(); DIRENT_BUF];
+        let mut entries = rustix::fs::RawDir::new(&fd, &mut buf);
+        while let Some(e) = entries.next() {
+            let e = e?;
+            let name = e.file_name();
+            let dot = matches!(name.to_bytes(), b"." | b"..");
+            let looked = if plus && !dot {
+                match self.lookup_in(&fd, ino, name) {
+                    Ok(st) => Some(st),
+                    // Removed since the listing was read.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                None
+            };
+            let entry = DirEntry {
+                ino: match &looked {
+                    Some((id, _)) => *id,
+                    None => self.inodes.peek_id(self.backing.dev, e.ino()),
+                },
+                offset: e.next_entry_cookie(),
+                kind: e.file_type(),
+                name: name.to_bytes(),
+                plus: looked.map(|(_, st)| st),
+            };
+            if add(&entry) {
+                if entry.plus.is_some() {
+                    self.inodes.forget(entry.ino, 1);
+                }
                 break;
             }
         }
         Ok(())
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs.lock().expect("dirs poisoned").remove(&fh);
     }
 }

@@ -702,6 +702,12 @@ fn op_xattrs() {
     remove_xattr(&f, "trusted.gone").unwrap();
     set_xattr(&c.at("d"), "user.dir", b"dirval", 0).unwrap();
     set_xattr(&c.at("sl"), "trusted.link", b"lnk", 0).unwrap();
+    // The mount's root is a directory like any other.
+    set_xattr(c.mnt(), "user.root", b"top", 0).unwrap();
+    assert_eq!(
+        get_xattr(c.mnt(), "user.root").unwrap().as_deref(),
+        Some(&b"top"[..])
+    );
     c.finish();
     for r in c.roots() {
         let g = |p: &str, n: &str| get_xattr(&r.join(p), n).unwrap();
@@ -713,6 +719,10 @@ fn op_xattrs() {
         assert_eq!(g("f", "trusted.gone"), None);
         assert_eq!(g("d", "user.dir").as_deref(), Some(&b"dirval"[..]));
         assert_eq!(g("sl", "trusted.link").as_deref(), Some(&b"lnk"[..]));
+        assert_eq!(
+            get_xattr(&r, "user.root").unwrap().as_deref(),
+            Some(&b"top"[..])
+        );
     }
 }
 
