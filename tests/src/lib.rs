@@ -7,6 +7,7 @@
 //!   waits for the master to exit 0 and compares every replica with the backing dir.
 //! * [`proxy`]: a fault-injecting TCP proxy (drop, stall, truncate, flip bytes, refuse) to
 //!   put between a master and a slave.
+//! * [`pki`]: a throwaway CA and certificates for TLS tests.
 //! * [`netns`]: test hosts in network namespaces joined by a bridge, to cut one off.
 //! * [`util`]: binaries, root/FUSE checks, polling with deadlines, small syscall wrappers.
 
@@ -14,6 +15,7 @@ pub mod cluster;
 pub mod compare;
 pub mod daemons;
 pub mod netns;
+pub mod pki;
 pub mod proxy;
 pub mod util;
 

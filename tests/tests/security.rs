@@ -266,41 +266,8 @@ fn right_secret_replicates_and_a_replayed_handshake_fails() {
     }
 }
 
-struct Pki {
-    ca: String,
-    slave_cert: String,
-    slave_key: String,
-    master_cert: String,
-    master_key: String,
-}
-
-fn pki(env: &Env, prefix: &str) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{prefix} test CA"));
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (sc, sk) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
-    let (mc, mk) = leaf(vec!["tdfs-master".into()]);
-    Pki {
-        ca: env.file(&format!("{prefix}-ca.pem"), &ca_cert.pem(), 0o644),
-        slave_cert: env.file(&format!("{prefix}-slave.pem"), &sc, 0o644),
-        slave_key: env.file(&format!("{prefix}-slave.key"), &sk, 0o600),
-        master_cert: env.file(&format!("{prefix}-master.pem"), &mc, 0o644),
-        master_key: env.file(&format!("{prefix}-master.key"), &mk, 0o600),
-    }
+fn pki(env: &Env, prefix: &str) -> tdfs_tests::pki::Pki {
+    tdfs_tests::pki::write_pki(&env.root, prefix)
 }
 
 #[test]
