@@ -77,6 +77,10 @@ pub enum FrameType {
     /// verifier -> slave: opens a read-only session (payload like `Hello`); allowed while a
     /// master is connected, and only `ListDir` and `Checksum` may follow.
     Inspect = 16,
+    /// relay -> its upstream: where the relay's own replicas stand
+    /// ([`crate::msg::Downstream`]), about once a second, so the master's status shows the
+    /// whole tree.
+    Downstream = 17,
     /// master -> slave: start of shared-secret authentication ([`crate::auth::AuthRequest`]).
     AuthRequest = 20,
     /// slave -> master: the slave's nonce ([`crate::auth::AuthChallenge`]).
@@ -106,6 +110,7 @@ impl FrameType {
             14 => Self::Digest,
             15 => Self::SyncMiss,
             16 => Self::Inspect,
+            17 => Self::Downstream,
             20 => Self::AuthRequest,
             21 => Self::AuthChallenge,
             22 => Self::AuthResponse,

@@ -11,8 +11,15 @@ use crate::wire::{DecodeError, Reader, Writer};
 /// Payload encoding versions this build understands (carried in `Hello`/`HelloAck` so that a
 /// later build can negotiate down; the frame header version guards the framing itself).
 /// 3: histories and epochs in the handshake (failover), inode flags in listings and ops.
+/// 4: relays report their replicas upstream (`Downstream`).
 pub const PROTO_MIN: u16 = 3;
-pub const PROTO_MAX: u16 = 3;
+pub const PROTO_MAX: u16 = 4;
+
+/// Most nodes a `Downstream` report carries (a relay's replicas and theirs, at any depth).
+pub const MAX_DOWNSTREAM: usize = 4096;
+
+/// Deepest relay chain a report describes.
+pub const MAX_DEPTH: u8 = 32;
 
 /// Longest human-readable string in a message.
 pub const MAX_TEXT: usize = 4096;
@@ -304,5 +311,83 @@ impl ApplyError {
         };
         r.finish()?;
         Ok(a)
+    }
+}
+
+/// One replica below a relay, as the relay sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DownNode {
+    /// 1: the relay's own replica; 2: a replica of that one; ...
+    pub depth: u8,
+    /// The address the relay (or the relay above it) connects to.
+    pub addr: String,
+    /// What the replica calls itself (host and directory).
+    pub label: String,
+    /// streaming, catching up, syncing, disconnected or error.
+    pub state: String,
+    /// Last sequence number it applied.
+    pub applied: u64,
+    /// Ops behind its own upstream (the relay), and for how long, in milliseconds.
+    pub lag_ops: u64,
+    pub lag_ms: u64,
+    pub syncs: u64,
+    pub sync_bytes: u64,
+    pub last_error: String,
+}
+
+/// A relay's report of its replicas, depth first (each node followed by those below it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Downstream {
+    pub nodes: Vec<DownNode>,
+}
+
+impl Downstream {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = Writer { out: &mut out };
+        let n = self.nodes.len().min(MAX_DOWNSTREAM);
+        w.u32(n as u32);
+        for d in &self.nodes[..n] {
+            w.u8(d.depth);
+            text(&mut w, &d.addr);
+            text(&mut w, &d.label);
+            text(&mut w, &d.state);
+            w.u64(d.applied);
+            w.u64(d.lag_ops);
+            w.u64(d.lag_ms);
+            w.u64(d.syncs);
+            w.u64(d.sync_bytes);
+            text(&mut w, &d.last_error);
+        }
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let n = r.u32("node count")? as usize;
+        if n > MAX_DOWNSTREAM {
+            return Err(DecodeError::Invalid("too many downstream nodes"));
+        }
+        let mut nodes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let depth = r.u8("depth")?;
+            if depth == 0 || depth > MAX_DEPTH {
+                return Err(DecodeError::Invalid("downstream depth out of range"));
+            }
+            nodes.push(DownNode {
+                depth,
+                addr: read_text(&mut r, "addr")?,
+                label: read_text(&mut r, "label")?,
+                state: read_text(&mut r, "state")?,
+                applied: r.u64("applied")?,
+                lag_ops: r.u64("lag ops")?,
+                lag_ms: r.u64("lag ms")?,
+                syncs: r.u64("syncs")?,
+                sync_bytes: r.u64("sync bytes")?,
+                last_error: read_text(&mut r, "last error")?,
+            });
+        }
+        r.finish()?;
+        Ok(Downstream { nodes })
     }
 }

@@ -1,7 +1,9 @@
 //! Config-file helpers both daemons use: TOML files whose keys are the long flag names,
 //! where flags given on the command line win.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use crate::repl::SlaveConfig;
 
 use anyhow::Context;
 use serde::Deserialize;
@@ -17,4 +19,44 @@ pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
 /// Whether the flag with clap id `id` was given on the command line (not defaulted).
 pub fn given(m: &clap::ArgMatches, id: &str) -> bool {
     m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+}
+
+/// The persisted slave set's file.
+pub fn slaves_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("slaves")
+}
+
+/// The persisted slave specs (`HOST:PORT,z=N`, one a line), if the file exists.
+pub fn load_persisted(state_dir: &Path) -> anyhow::Result<Option<Vec<String>>> {
+    let p = slaves_file(state_dir);
+    match std::fs::read_to_string(&p) {
+        Ok(t) => Ok(Some(
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect(),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// The spec a slave is persisted as.
+pub fn spec(c: &SlaveConfig) -> String {
+    c.spec()
+}
+
+/// Writes the current slave set to `STATE_DIR/slaves` (atomically).
+pub fn persist(state_dir: &Path, slaves: &[SlaveConfig]) -> std::io::Result<()> {
+    let mut text = String::from(
+        "# tdfs replica set, written by `tdfs slave add/remove`, `tdfs-slave leaf add/remove`\n\
+         # and SIGHUP reloads. While this file exists it is this node's set of replicas at\n\
+         # startup (-c and the config file's slaves are ignored). Delete it to go back to them.\n",
+    );
+    for s in slaves {
+        text.push_str(&spec(s));
+        text.push('\n');
+    }
+    crate::daemon::write_atomic(&slaves_file(state_dir), text.as_bytes(), 0o600)
 }

@@ -23,6 +23,7 @@
 pub mod accept;
 pub mod config;
 pub mod daemon;
+pub mod feeds;
 pub mod flags;
 pub mod fsio;
 pub mod inspect;

@@ -30,6 +30,15 @@ pub struct SlaveFile {
     pub insecure: Option<bool>,
     pub metrics: Option<String>,
     pub log_level: Option<String>,
+    pub slaves: Option<Vec<String>>,
+    pub compression: Option<u8>,
+    pub queue_size: Option<usize>,
+    pub journal_size: Option<u64>,
+    pub leaf_secret_file: Option<PathBuf>,
+    pub leaf_tls_cert: Option<PathBuf>,
+    pub leaf_tls_key: Option<PathBuf>,
+    pub leaf_tls_ca: Option<PathBuf>,
+    pub leaf_insecure: Option<bool>,
 }
 
 pub use tdfs_replication::config::{given, load};

@@ -22,6 +22,16 @@ pub fn status(shared: &Shared, mirror: &str, listen: &str) -> Value {
     let (epoch, label, peer) = st.master();
     let rec = shared.node().record();
     let flags = st.flags.load(Ordering::Relaxed);
+    let relay = shared.feeds().map(|f| {
+        let rs = f.repl.status();
+        json!({
+            "head": rs.head,
+            "paused": rs.paused,
+            "queue_bytes": rs.queue_bytes,
+            "journal_bytes": rs.journal_bytes,
+            "slaves": f.slaves_json(&rs.slaves, rs.head),
+        })
+    });
     json!({
         "ok": true,
         "role": "replica",
@@ -47,6 +57,7 @@ pub fn status(shared: &Shared, mirror: &str, listen: &str) -> Value {
         "last_error": st.last_error(),
         "fenced_masters": st.fenced_refusals.load(Ordering::Relaxed),
         "uptime_secs": st.started.elapsed().as_secs_f64(),
+        "relay": relay,
     })
 }
 
@@ -58,11 +69,15 @@ pub fn serve(
     mirror: String,
     listen: String,
 ) {
-    control::serve(rt, sock, move |req| match req["cmd"].as_str() {
-        Some("status") => status(&shared, &mirror, &listen),
-        other => control::error(format!(
-            "unknown command {other:?} (the slave knows: status)"
-        )),
+    control::serve(rt, sock, move |req| {
+        match (req["cmd"].as_str(), shared.feeds()) {
+            (Some("status"), _) => status(&shared, &mirror, &listen),
+            (Some("add"), Some(f)) => f.add(req["slave"].as_str().unwrap_or("")),
+            (Some("remove"), Some(f)) => f.remove(req["slave"].as_str().unwrap_or("")),
+            (other, _) => control::error(format!(
+                "unknown command {other:?} (the slave knows: status, add, remove)"
+            )),
+        }
     });
 }
 
@@ -175,9 +190,56 @@ impl Collector for Metrics {
     }
 }
 
+/// `tdfs-slave leaf add|remove`: changes a running relay's own replicas; saved in its state
+/// directory (STATE_DIR/slaves) and kept across restarts.
+#[derive(Parser, Debug)]
+#[command(name = "tdfs-slave leaf")]
+pub struct LeafCli {
+    /// add: a new replica of this node (it is synced from this node's tree, then streams);
+    /// remove: its link ends.
+    #[arg(value_parser = ["add", "remove"])]
+    pub action: String,
+
+    /// HOST[:PORT][,z=N][,fallback], as with -c.
+    #[arg(value_name = "HOST[:PORT][,z=N][,fallback]")]
+    pub leaf: String,
+
+    #[command(flatten)]
+    pub target: StatusCli,
+}
+
+/// Runs `tdfs-slave leaf ...` (args[0] is "leaf").
+pub fn leaf_main(args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
+    let cli = LeafCli::parse_from(
+        std::iter::once(std::ffi::OsString::from("tdfs-slave leaf"))
+            .chain(args.into_iter().skip(1)),
+    );
+    let r = (|| {
+        let dir = state_dir_of(&cli.target)?;
+        let v = control::request(&dir, &json!({"cmd": cli.action, "slave": cli.leaf}))?;
+        println!(
+            "{} {}",
+            if cli.action == "add" {
+                "added"
+            } else {
+                "removed"
+            },
+            v["slave"].as_str().unwrap_or(&cli.leaf)
+        );
+        anyhow::Ok(())
+    })();
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tdfs-slave leaf: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// `tdfs-slave status`: asks a running slave through the control socket in its state
 /// directory.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "tdfs-slave status")]
 pub struct StatusCli {
     /// The slave's state directory (where its control socket is).
@@ -314,5 +376,20 @@ pub fn format_status(v: &Value) -> String {
             .map(|e| format!(" (last: {e})"))
             .unwrap_or_default()
     ));
+    let relay = &v["relay"];
+    if let Some(slaves) = relay["slaves"].as_array().filter(|s| !s.is_empty()) {
+        out.push_str(&format!(
+            "relaying     to {} replica(s), queue {}, journal {}{}\n",
+            slaves.len(),
+            human_bytes(relay["queue_bytes"].as_u64().unwrap_or(0) as f64),
+            human_bytes(relay["journal_bytes"].as_u64().unwrap_or(0) as f64),
+            if relay["paused"].as_bool() == Some(true) {
+                " (held: this node is being synced)"
+            } else {
+                ""
+            }
+        ));
+        out.push_str(&tdfs_replication::feeds::format_slaves(slaves));
+    }
     out
 }

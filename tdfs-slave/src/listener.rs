@@ -97,6 +97,8 @@ pub struct Shared {
     label: String,
     /// The node state (also in `Core`), readable without waiting for an apply round.
     node: Arc<NodeState>,
+    /// This node's own replicas (`-c`): what it applies, it feeds to them.
+    feeds: OnceLock<Arc<tdfs_replication::feeds::Feeds>>,
 }
 
 /// Poisoning only means a thread panicked while holding the lock; the data it guards is
@@ -122,7 +124,42 @@ impl Shared {
             stats: crate::stats::Stats::default(),
             label,
             node,
+            feeds: OnceLock::new(),
         })
+    }
+
+    /// Makes this node a relay (call once, before [`serve`]).
+    pub fn set_feeds(&self, feeds: Arc<tdfs_replication::feeds::Feeds>) {
+        if self.feeds.set(feeds).is_err() {
+            panic!("relay engine set twice");
+        }
+    }
+
+    /// The replicas this node feeds, if it was started as a relay engine.
+    pub fn feeds(&self) -> Option<&Arc<tdfs_replication::feeds::Feeds>> {
+        self.feeds.get()
+    }
+
+    /// The engine feeding this node's replicas.
+    pub fn relay(&self) -> Option<&tdfs_replication::repl::Replicator> {
+        self.feeds.get().map(|f| &f.repl)
+    }
+
+    /// One of this relay's replicas has seen `newer`: the upstream connected now, of an
+    /// older epoch, was replaced. It is told to end after the round in hand; when it comes
+    /// back it is refused as fenced (the epoch is recorded), which tells it so.
+    pub fn drop_stale_upstream(&self, newer: &tdfs_protocol::Epoch) {
+        let a = lock(&self.active);
+        if let Some(cur) = a.as_ref() {
+            if cur.epoch.is_some_and(|e| e.number < newer.number) {
+                tracing::warn!(
+                    "dropping upstream {} at {}: a replica of this relay has seen {newer}",
+                    cur.label,
+                    cur.peer
+                );
+                cur.preempt.send_replace(true);
+            }
+        }
     }
 
     pub fn node(&self) -> &Arc<NodeState> {

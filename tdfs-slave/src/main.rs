@@ -120,6 +120,81 @@ struct Cli {
     /// no TLS): anyone who can reach the port can then change DIR. For trusted networks only.
     #[arg(long = "insecure")]
     insecure: bool,
+
+    /// Relay: feed what this replica applies to a replica of its own, as
+    /// HOST[:PORT][,z=N][,fallback] (the master's -c syntax; repeat for more). Its replicas
+    /// get the master's ops with the master's epochs and sequence numbers, so any of them
+    /// can be taken over by another relay or the master (give them as `,fallback` upstreams
+    /// there). `tdfs-slave leaf add|remove` changes the set at runtime (saved in
+    /// STATE_DIR/slaves, which then wins over -c).
+    #[arg(
+        short = 'c',
+        long = "slave",
+        value_name = "HOST[:PORT][,z=N][,fallback]"
+    )]
+    slaves: Vec<String>,
+
+    /// Relay: compression towards this node's replicas (0 none, 1 lzf, 2 lz4), unless a -c
+    /// says otherwise.
+    #[arg(short = 'z', long, default_value_t = 0, value_name = "N")]
+    compression: u8,
+
+    /// Relay: memory for ops not yet acknowledged by every replica of this node, in MiB
+    /// (beyond it they spill to the journal, as on the master).
+    #[arg(long, default_value_t = 128, value_name = "MIB")]
+    queue_size: usize,
+
+    /// Relay: disk for ops a lagging replica of this node still needs, in MiB (in the state
+    /// directory); one further behind is synced from this node's tree.
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    journal_size: u64,
+
+    /// Relay: the secret proven to this node's replicas. Without any --leaf-* flag, a relay
+    /// uses towards its replicas the same --secret-file and TLS files as towards its
+    /// upstream; with one, only what the --leaf-* flags say.
+    #[arg(long = "leaf-secret-file", value_name = "FILE")]
+    leaf_secret_file: Option<PathBuf>,
+
+    /// Relay: TLS towards this node's replicas: the certificate chain presented to them.
+    #[arg(long = "leaf-tls-cert", value_name = "FILE", requires_all = ["leaf_tls_key", "leaf_tls_ca"])]
+    leaf_tls_cert: Option<PathBuf>,
+
+    /// Relay: the private key of --leaf-tls-cert.
+    #[arg(long = "leaf-tls-key", value_name = "FILE", requires_all = ["leaf_tls_cert", "leaf_tls_ca"])]
+    leaf_tls_key: Option<PathBuf>,
+
+    /// Relay: the CA that must have signed every replica's certificate.
+    #[arg(long = "leaf-tls-ca", value_name = "FILE", requires_all = ["leaf_tls_cert", "leaf_tls_key"])]
+    leaf_tls_ca: Option<PathBuf>,
+
+    /// Relay: plain TCP towards this node's replicas even though this node's own upstream
+    /// link uses a secret or TLS (for replicas on loopback or a trusted network).
+    #[arg(long = "leaf-insecure")]
+    leaf_insecure: bool,
+}
+
+impl Cli {
+    /// How a relay authenticates to its own replicas: the --leaf-* flags, else the same
+    /// secret and TLS files as towards its upstream.
+    fn leaf_auth(&self) -> tdfs_replication::outbound::SlaveAuthArgs {
+        let mut a = tdfs_replication::outbound::SlaveAuthArgs::default();
+        if self.leaf_insecure {
+            return a;
+        }
+        if self.leaf_secret_file.is_some() || self.leaf_tls_cert.is_some() {
+            // Set per hop: only what the --leaf-* flags say.
+            a.secret_file = self.leaf_secret_file.clone();
+            a.tls_cert = self.leaf_tls_cert.clone();
+            a.tls_key = self.leaf_tls_key.clone();
+            a.tls_ca = self.leaf_tls_ca.clone();
+        } else {
+            a.secret_file = self.secret_file.clone();
+            a.tls_cert = self.tls_cert.clone();
+            a.tls_key = self.tls_key.clone();
+            a.tls_ca = self.tls_ca.clone();
+        }
+        a
+    }
 }
 
 /// Loads the security settings, refusing an unauthenticated listener beyond loopback.
@@ -226,6 +301,29 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: SlaveFile) -> anyhow::Result<()
     if !g("metrics") && f.metrics.is_some() {
         cli.metrics = f.metrics;
     }
+    if let (false, Some(v)) = (g("slaves"), f.slaves) {
+        cli.slaves = v;
+    }
+    if let (false, Some(v)) = (g("compression"), f.compression) {
+        cli.compression = v;
+    }
+    if let (false, Some(v)) = (g("queue_size"), f.queue_size) {
+        cli.queue_size = v;
+    }
+    if let (false, Some(v)) = (g("journal_size"), f.journal_size) {
+        cli.journal_size = v;
+    }
+    if !g("leaf_secret_file") && f.leaf_secret_file.is_some() {
+        cli.leaf_secret_file = f.leaf_secret_file;
+    }
+    if !g("leaf_tls_cert") && !g("leaf_tls_key") && !g("leaf_tls_ca") {
+        cli.leaf_tls_cert = f.leaf_tls_cert.or(cli.leaf_tls_cert.take());
+        cli.leaf_tls_key = f.leaf_tls_key.or(cli.leaf_tls_key.take());
+        cli.leaf_tls_ca = f.leaf_tls_ca.or(cli.leaf_tls_ca.take());
+    }
+    if let (false, Some(v)) = (g("leaf_insecure"), f.leaf_insecure) {
+        cli.leaf_insecure = v;
+    }
     if cli.mirror.is_none() {
         bail!("no mirror directory: give -m DIR or `mirror = \"DIR\"` in the config file");
     }
@@ -279,6 +377,9 @@ fn main() -> ExitCode {
             return tdfs_slave::control::status_main(
                 std::env::args_os().skip(1).collect::<Vec<_>>(),
             )
+        }
+        Some("leaf") => {
+            return tdfs_slave::control::leaf_main(std::env::args_os().skip(1).collect::<Vec<_>>())
         }
         Some("completions" | "manpage") => return generate(&args),
         _ => {}
@@ -403,6 +504,32 @@ fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::
         );
     }
     let applier = Applier::open(&root).with_context(|| format!("opening {}", root.display()))?;
+    let default_z = tdfs_protocol::Compression::from_level(cli.compression)
+        .context("--compression: 0, 1 or 2")?;
+    // The persisted set (tdfs-slave leaf add/remove) wins over -c, as on the master.
+    let leaf_specs = match tdfs_replication::config::load_persisted(&state_dir)? {
+        Some(v) => {
+            if !cli.slaves.is_empty() {
+                tracing::info!(
+                    "replicas from {} (written by `tdfs-slave leaf add/remove`; -c and the \
+                     config file's slaves are ignored while it exists)",
+                    tdfs_replication::config::slaves_file(&state_dir).display()
+                );
+            }
+            v
+        }
+        None => cli.slaves.clone(),
+    };
+    let leaves = leaf_specs
+        .iter()
+        .map(|s| tdfs_replication::repl::SlaveConfig::parse(s, default_z, !cli.no_nodelay))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    cli.leaf_auth().init()?;
+    let relay_tree = tdfs_slave::confine::ConfinedTree::new(
+        std::fs::File::open(&root)
+            .map(std::os::fd::OwnedFd::from)
+            .with_context(|| format!("opening {}", root.display()))?,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -425,8 +552,48 @@ fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::
                 .unwrap_or_else(|_| "?".into()),
             root.display()
         );
-        let shared = Shared::new(core, !cli.no_nodelay, label);
+        let shared = Shared::new(core, !cli.no_nodelay, label.clone());
         shared.set_security(security);
+        // The relay engine: always there (replicas can be added at runtime), idle without
+        // any. Its tree is at a known position once it follows a line and no sync into it
+        // was interrupted.
+        let weak = Arc::downgrade(&shared);
+        let repl = tdfs_replication::repl::Replicator::start(
+            &handle,
+            leaves,
+            tdfs_replication::repl::Origin {
+                node: shared.node().clone(),
+                history: rec0.history.clone(),
+                next_seq: applied0 + 1,
+                unclean: false,
+                journal_valid: true,
+            },
+            tdfs_replication::repl::ReplConfig {
+                label,
+                mem_cap: cli.queue_size.max(1) << 20,
+                journal_bytes: cli.journal_size.max(1) << 20,
+                tree: Arc::new(relay_tree),
+                checksum_sync: false,
+                policy: Default::default(),
+                relay: true,
+                on_fenced: Some(Arc::new(move |newer, _by| {
+                    if let Some(s) = weak.upgrade() {
+                        s.drop_stale_upstream(&newer);
+                    }
+                })),
+                paused: rec0.history.is_empty()
+                    || flags0 & (tdfs_protocol::msg::ack_flags::SYNCING) != 0,
+            },
+        )
+        .with_context(|| format!("opening the relay journal in {}", state_dir.display()))?;
+        let feeds = tdfs_replication::feeds::Feeds::new(
+            repl,
+            state_dir.clone(),
+            default_z,
+            !cli.no_nodelay,
+        );
+        feeds.start_sampler(&handle);
+        shared.set_feeds(feeds);
         shared
             .stats
             .set_master(rec0.history.last().copied(), "", "");

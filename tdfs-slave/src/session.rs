@@ -106,7 +106,14 @@ struct Session {
     /// upstream's line as it is (no sync needed first).
     prev: (u64, bool),
     durable: u64,
+    /// Protocol version agreed at the handshake.
+    proto: u16,
+    /// When a relay next tells its upstream about its own replicas.
+    report_at: Option<tokio::time::Instant>,
 }
+
+/// How often a relay reports its replicas upstream.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs a session to its end; never returns an error, only logs it.
 pub async fn run(
@@ -135,6 +142,8 @@ pub async fn run(
         received: 0,
         prev: (0, false),
         durable: 0,
+        proto: PROTO_MIN,
+        report_at: None,
     };
     tracing::debug!("connection from {peer}");
     let end = s.serve().await;
@@ -186,12 +195,19 @@ impl Session {
         if self.buf.capacity() - self.buf.len() < rest.max(MIN_READ) {
             self.buf.reserve(rest.max(READ_CHUNK));
         }
+        let report_at = self.report_at;
         let res = tokio::select! {
             // Cancel safe: on cancellation nothing was read.
             r = self.rd.read_buf(&mut self.buf) => Some(Ok(r)),
             _ = self.stop.wait_for(|s| *s) => None,
             _ = self.preempted.wait_for(|p| *p) => Some(Err(End::Preempted)),
+            _ = tokio::time::sleep_until(report_at.unwrap_or_else(tokio::time::Instant::now)),
+                if report_at.is_some() => Some(Ok(Ok(usize::MAX))),
         };
+        if let Some(Ok(Ok(usize::MAX))) = res {
+            // Nothing read: time to report (the caller then reads again).
+            return self.report_downstream().await;
+        }
         let res = match res {
             Some(Err(end)) => return Err(end),
             Some(Ok(r)) => Some(r),
@@ -209,6 +225,24 @@ impl Session {
             }
             Some(Err(e)) => Err(End::Io(e)),
         }
+    }
+
+    /// A relay tells its upstream where its own replicas stand (once a second, whether or
+    /// not ops flow), so the master's status shows the whole tree.
+    async fn report_downstream(&mut self) -> Result<(), End> {
+        let Some(at) = self.report_at else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() < at {
+            return Ok(());
+        }
+        self.report_at = Some(at + REPORT_EVERY);
+        let Some(feeds) = self.shared.feeds().cloned() else {
+            return Ok(());
+        };
+        let d = feeds.report();
+        self.send(FrameType::Downstream, &d.encode()).await?;
+        Ok(())
     }
 
     /// Takes every whole frame off the front of the buffer (up to a memory budget), and the
@@ -270,6 +304,9 @@ impl Session {
                 continue;
             }
             if let Err(e) = self.handle(frames).await {
+                return e;
+            }
+            if let Err(e) = self.report_downstream().await {
                 return e;
             }
             if let Some(e) = err {
@@ -395,7 +432,11 @@ impl Session {
             })
             .await;
             match r {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => {
+                    if let Some(r) = self.shared.relay() {
+                        r.relay_set_history(hello.history.clone());
+                    }
+                }
                 Ok(Err(e)) => return Err(End::Protocol(format!("recording the history: {e}"))),
                 Err(e) => return Err(End::Protocol(format!("recording the history: {e}"))),
             }
@@ -415,6 +456,10 @@ impl Session {
             hello.next_seq
         };
         self.durable = durable;
+        self.proto = proto;
+        if proto >= 4 && self.shared.feeds().is_some() {
+            self.report_at = Some(tokio::time::Instant::now());
+        }
         let ack = HelloAck {
             proto,
             history: rec.history.clone(),
@@ -819,6 +864,9 @@ fn apply_blocking(
             Work::Ops(seq0, ops) => (seq0, ops),
             Work::Begin(stash) => {
                 res.syncing = true;
+                if let Some(r) = shared.relay() {
+                    r.relay_pause();
+                }
                 // Durably, before the sync changes anything: a half-synced tree must never
                 // read as a valid position after a crash.
                 let flags = ack_flags::SYNCING | if stash { ack_flags::STASHING } else { 0 };
@@ -893,6 +941,9 @@ fn apply_blocking(
                     res.state_error = Some(e);
                     break 'outer;
                 }
+                if let Some(r) = shared.relay() {
+                    r.relay_reset(applied + 1, Some(upstream.clone()));
+                }
                 if let Some(st) = core.applier.stash.take() {
                     match st.finish() {
                         Ok(Some((dir, n, bytes))) => {
@@ -944,11 +995,22 @@ fn apply_blocking(
                 continue;
             }
         };
+        // A relay applies and logs each op under its own order lock (while its upstream
+        // syncs it, nothing is logged: its replicas are synced afresh when that ends).
+        let mut round = shared
+            .relay()
+            .filter(|_| !res.syncing)
+            .map(|r| r.relay_round());
         for (i, op) in ops.iter().enumerate() {
             let seq = seq0 + i as u64;
             tracing::trace!(seq, op = op.name(), path = %op_path(op), touch = ?op.touch, "apply");
             let replay = core.state.is_replay(seq);
-            if let Err(e) = core.applier.apply(op) {
+            let applier = &mut core.applier;
+            let r = match round.as_mut() {
+                Some(round) => round.op(seq, || applier.apply(op), || encode_op(op)),
+                None => applier.apply(op),
+            };
+            if let Err(e) = r {
                 if res.syncing && differs(&e) {
                     res.misses.extend(op_paths(op));
                 } else if replay && already_done(op, &e) {
@@ -1001,6 +1063,13 @@ fn apply_blocking(
         }
     }
     res
+}
+
+/// An op as a relay logs it for its own replicas (the same bytes its upstream encoded).
+fn encode_op(op: &Op) -> Arc<[u8]> {
+    let mut b = Vec::with_capacity(64 + op.data_len());
+    op.encode(&mut b);
+    b.into()
 }
 
 /// Whether `e` from replaying `op` just means the op had already taken effect.

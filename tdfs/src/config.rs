@@ -18,16 +18,14 @@
 //! otherwise the set is `-c` if given, else the config file's `slaves`. Delete the file to
 //! go back to the command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use serde::Deserialize;
 use tdfs_protocol::Compression;
 use tdfs_replication::daemon::logging::{self, Logging};
-use tdfs_replication::daemon::write_atomic;
 use tracing::{error, info, warn};
 
-use tdfs_replication::repl::{Replicator, SlaveConfig, SyncMode};
+use tdfs_replication::repl::{Replicator, SyncMode};
 
 pub use tdfs_replication::config::{given, load};
 
@@ -89,45 +87,7 @@ pub fn sync_mode(s: &str) -> anyhow::Result<SyncMode> {
         .map_err(|_| anyhow::anyhow!("sync = {s:?}: expected async, received or applied"))
 }
 
-/// The persisted slave set's file.
-pub fn slaves_file(state_dir: &Path) -> PathBuf {
-    state_dir.join("slaves")
-}
-
-/// The persisted slave specs (`HOST:PORT,z=N`, one a line), if the file exists.
-pub fn load_persisted(state_dir: &Path) -> anyhow::Result<Option<Vec<String>>> {
-    let p = slaves_file(state_dir);
-    match std::fs::read_to_string(&p) {
-        Ok(t) => Ok(Some(
-            t.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from)
-                .collect(),
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
-    }
-}
-
-/// The spec a slave is persisted as.
-pub fn spec(c: &SlaveConfig) -> String {
-    c.spec()
-}
-
-/// Writes the current slave set to `STATE_DIR/slaves` (atomically).
-pub fn persist(state_dir: &Path, slaves: &[SlaveConfig]) -> std::io::Result<()> {
-    let mut text = String::from(
-        "# tdfs slave set, written by `tdfs slave add/remove` and SIGHUP reloads.\n\
-         # While this file exists it is the master's slave set at startup (-c and the config\n\
-         # file's slaves are ignored). Delete it to go back to them.\n",
-    );
-    for s in slaves {
-        text.push_str(&spec(s));
-        text.push('\n');
-    }
-    write_atomic(&slaves_file(state_dir), text.as_bytes(), 0o600)
-}
+pub use tdfs_replication::config::{load_persisted, persist, slaves_file};
 
 /// What SIGHUP needs to re-apply the config file.
 pub struct Reloader {
@@ -270,7 +230,7 @@ mod tests {
     fn persisted_set_roundtrip() {
         let d = tempfile::tempdir().unwrap();
         assert!(load_persisted(d.path()).unwrap().is_none());
-        let c = SlaveConfig {
+        let c = tdfs_replication::repl::SlaveConfig {
             addr: "h:1".into(),
             compression: Compression::Lzf,
             nodelay: true,

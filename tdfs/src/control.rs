@@ -1,63 +1,28 @@
 //! The master's control socket (`STATE_DIR/control.sock`): `tdfs status` and
 //! `tdfs slave add/remove` talk to a running master through it.
 
-use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use tdfs_protocol::Compression;
 use tdfs_replication::daemon::control::{self, ControlSocket};
-use tdfs_replication::daemon::{human_bytes, RateMeter};
+use tdfs_replication::daemon::human_bytes;
+use tdfs_replication::feeds::{format_slaves, Feeds};
 use tracing::info;
 
 use tdfs_replication::repl::Replicator;
-
-/// Throughput per slave (applied ops/s, bytes sent/s), sampled once a second.
-#[derive(Debug, Default)]
-pub struct Rates {
-    by_addr: Mutex<HashMap<String, SlaveRates>>,
-}
-
-/// Applied ops and bytes sent, per second.
-type SlaveRates = (Arc<RateMeter>, Arc<RateMeter>);
-
-impl Rates {
-    fn sample(&self, repl: &Replicator) {
-        let st = repl.status();
-        let mut m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|a, _| st.slaves.iter().any(|s| &s.addr == a));
-        for s in &st.slaves {
-            let (ops, bytes) = m.entry(s.addr.clone()).or_default();
-            // Ops streamed, not the applied position: a sync (after an unclean restart, say)
-            // moves that by billions of numbers that were skipped, never issued.
-            ops.sample(s.ops_sent);
-            bytes.sample(s.bytes_sent);
-        }
-    }
-
-    /// (ops/s, bytes/s) for a slave.
-    pub fn get(&self, addr: &str) -> (f64, f64) {
-        let m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(addr)
-            .map_or((0.0, 0.0), |(o, b)| (o.rate(), b.rate()))
-    }
-}
 
 /// What the control handler needs.
 pub struct Control {
     pub repl: Replicator,
     pub state_dir: PathBuf,
-    pub default_z: Compression,
-    pub nodelay: bool,
-    pub rates: Arc<Rates>,
+    /// The slaves: status rows, add and remove (shared with relays).
+    pub feeds: Arc<Feeds>,
     pub label: String,
-    /// Serialises membership changes and their persisting.
-    pub membership: Mutex<()>,
 }
 
 fn hex(id: &[u8]) -> String {
@@ -68,22 +33,15 @@ impl Control {
     /// Starts the rate sampler and answers requests on `sock`.
     pub fn start(self, rt: &tokio::runtime::Handle, sock: &mut ControlSocket) {
         let me = Arc::new(self);
-        let sampler = me.clone();
-        rt.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                sampler.rates.sample(&sampler.repl);
-            }
-        });
+        me.feeds.start_sampler(rt);
         control::serve(rt, sock, move |req| me.handle(&req));
     }
 
     fn handle(&self, req: &Value) -> Value {
         match req["cmd"].as_str() {
             Some("status") => self.status(),
-            Some("add") => self.add(req["slave"].as_str().unwrap_or("")),
-            Some("remove") => self.remove(req["slave"].as_str().unwrap_or("")),
+            Some("add") => self.feeds.add(req["slave"].as_str().unwrap_or("")),
+            Some("remove") => self.feeds.remove(req["slave"].as_str().unwrap_or("")),
             Some("fence") => self.fence(req["drain_secs"].as_f64()),
             Some("lease") => match req["until_ns"].as_u64() {
                 Some(until) => {
@@ -100,60 +58,7 @@ impl Control {
 
     pub fn status(&self) -> Value {
         let st = self.repl.status();
-        let kinds: HashMap<String, Compression> = self
-            .repl
-            .slave_configs()
-            .into_iter()
-            .map(|c| (c.addr, c.compression))
-            .collect();
-        let slaves: Vec<Value> = st
-            .slaves
-            .iter()
-            .map(|s| {
-                let (ops_rate, bytes_rate) = self.rates.get(&s.addr);
-                let ratio = if s.bytes_sent > 0 && s.raw_bytes_sent > 0 {
-                    s.raw_bytes_sent as f64 / s.bytes_sent as f64
-                } else {
-                    1.0
-                };
-                json!({
-                    "addr": s.addr,
-                    "state": s.state,
-                    "in_sync": s.in_sync,
-                    "applied": s.applied,
-                    "durable": s.durable,
-                    "lag_ops": s.lag_ops,
-                    "lag_bytes": s.lag_bytes,
-                    "lag_secs": s.lag_secs,
-                    "ops_per_sec": ops_rate,
-                    "bytes_per_sec": bytes_rate,
-                    "ops_sent": s.ops_sent,
-                    "bytes_sent": s.bytes_sent,
-                    "raw_bytes_sent": s.raw_bytes_sent,
-                    "compression": match kinds.get(&s.addr) {
-                        Some(Compression::Lzf) => "lzf",
-                        Some(Compression::Lz4) => "lz4",
-                        _ if s.compressed => "yes",
-                        _ => "none",
-                    },
-                    "compression_ratio": ratio,
-                    "reconnects": s.reconnects,
-                    "apply_errors": s.apply_errors,
-                    "last_error": s.last_error,
-                    "syncs": s.syncs,
-                    "sync_bytes": s.sync_bytes,
-                    "last_sync": s.last_sync.as_ref().map(|r| json!({
-                        "why": r.why,
-                        "entries": r.entries,
-                        "fixed": r.fixed,
-                        "bytes": r.bytes,
-                        "secs": r.secs,
-                        "stashed": r.stashed,
-                        "resumed_at": r.resumed_at,
-                    })),
-                })
-            })
-            .collect();
+        let slaves = self.feeds.slaves_json(&st.slaves, st.head);
         json!({
             "ok": true,
             "role": "master",
@@ -194,48 +99,6 @@ impl Control {
             "drained": drained,
             "status": self.status(),
         })
-    }
-
-    fn persist(&self) -> Result<(), String> {
-        crate::config::persist(&self.state_dir, &self.repl.slave_configs()).map_err(|e| {
-            format!(
-                "saving {}: {e}",
-                crate::config::slaves_file(&self.state_dir).display()
-            )
-        })
-    }
-
-    fn add(&self, spec: &str) -> Value {
-        let _g = self.membership.lock().unwrap_or_else(|p| p.into_inner());
-        let c = match crate::parse_slave(spec, self.default_z, self.nodelay) {
-            Ok(c) => c,
-            Err(e) => return control::error(format!("{e:#}")),
-        };
-        let addr = c.addr.clone();
-        if let Err(e) = self.repl.add_slave(c) {
-            return control::error(e);
-        }
-        if let Err(e) = self.persist() {
-            return control::error(format!("{addr} added, but {e}"));
-        }
-        info!(slave = %addr, "slave added through the control socket (saved in the state directory)");
-        json!({"ok": true, "slave": addr})
-    }
-
-    fn remove(&self, spec: &str) -> Value {
-        let _g = self.membership.lock().unwrap_or_else(|p| p.into_inner());
-        let addr = match crate::parse_slave(spec, self.default_z, self.nodelay) {
-            Ok(c) => c.addr,
-            Err(e) => return control::error(format!("{e:#}")),
-        };
-        if let Err(e) = self.repl.remove_slave(&addr) {
-            return control::error(e);
-        }
-        if let Err(e) = self.persist() {
-            return control::error(format!("{addr} removed, but {e}"));
-        }
-        info!(slave = %addr, "slave removed through the control socket (saved in the state directory)");
-        json!({"ok": true, "slave": addr})
     }
 }
 
@@ -426,20 +289,9 @@ fn status_cmd(cli: &StatusCli) -> anyhow::Result<()> {
     }
 }
 
-fn secs(s: f64) -> String {
-    if s < 10.0 {
-        format!("{s:.1}s")
-    } else if s < 3600.0 {
-        format!("{s:.0}s")
-    } else {
-        format!("{:.1}h", s / 3600.0)
-    }
-}
-
 /// The table `tdfs status` prints.
 pub fn format_status(v: &Value) -> String {
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let mut out = format!(
         "master {}, epoch {}, last seq {}, queue {}, journal {}\n",
         v["label"].as_str().unwrap_or(""),
@@ -464,76 +316,8 @@ pub fn format_status(v: &Value) -> String {
             out.push_str("write lease: expired or withdrawn; writes fail (EROFS)\n");
         }
     }
-    let header = [
-        "SLAVE",
-        "STATE",
-        "APPLIED",
-        "LAG OPS",
-        "LAG BYTES",
-        "LAG",
-        "OPS/S",
-        "SENT/S",
-        "RATIO",
-        "LAST ERROR",
-    ];
-    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let empty = Vec::new();
-    let slaves = v["slaves"].as_array().unwrap_or(&empty);
-    for s in slaves {
-        rows.push(vec![
-            s["addr"].as_str().unwrap_or("").to_string(),
-            s["state"].as_str().unwrap_or("").to_string(),
-            u(s, "applied").to_string(),
-            u(s, "lag_ops").to_string(),
-            human_bytes(u(s, "lag_bytes") as f64),
-            secs(f(s, "lag_secs")),
-            format!("{:.1}", f(s, "ops_per_sec")),
-            format!("{}/s", human_bytes(f(s, "bytes_per_sec"))),
-            if s["compression"] == "none" {
-                "-".into()
-            } else {
-                format!("{:.2}", f(s, "compression_ratio"))
-            },
-            s["last_error"].as_str().unwrap_or("-").to_string(),
-        ]);
-    }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let mut line = String::new();
-        for (i, cell) in r.iter().enumerate() {
-            if i + 1 == r.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    if slaves.is_empty() {
-        out.push_str("(no slaves)\n");
-    }
-    for s in slaves {
-        let r = &s["last_sync"];
-        if r.is_object() {
-            out.push_str(&format!(
-                "last sync into {}: {} entries compared, {} fixed, {} moved in {}{} ({})\n",
-                s["addr"].as_str().unwrap_or(""),
-                u(r, "entries"),
-                u(r, "fixed"),
-                human_bytes(u(r, "bytes") as f64),
-                secs(f(r, "secs")),
-                if r["stashed"].as_bool() == Some(true) {
-                    ", the slave stashed what it replaced"
-                } else {
-                    ""
-                },
-                r["why"].as_str().unwrap_or("")
-            ));
-        }
-    }
+    out.push_str(&format_slaves(v["slaves"].as_array().unwrap_or(&empty)));
     out
 }
 

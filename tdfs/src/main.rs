@@ -388,6 +388,8 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
                 min_replicas: cli.min_replicas,
             },
             relay: false,
+            on_fenced: None,
+            paused: false,
         },
     )
     .with_context(|| format!("opening the journal in {}", state_dir.display()))?;
@@ -397,15 +399,18 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         dir = %dir.display(),
         "master starting"
     );
-    let rates = std::sync::Arc::new(control::Rates::default());
+    let feeds = tdfs_replication::feeds::Feeds::new(
+        repl.clone(),
+        state_dir.clone(),
+        default_z,
+        !cli.no_nodelay,
+    );
+    let rates = feeds.rates.clone();
     control::Control {
         repl: repl.clone(),
         state_dir: state_dir.clone(),
-        default_z,
-        nodelay: !cli.no_nodelay,
-        rates: rates.clone(),
+        feeds,
         label,
-        membership: Default::default(),
     }
     .start(rt.handle(), &mut control_sock);
     info!(socket = %control_sock.path.display(), "control socket ready (tdfs status, tdfs slave add/remove)");

@@ -10,7 +10,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use tdfs_replication::daemon::histogram::Histogram;
 use tdfs_replication::daemon::http::{self, Labels};
 
-use crate::control::Rates;
+use tdfs_replication::feeds::Rates;
 use tdfs_replication::repl::Replicator;
 
 macro_rules! fuse_ops {

@@ -341,6 +341,8 @@ fn repair(
             checksum_sync: true,
             policy: repl::Policy::default(),
             relay: false,
+            on_fenced: None,
+            paused: false,
         },
     )?;
     let deadline = Instant::now() + Duration::from_secs(3600);

@@ -25,6 +25,8 @@ const BATCH_OPS: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a relay holds a replica that is ahead of it before giving the slot back.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum LinkError {
@@ -44,6 +46,9 @@ pub(super) enum LinkError {
     Lost,
     #[error("slave has seen {0}, newer than this node's epoch")]
     Fenced(Epoch),
+    /// A relay's position or line changed under the session (see `Shared::generation`).
+    #[error("this relay's position changed; handshaking again")]
+    Restart,
 }
 
 /// What the read half reports to the link.
@@ -116,6 +121,19 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
             }
             last_try = true;
         }
+        if shared.paused.load(Ordering::Acquire) {
+            // A relay whose tree is being rewritten by its upstream: nothing to feed yet.
+            let notified = shared.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if shared.paused.load(Ordering::Acquire)
+                && !shared.closing.load(Ordering::Acquire)
+                && !me.removed.load(Ordering::Acquire)
+            {
+                let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+            }
+            continue;
+        }
         let r = session(&shared, &me).await;
         if r.is_ok() {
             // An orderly end (master closing or slave removed): not news. Settled before
@@ -135,6 +153,11 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
             }
             Err(LinkError::Lost) => {
                 shared.require_sync(&me, "it needs ops this master no longer holds");
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            Err(LinkError::Restart) => {
+                info!(slave = %addr, "handshaking again: this relay's position or line changed");
                 backoff = BACKOFF_MIN;
                 continue;
             }
@@ -195,9 +218,22 @@ pub(super) struct Link {
     payload: Vec<u8>,
     out: Vec<u8>,
     pub(super) next_request: u64,
+    /// `Shared::generation` at the handshake.
+    gen: u64,
 }
 
 impl Link {
+    /// Whether what the handshake agreed on still holds (a relay's log was not reset, its
+    /// line did not change, it is not being synced itself).
+    pub(super) fn check_current(&self) -> Result<(), LinkError> {
+        if self.shared.generation.load(Ordering::Acquire) != self.gen
+            || self.shared.paused.load(Ordering::Acquire)
+        {
+            return Err(LinkError::Restart);
+        }
+        Ok(())
+    }
+
     pub(super) async fn send_frame(
         &mut self,
         kind: FrameType,
@@ -352,6 +388,7 @@ impl Link {
                 self.wr.shutdown().await.ok();
                 return Err(LinkError::Protocol("this node was fenced".into()));
             }
+            self.check_current()?;
             let head = self.shared.head();
             if self.cursor < head {
                 match self.send_live(head).await {
@@ -525,6 +562,10 @@ async fn reader(
                 FrameType::SyncMiss => {
                     let _ = tx.send(Event::Misses(Misses::decode(&f.payload)?.paths));
                 }
+                FrameType::Downstream => {
+                    let d = msg::Downstream::decode(&f.payload)?;
+                    *me.downstream.lock().unwrap_or_else(|p| p.into_inner()) = d.nodes;
+                }
                 k => return Err(LinkError::Protocol(format!("unexpected {k:?} from slave"))),
             }
         }
@@ -537,6 +578,7 @@ async fn reader(
 
 async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), LinkError> {
     let cfg = &me.config;
+    let gen = shared.generation.load(Ordering::Acquire);
     let (mut rd, mut wr) = transport::connect(cfg).await?;
     let history = shared.history();
     let hello = Hello {
@@ -603,9 +645,37 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
         payload: Vec::new(),
         out: Vec::new(),
         next_request: 1,
+        gen,
     };
     me.connected.store(true, Ordering::Release);
 
+    let applied = ack.applied;
+    if shared.relay && matches!(standing, Standing::Behind) && applied > 0 {
+        // A replica ahead of this relay on the relay's own line (another upstream fed it
+        // while this relay was away): hold it until this relay catches up, rather than
+        // syncing it back to an older state.
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        let mut said = false;
+        loop {
+            let notified = shared.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            link.check_current()?;
+            if shared.head() > applied || shared.closing.load(Ordering::Acquire) {
+                break;
+            }
+            if !said {
+                info!(slave = %cfg.addr, applied, head = shared.head(), "replica is ahead of this relay; waiting for the relay to catch up");
+                said = true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(LinkError::Protocol(format!(
+                    "replica stays ahead of this relay (it applied {applied}, the relay holds up to {})",
+                    shared.head().saturating_sub(1)
+                )));
+            }
+        }
+    }
     // Resume where the slave stopped if it is on this node's line and everything after its
     // position is still held here; otherwise bring it back by a sync, which stashes first
     // whatever the slave holds that this line does not.
@@ -615,7 +685,6 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
     };
     let syncing = ack.flags & msg::ack_flags::SYNCING != 0;
     let stashing = ack.flags & msg::ack_flags::STASHING != 0;
-    let applied = ack.applied;
     let diverged = match standing {
         Standing::Diverged { branch } => Some(branch),
         // A master's replica ahead of the master on the master's own line: the master's

@@ -197,6 +197,8 @@ pub struct SlaveStatus {
     pub sync_bytes: AtomicU64,
     /// The last completed sync.
     pub last_sync: Mutex<Option<SyncReport>>,
+    /// When the slave relays: its own replicas and theirs, as it last reported them.
+    pub downstream: Mutex<Vec<tdfs_protocol::msg::DownNode>>,
 }
 
 /// What one sync into a slave did.
@@ -239,6 +241,7 @@ impl SlaveStatus {
             syncs: AtomicU64::new(0),
             sync_bytes: AtomicU64::new(0),
             last_sync: Mutex::new(None),
+            downstream: Mutex::new(Vec::new()),
         }
     }
 
@@ -380,7 +383,7 @@ pub(crate) struct Shared {
     history: RwLock<History>,
     /// First sequence number of this run: numbers before it that no slave holds were
     /// skipped (an unclean restart), not issued, and are no lag.
-    base_seq: u64,
+    base_seq: AtomicU64,
     /// Set once a replica reported a newer epoch: this master was replaced, and every
     /// mutation fails with EROFS from then on.
     fenced: AtomicBool,
@@ -403,7 +406,18 @@ pub(crate) struct Shared {
     /// This node relays what it applies from its own upstream: a replica ahead of it on its
     /// line waits for it to catch up, instead of being taken as diverged.
     relay: bool,
+    /// A relay whose tree is at no known position (its upstream is syncing it, or it never
+    /// followed any line yet): links neither connect nor stream until it is.
+    paused: AtomicBool,
+    /// Bumped when what a link agreed on at its handshake stops being true (a relay's line
+    /// or log was reset): links of an older generation end and handshake again.
+    generation: AtomicU64,
+    /// A relay's answer to a replica that has seen a newer epoch: its upstream is stale.
+    on_fenced: Option<FenceHook>,
 }
+
+/// Called with the newer epoch and the replica that reported it.
+pub type FenceHook = Arc<dyn Fn(Epoch, &str) + Send + Sync>;
 
 /// What writers wait for, from the command line.
 #[derive(Debug, Clone, Copy)]
@@ -525,6 +539,23 @@ impl Shared {
     /// node was promoted, and this one must stop at once. Recorded in the state directory,
     /// so that this node never leads again without being made a replica first.
     pub(crate) fn fence(&self, newer: Epoch, by: &str) {
+        if self.relay {
+            // A relay takes no writes: its upstream is what was replaced. It records the
+            // epoch (so that upstream is refused from now on) and lets it go; the links to
+            // its replicas go on with whatever upstream comes next.
+            if let Err(e) = self.node.heard_of(&newer) {
+                error!("recording {newer} in {}: {e}", self.node.path().display());
+            }
+            warn!(
+                slave = %by,
+                "{by} has seen {newer}, newer than the line this relay follows: its upstream \
+                 was replaced; dropping it until the new master connects"
+            );
+            if let Some(hook) = &self.on_fenced {
+                hook(newer, by);
+            }
+            return;
+        }
         // The flag first: whoever sees the fence recorded (status) must also find writes
         // refused.
         let first = !self.fenced.swap(true, Ordering::AcqRel);
@@ -641,6 +672,30 @@ impl Shared {
         }
     }
 
+    /// Empties the log and the journal and restarts the numbering at `next_seq` (a relay's
+    /// tree moved to a position its log cannot lead to). Links handshake again.
+    fn reset_locked(&self, log: &mut Log, next_seq: u64) {
+        // Before the journal is cleared: a spill pass under way sees it and writes nothing.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        log.entries.clear();
+        log.bytes = 0;
+        self.mem_bytes.store(0, Ordering::Release);
+        log.spilled_to = 0;
+        log.next_seq = next_seq;
+        {
+            let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = j.clear() {
+                error!("clearing the journal: {e}");
+            }
+            log.jview = JournalView::of(&j);
+        }
+        self.base_seq.store(next_seq, Ordering::Release);
+        for s in self.slaves().iter() {
+            s.need_from.store(next_seq, Ordering::Release);
+        }
+        self.room.1.notify_all();
+    }
+
     /// The oldest op any slave may still need.
     fn need(&self) -> u64 {
         self.slaves()
@@ -680,6 +735,7 @@ impl Shared {
     fn spill_pass(&self) {
         const BATCH: usize = 16 << 20;
         loop {
+            let gen = self.generation.load(Ordering::Acquire);
             let batch: Vec<(u64, Arc<LogOp>)> = {
                 let log = self.lock();
                 if log.bytes <= self.mem_cap {
@@ -704,6 +760,11 @@ impl Shared {
             let mut failed = None;
             let view = {
                 let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+                if self.generation.load(Ordering::Acquire) != gen {
+                    // A relay's log was reset since the batch was picked: it is of no line
+                    // any more.
+                    return;
+                }
                 for (seq, op) in &batch {
                     match j.append(*seq, &op.bytes) {
                         Ok(Some(below)) => dropped_below = Some(below),
@@ -725,6 +786,10 @@ impl Shared {
                 JournalView::of(&j)
             };
             let mut log = self.lock();
+            if self.generation.load(Ordering::Acquire) != gen {
+                // Reset meanwhile: the reset cleared what was just written.
+                return;
+            }
             log.jview = view;
             if let Some(below) = dropped_below {
                 for s in self.slaves().iter() {
@@ -747,6 +812,63 @@ impl Shared {
             self.trim(&mut log);
             drop(log);
             self.room.1.notify_all();
+        }
+    }
+}
+
+/// See [`Replicator::relay_round`].
+pub struct RelayRound<'a> {
+    shared: &'a Shared,
+    log: MutexGuard<'a, Log>,
+    /// Whether anyone reads the log (else numbers are only used up, as on a master).
+    keep: bool,
+    logged: bool,
+}
+
+impl RelayRound<'_> {
+    /// Applies op `seq` with `apply`; once it succeeded, logs `data()` (its encoding) for
+    /// this relay's replicas. An op below the head was applied before the last exit (a
+    /// replay): it is applied, not logged again.
+    pub fn op<T>(
+        &mut self,
+        seq: u64,
+        apply: impl FnOnce() -> io::Result<T>,
+        data: impl FnOnce() -> Arc<[u8]>,
+    ) -> io::Result<T> {
+        if seq < self.log.next_seq {
+            return apply();
+        }
+        if seq > self.log.next_seq {
+            // The upstream streams without gaps and a sync resets the log first, so this is
+            // a number skipped somewhere above: the ops in between are held nowhere here.
+            warn!(
+                seq,
+                head = self.log.next_seq,
+                "relay: upstream skipped sequence numbers; its replicas will be synced"
+            );
+            self.shared.reset_locked(&mut self.log, seq);
+        }
+        let v = apply()?;
+        self.log.next_seq = seq + 1;
+        if self.keep {
+            let d = data();
+            self.log.bytes += d.len();
+            self.log.entries.push_back(Entry {
+                seq,
+                data: Arc::new(LogOp::new(d)),
+                at: Instant::now(),
+            });
+            self.logged = true;
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for RelayRound<'_> {
+    fn drop(&mut self) {
+        if self.logged {
+            self.shared.trim(&mut self.log);
+            self.shared.wake.notify_waiters();
         }
     }
 }
@@ -788,6 +910,10 @@ fn spawn_spiller(shared: &Arc<Shared>) {
 #[derive(Debug, Clone)]
 pub struct SlaveSnapshot {
     pub addr: String,
+    /// What the slave calls itself (from its handshake; empty before the first one).
+    pub label: String,
+    /// A relay's replicas, as it last reported them.
+    pub downstream: Vec<tdfs_protocol::msg::DownNode>,
     /// streaming, catching up, syncing, disconnected or error.
     pub state: &'static str,
     pub in_sync: bool,
@@ -825,6 +951,8 @@ pub struct Status {
     /// Bytes of ops in the on-disk journal.
     pub journal_bytes: u64,
     pub slaves: Vec<SlaveSnapshot>,
+    /// A relay's links are held while its own upstream syncs it.
+    pub paused: bool,
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds: the clock a lease deadline is given in (the same
@@ -911,6 +1039,12 @@ pub struct ReplConfig {
     pub policy: Policy,
     /// A relaying slave's engine (see `Shared::relay`).
     pub relay: bool,
+    /// A relay: what to do when a replica reports a newer epoch than the relay's upstream
+    /// (drop that upstream: it was replaced). A master fences itself instead.
+    pub on_fenced: Option<FenceHook>,
+    /// A relay whose tree is at no known position yet starts with its links held (see
+    /// [`Replicator::relay_pause`]).
+    pub paused: bool,
 }
 
 impl Replicator {
@@ -938,6 +1072,11 @@ impl Replicator {
                     }
                 );
             }
+            journal.clear()?;
+        } else if cfg.relay && journal.end().is_some_and(|e| e > next_seq) {
+            // A relay logs an op only once it is applied and recorded: a journal past the
+            // recorded position is from before a crash that lost the position's last
+            // stores, and cannot be trusted to match this tree.
             journal.clear()?;
         } else if let Some(end) = journal.end() {
             next_seq = next_seq.max(end);
@@ -971,7 +1110,7 @@ impl Replicator {
             mem_cap: cfg.mem_cap,
             node: origin.node,
             history: RwLock::new(origin.history),
-            base_seq: next_seq,
+            base_seq: AtomicU64::new(next_seq),
             fenced: AtomicBool::new(false),
             fence: Mutex::new(None),
             lease_until: AtomicU64::new(u64::MAX),
@@ -983,6 +1122,9 @@ impl Replicator {
             checksum_sync: cfg.checksum_sync,
             policy: cfg.policy,
             relay: cfg.relay,
+            paused: AtomicBool::new(cfg.paused),
+            generation: AtomicU64::new(0),
+            on_fenced: cfg.on_fenced,
         });
         spawn_spiller(&shared);
         for s in shared.slaves().iter() {
@@ -1110,6 +1252,76 @@ impl Replicator {
     /// sync from the head it reads under this lock, after that mutation.
     pub fn replicating(&self) -> bool {
         !self.shared.slaves().is_empty()
+    }
+
+    /// A relay's round of ops from its upstream: each is applied and logged under the order
+    /// lock, which is held for the whole round, so a sync this relay feeds reads its tree
+    /// exactly as of the ops it has sent (as a master's syncs do). Ops keep the upstream's
+    /// sequence numbers: a position means the same thing at every level of the tree.
+    pub fn relay_round(&self) -> RelayRound<'_> {
+        self.shared.wait_room();
+        RelayRound {
+            keep: !self.shared.slaves().is_empty(),
+            log: self.shared.lock(),
+            shared: &self.shared,
+            logged: false,
+        }
+    }
+
+    /// A relay's tree was just made identical to its upstream's as of `next_seq - 1` (a
+    /// sync ended), or follows another line from here (`history`): what the log held means
+    /// nothing any more. Every link handshakes again; replicas at exactly this position
+    /// resume, the others are synced from this relay's tree.
+    pub fn relay_reset(&self, next_seq: u64, history: Option<History>) {
+        let mut log = self.shared.lock();
+        self.shared.reset_locked(&mut log, next_seq);
+        if let Some(h) = history {
+            *self.shared.history.write().expect("history poisoned") = h;
+        }
+        drop(log);
+        self.relay_resume();
+    }
+
+    /// A relay's upstream changed its line without a sync (the relay was behind on the new
+    /// master's line): links handshake again, so every replica learns the new epoch.
+    pub fn relay_set_history(&self, history: History) {
+        let changed = {
+            let _log = self.shared.lock();
+            let mut h = self.shared.history.write().expect("history poisoned");
+            let changed = *h != history;
+            *h = history;
+            changed
+        };
+        if changed {
+            self.shared.generation.fetch_add(1, Ordering::AcqRel);
+            self.shared.wake.notify_waiters();
+        }
+    }
+
+    /// A relay's tree is about to be rewritten by a sync from its upstream: nothing in it
+    /// may be fed to its replicas until that ends ([`Replicator::relay_reset`]). Links end,
+    /// and a sync they were feeding is abandoned before its end (the replica stays marked
+    /// as syncing, so it is synced again).
+    pub fn relay_pause(&self) {
+        if !self.shared.paused.swap(true, Ordering::AcqRel) {
+            info!("upstream is syncing this relay: its replicas wait until it is done");
+        }
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        self.shared.wake.notify_waiters();
+    }
+
+    fn relay_resume(&self) {
+        if self.shared.paused.swap(false, Ordering::AcqRel) {
+            info!("relay at a known position again: feeding its replicas");
+        }
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        self.shared.wake.notify_waiters();
+        self.shared.note_ack();
+    }
+
+    /// Whether the links are held (see [`Replicator::relay_pause`]).
+    pub fn paused(&self) -> bool {
+        self.shared.paused.load(Ordering::Acquire)
     }
 
     /// The fsync barrier: every in-sync slave has made everything up to `seq` durable
@@ -1246,7 +1458,9 @@ impl Replicator {
                 let connected = s.connected.load(Ordering::Acquire);
                 let state = s.state();
                 // Numbers skipped at an unclean restart were never issued: they are no lag.
-                let lag_ops = head.saturating_sub((applied + 1).max(self.shared.base_seq));
+                let lag_ops = head.saturating_sub(
+                    (applied + 1).max(self.shared.base_seq.load(Ordering::Acquire)),
+                );
                 let (mut lag_bytes, mut oldest) = (0u64, None);
                 for e in log.entries.iter().filter(|e| e.seq > applied) {
                     lag_bytes += e.data.bytes.len() as u64;
@@ -1282,6 +1496,16 @@ impl Replicator {
                 };
                 SlaveSnapshot {
                     addr: s.config.addr.clone(),
+                    label: s
+                        .peer_label
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
+                    downstream: s
+                        .downstream
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone(),
                     state: state_name,
                     in_sync: s.in_sync.load(Ordering::Acquire),
                     applied,
@@ -1322,6 +1546,7 @@ impl Replicator {
             queue_bytes: log.bytes as u64,
             journal_bytes,
             slaves: snaps,
+            paused: self.shared.paused.load(Ordering::Acquire),
         }
     }
 

@@ -604,6 +604,7 @@ impl Link {
         loop {
             let renames = self.shared.dir_renames.load(Ordering::Acquire);
             while let Some(item) = stack.pop() {
+                self.check_current()?;
                 match item {
                     Item::Visit(d) => {
                         self.visit(&d, &mut stack, &mut links, &mut misses, checksums, &mut st)
@@ -642,6 +643,8 @@ impl Link {
             links.clear();
         }
         self.send_live(self.shared.head()).await?;
+        // A relay's tree must not have been rewritten under this sync.
+        self.check_current()?;
         self.send_frame(FrameType::SyncEnd, self.cursor, &[])
             .await?;
         self.me.needs_sync.store(false, Ordering::Release);
