@@ -15,8 +15,11 @@ use tdfs_protocol::Compression;
 use tracing::info;
 
 use crate::daemon::control;
+use crate::daemon::http::{self, Labels};
 use crate::daemon::{human_bytes, RateMeter};
+use crate::repl::Status;
 use crate::repl::{Replicator, SlaveConfig, SlaveSnapshot};
+use prometheus_client::encoding::DescriptorEncoder;
 
 /// Throughput per replica (ops streamed/s, bytes sent/s), sampled once a second.
 #[derive(Debug, Default)]
@@ -248,6 +251,163 @@ impl Feeds {
         info!(slave = %addr, "replica removed through the control socket (saved in the state directory)");
         json!({"ok": true, "slave": addr})
     }
+}
+
+fn slave(addr: &str) -> Labels {
+    vec![("slave", addr.to_string())]
+}
+
+/// The per-replica metric families of a feeding node, named `PREFIX_...` (`tdfs_slave` on
+/// the master, `tdfs_relay_leaf` on a relay, whose own `tdfs_slave_*` describe itself), and
+/// the nodes below its relays (`PREFIX_downstream_*`, labelled by the relay they are
+/// behind, their address and depth).
+pub fn encode_metrics(
+    enc: &mut DescriptorEncoder,
+    prefix: &str,
+    st: &Status,
+    rates: &Rates,
+) -> std::fmt::Result {
+    let per = |f: &dyn Fn(&SlaveSnapshot) -> u64| -> Vec<(Labels, u64)> {
+        st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
+    };
+    let perf = |f: &dyn Fn(&SlaveSnapshot) -> f64| -> Vec<(Labels, f64)> {
+        st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
+    };
+    http::counters(
+        enc,
+        &format!("{prefix}_ops_sent"),
+        "Ops sent to each slave",
+        &per(&|s| s.ops_sent),
+    )?;
+    http::counters(
+        enc,
+        &format!("{prefix}_sent_bytes"),
+        "Bytes sent to each slave (on the wire, after compression)",
+        &per(&|s| s.bytes_sent),
+    )?;
+    http::counters(
+        enc,
+        &format!("{prefix}_raw_bytes"),
+        "Bytes of frame payload sent to each slave before compression",
+        &per(&|s| s.raw_bytes_sent),
+    )?;
+    http::counters(
+        enc,
+        &format!("{prefix}_reconnects"),
+        "Connections (re)established to each slave",
+        &per(&|s| s.reconnects),
+    )?;
+    http::counters(
+        enc,
+        &format!("{prefix}_syncs"),
+        "Syncs completed into each slave (instead of resuming its stream)",
+        &per(&|s| s.syncs),
+    )?;
+    http::counters(
+        enc,
+        &format!("{prefix}_sync_bytes"),
+        "File data sent to each slave by syncs, bytes",
+        &per(&|s| s.sync_bytes),
+    )?;
+    let errors: Vec<(Labels, u64)> = st
+        .slaves
+        .iter()
+        .map(|s| {
+            (
+                vec![("slave", s.addr.clone()), ("kind", "apply".to_string())],
+                s.apply_errors,
+            )
+        })
+        .collect();
+    http::counters(
+        enc,
+        &format!("{prefix}_errors"),
+        "Errors by slave and kind (apply: an op the slave could not apply)",
+        &errors,
+    )?;
+    http::gauges(
+        enc,
+        &format!("{prefix}_applied_seq"),
+        "Last sequence number each slave has applied",
+        &perf(&|s| s.applied as f64),
+    )?;
+    http::gauges(
+        enc,
+        &format!("{prefix}_lag_ops"),
+        "Ops issued that the slave has not applied",
+        &perf(&|s| s.lag_ops as f64),
+    )?;
+    http::gauges(
+        enc,
+        &format!("{prefix}_lag_bytes"),
+        "Bytes of ops the slave has not applied",
+        &perf(&|s| s.lag_bytes as f64),
+    )?;
+    http::gauges(
+        enc,
+        &format!("{prefix}_lag_seconds"),
+        "Age of the oldest op the slave has not applied",
+        &perf(&|s| s.lag_secs),
+    )?;
+    http::gauges(
+        enc,
+        &format!("{prefix}_in_sync"),
+        "1 when writers wait for this slave (connected, streaming, keeping up)",
+        &perf(&|s| s.in_sync as u8 as f64),
+    )?;
+    http::gauges(
+        enc,
+        &format!("{prefix}_connected"),
+        "1 while the slave is connected (streaming, catching up or syncing)",
+        &perf(&|s| matches!(s.state, "streaming" | "catching up" | "syncing") as u8 as f64),
+    )?;
+    http::gauges(
+        enc,
+        &format!("{prefix}_apply_rate"),
+        "Ops per second the slave has applied, over the last few seconds",
+        &perf(&|s| rates.get(&s.addr).0),
+    )?;
+    let below: Vec<(Labels, &DownNode)> = st
+        .slaves
+        .iter()
+        .flat_map(|s| {
+            s.downstream.iter().map(move |d| {
+                (
+                    vec![
+                        ("via", s.addr.clone()),
+                        ("slave", d.addr.clone()),
+                        ("depth", (d.depth + 1).to_string()),
+                    ],
+                    d,
+                )
+            })
+        })
+        .collect();
+    if !below.is_empty() {
+        let g = |f: &dyn Fn(&DownNode) -> f64| -> Vec<(Labels, f64)> {
+            below.iter().map(|(l, d)| (l.clone(), f(d))).collect()
+        };
+        http::gauges(
+            enc,
+            &format!("{prefix}_downstream_applied_seq"),
+            "Last sequence number each replica below a relay has applied (as its relay last \
+             reported it)",
+            &g(&|d| d.applied as f64),
+        )?;
+        http::gauges(
+            enc,
+            &format!("{prefix}_downstream_lag_ops"),
+            "Ops issued here that each replica below a relay has not applied",
+            &g(&|d| st.head.saturating_sub(d.applied + 1) as f64),
+        )?;
+        http::gauges(
+            enc,
+            &format!("{prefix}_downstream_streaming"),
+            "1 while the replica below a relay is streaming from it",
+            &g(&|d| (d.state == "streaming") as u8 as f64),
+        )?;
+    }
+    Ok(())
 }
 
 fn secs(s: f64) -> String {

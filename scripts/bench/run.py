@@ -555,8 +555,11 @@ class SimpleFuse(Target):
 
 
 class Tdfs(Target):
-    def __init__(self, name, nslaves, z=0, proxy=False, extra=(), master=None):
+    def __init__(self, name, nslaves, z=0, proxy=False, extra=(), master=None, relays=0):
         self.name = name
+        # With relays: nslaves leaves split evenly among `relays` relaying slaves, which
+        # are the master's only direct slaves.
+        self.relays = relays
         self.nslaves = nslaves
         self.z = z
         self.proxy = proxy
@@ -577,13 +580,22 @@ class Tdfs(Target):
             os.makedirs(d)
         self.slaves, self.proxies = [], []
         addrs = []
-        for i in range(self.nslaves):
+        leaves = []
+        total = self.nslaves + self.relays
+        for i in range(total):
             mirror = os.path.join(base, f"slave{i}", "mirror")
             state = os.path.join(base, f"slave{i}", "state")
             os.makedirs(mirror)
             logf = os.path.join(base, f"slave{i}.log")
+            extra = []
+            if self.relays and i >= self.nslaves:
+                # A relay: its share of the leaves started above.
+                r = i - self.nslaves
+                per = self.nslaves // self.relays
+                for a_ in leaves[r * per:(r + 1) * per]:
+                    extra += ["-c", a_]
             p = spawn(f"tdfs slave {i}", [BINS["slave"], "-m", mirror, "-l", "127.0.0.1:0",
-                                          "--state-dir", state], logf)
+                                          "--state-dir", state] + extra, logf)
             port = [None]
 
             def listening(logf=logf, port=port):
@@ -594,6 +606,9 @@ class Tdfs(Target):
                 return m is not None
             wait_for(listening, f"slave {i} 'listening on'", 30, p, logf)
             self.slaves.append((p, mirror, logf))
+            if self.relays and i < self.nslaves:
+                leaves.append(f"127.0.0.1:{port[0]}")
+                continue
             if self.proxy:
                 px = CountingProxy(port[0])
                 self.proxies.append(px)
@@ -1263,11 +1278,38 @@ class Bench:
         base = os.path.join(self.work, f"lag-{run}")
         os.makedirs(base)
         root = t.start(base)
+        lags, missing, achieved = self.lag_run(t, root, t.replica_roots()[0])
+        self.lag_samples.extend(lags)
+        self.rec("repl", "lag_rate", achieved)
+        if missing:
+            self.notes.append(f"lag run {run}: {missing} files never became visible on the slave")
+
+        # burst: 1,000 files as fast as possible, then time until the replica is identical
+        rel = "burst"
+        d = os.path.join(root, rel)
+        os.mkdir(d)
+        wait_replicas(t, rel)
+        data = self.buf[:4096]
+        t0 = time.monotonic()
+        for i in range(a.burst):
+            fd = os.open(os.path.join(d, f"b{i:05d}"), os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, data)
+            os.close(fd)
+        t1 = time.monotonic()
+        self.rec("repl", "burst_write", a.burst / (t1 - t0))
+        self.rec("repl", "burst_catchup", wait_replicas(t, rel))
+        t.stop()
+        self.trash(base)
+
+    def lag_run(self, t, root, replica, rel="lag"):
+        """Files written at --lag-rate for --lag-secs; for each, ms from its close on the
+        mount to its full content on REPLICA. Returns (lags, files never seen, achieved
+        rate)."""
+        a = self.a
         n = int(a.lag_rate * a.lag_secs)
-        rel = "lag"
         os.mkdir(os.path.join(root, rel))
         wait_replicas(t, rel)
-        mirror = os.path.join(t.replica_roots()[0], rel)
+        mirror = os.path.join(replica, rel)
         contents = [(b"%08d" % i) + self.buf[8:4096] for i in range(n)]
         ctx = multiprocessing.get_context("fork")
         parent, child = ctx.Pipe()
@@ -1296,29 +1338,44 @@ class Bench:
             if poller.is_alive():
                 poller.kill()
             poller.join()
-        lags = [(s - c) * 1000 for s, c in zip(seen, closes) if s is not None]
-        missing = sum(1 for s in seen if s is None)
-        self.lag_samples.extend(lags)
-        self.rec("repl", "lag_rate", achieved)
-        if missing:
-            self.notes.append(f"lag run {run}: {missing} files never became visible on the slave")
+        lags = [(s_ - c) * 1000 for s_, c in zip(seen, closes) if s_ is not None]
+        missing = sum(1 for s_ in seen if s_ is None)
+        return lags, missing, achieved
 
-        # burst: 1,000 files as fast as possible, then time until the replica is identical
-        rel = "burst"
-        d = os.path.join(root, rel)
-        os.mkdir(d)
-        wait_replicas(t, rel)
-        data = self.buf[:4096]
-        t0 = time.monotonic()
-        for i in range(a.burst):
-            fd = os.open(os.path.join(d, f"b{i:05d}"), os.O_WRONLY | os.O_CREAT, 0o644)
-            os.write(fd, data)
-            os.close(fd)
-        t1 = time.monotonic()
-        self.rec("repl", "burst_write", a.burst / (t1 - t0))
-        self.rec("repl", "burst_catchup", wait_replicas(t, rel))
-        t.stop()
-        self.trash(base)
+    def relays(self, run):
+        """Issue 19: the master's cost with 2 direct slaves, 8 direct slaves, and 2 relays
+        feeding 3 leaves each (8 replicas); lag at a leaf behind a relay vs a direct slave."""
+        a = self.a
+        size = a.scale_mib * MiB
+        for name, n, r in (("direct2", 2, 0), ("direct8", 8, 0), ("relays2x3", 6, 2)):
+            t = Tdfs(f"relays-{name}", n, relays=r)
+            base = os.path.join(self.work, f"relays-{name}-{run}")
+            os.makedirs(base)
+            log(f"run {run}: relays, {name}")
+            root = t.start(base)
+            d = self.fresh(root, "w")
+            wait_replicas(t, "w")
+            os.sync()
+            c0 = cpu_of(t)
+            t0 = time.monotonic()
+            write_file(os.path.join(d, "big"), size, self.buf)
+            el = time.monotonic() - t0
+            c1 = cpu_of(t)
+            gib = size / (1 << 30)
+            self.rec("relays", f"master_{name}", size / MiB / el)
+            self.rec("relays", f"cpu_master_{name}", (c1[0] - c0[0]) / gib)
+            c = wait_replicas(t, "w")
+            if c is not None:
+                self.rec("relays", f"repl_{name}", size / MiB / (el + c))
+            # slaves[0] is a leaf behind a relay in the relay case, a direct slave otherwise.
+            lags, missing, _ = self.lag_run(t, root, t.slaves[0][1])
+            self.relay_lags.setdefault(name, []).extend(lags)
+            if missing:
+                self.notes.append(f"relays {name} run {run}: {missing} files never arrived")
+            if t.lost():
+                self.notes.append(f"relays {name} run {run}: a slave was marked out of sync")
+            t.stop()
+            self.trash(base)
 
     def repl_wire(self, run):
         """Bytes master->slave through a counting proxy, -z 0 vs -z 1."""
@@ -1646,6 +1703,7 @@ def report(b, targets, skipped, env):
               "byte. Every row shares the same cores (`box busy`).\n")
 
     meta_report(b, P)
+    relay_report(b, P)
     goals(b, [t.name for t in targets], P)
     P("## Notes\n")
     P("- Everything shares one machine: a local slave writes the same data to the same disk "
@@ -1679,6 +1737,38 @@ def report(b, targets, skipped, env):
 
 def fmt3(x):
     return "–" if x is None else f"{x:.3f}"
+
+
+def relay_report(b, P):
+    a, R = b.a, b.res
+    rl = R.get("relays", {})
+    if not rl:
+        return
+    P(f"## Relays (issue #19): master seq write {a.scale_mib} MiB, 8 or 2 replicas (median)\n")
+    P("Lag: files written at a steady rate, ms from close on the mount to full content on "
+      "the replica (a direct slave; behind a relay, a leaf).\n")
+    P("| setup | replicas | master MiB/s | master CPU s/GiB | replicated MiB/s (all identical) "
+      "| lag p50 ms | lag p99 ms |")
+    P("|---|---|---|---|---|---|---|")
+    rows = (("direct2", "2 direct slaves", 2), ("direct8", "8 direct slaves", 8),
+            ("relays2x3", "2 relays x 3 leaves", 8))
+    for key, desc, n in rows:
+        lags = b.relay_lags.get(key, [])
+        P(f"| {desc} | {n} | {fmt(med(rl.get(f'master_{key}', [])))} | "
+          f"{fmt(med(rl.get(f'cpu_master_{key}', [])))} | "
+          f"{fmt(med(rl.get(f'repl_{key}', [])))} | "
+          f"{fmt(pct(lags, 0.5)) if lags else '–'} | {fmt(pct(lags, 0.99)) if lags else '–'} |")
+    c2, cr = med(rl.get("cpu_master_direct2", [])), med(rl.get("cpu_master_relays2x3", []))
+    l2, lr = b.relay_lags.get("direct2", []), b.relay_lags.get("relays2x3", [])
+    P("")
+    if c2 and cr:
+        P(f"- Goal: master CPU/GiB with 2 relays x 3 leaves within 10% of 2 direct slaves: "
+          f"{cr / c2:.2f}x {'met' if cr <= c2 * 1.1 else '**not met**'}")
+    if l2 and lr:
+        p2, pr = pct(l2, 0.99), pct(lr, 0.99)
+        P(f"- Goal: leaf lag p99 at most 2x a direct slave's: {pr:.1f} vs {p2:.1f} ms = "
+          f"{pr / p2:.2f}x {'met' if pr <= 2 * p2 else '**not met**'}")
+    P("")
 
 
 def meta_report(b, P):
@@ -1877,8 +1967,8 @@ def parse_args():
                                   "raw numbers go next to it as .json)")
     ap.add_argument("--targets", help="comma-separated subset of: native,bindfs,passthrough_hp,"
                                       "passthrough_hp-nocache,tdfs-0,tdfs-1,tdfs-1-z1,tdfs-2")
-    ap.add_argument("--sections", default="workloads,repl,scale,metadata",
-                    help="comma-separated subset of workloads,repl,scale,metadata")
+    ap.add_argument("--sections", default="workloads,repl,scale,metadata,relays",
+                    help="comma-separated subset of workloads,repl,scale,metadata,relays")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME[@N]:DIR[:ARGS]",
                     help="another tdfs target with N local slaves (default 0), tdfs-N-NAME: "
                          "the master in DIR (empty: the one built) with extra flags ARGS, to "
@@ -2020,6 +2110,7 @@ def main():
     b.meta_targets = [t for t in targets if t.name != "native" and (
         a.targets or t.name in META_TARGETS or t.name in variants)]
     b.lag_samples = []
+    b.relay_lags = {}
     REG.work = tempfile.mkdtemp(prefix="tdfs-bench.", dir=a.workdir)
     os.chmod(REG.work, 0o755)
     b.work = REG.work
@@ -2046,6 +2137,8 @@ def main():
                 b.scale(run)
             if "metadata" in a.sections:
                 b.metadata(run)
+            if "relays" in a.sections:
+                b.relays(run)
         cpu1 = cpu_times()
         stolen = (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]) * 100
         rev = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],

@@ -186,6 +186,17 @@ impl Collector for Metrics {
             "Time to apply one round of ops (what arrived together), seconds",
             &[(none(), &st.apply_latency)],
         )?;
+        if let Some(f) = self.0.feeds() {
+            let st = f.repl.status();
+            if !st.slaves.is_empty() {
+                tdfs_replication::feeds::encode_metrics(
+                    &mut enc,
+                    "tdfs_relay_leaf",
+                    &st,
+                    &f.rates,
+                )?;
+            }
+        }
         Ok(())
     }
 }

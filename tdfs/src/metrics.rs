@@ -88,10 +88,6 @@ impl std::fmt::Debug for MasterMetrics {
     }
 }
 
-fn slave(addr: &str) -> Labels {
-    vec![("slave", addr.to_string())]
-}
-
 impl Collector for MasterMetrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let fuse: Vec<(Labels, &Histogram)> = FUSE_OPS
@@ -146,108 +142,7 @@ impl Collector for MasterMetrics {
             "Bytes of ops in the on-disk journal (for lagging or absent slaves)",
             &[(none(), st.journal_bytes as f64)],
         )?;
-        let per =
-            |f: &dyn Fn(&tdfs_replication::repl::SlaveSnapshot) -> u64| -> Vec<(Labels, u64)> {
-                st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
-            };
-        let perf =
-            |f: &dyn Fn(&tdfs_replication::repl::SlaveSnapshot) -> f64| -> Vec<(Labels, f64)> {
-                st.slaves.iter().map(|s| (slave(&s.addr), f(s))).collect()
-            };
-        http::counters(
-            &mut enc,
-            "tdfs_slave_ops_sent",
-            "Ops sent to each slave",
-            &per(&|s| s.ops_sent),
-        )?;
-        http::counters(
-            &mut enc,
-            "tdfs_slave_sent_bytes",
-            "Bytes sent to each slave (on the wire, after compression)",
-            &per(&|s| s.bytes_sent),
-        )?;
-        http::counters(
-            &mut enc,
-            "tdfs_slave_raw_bytes",
-            "Bytes of frame payload sent to each slave before compression",
-            &per(&|s| s.raw_bytes_sent),
-        )?;
-        http::counters(
-            &mut enc,
-            "tdfs_slave_reconnects",
-            "Connections (re)established to each slave",
-            &per(&|s| s.reconnects),
-        )?;
-        http::counters(
-            &mut enc,
-            "tdfs_slave_syncs",
-            "Syncs completed into each slave (instead of resuming its stream)",
-            &per(&|s| s.syncs),
-        )?;
-        http::counters(
-            &mut enc,
-            "tdfs_slave_sync_bytes",
-            "File data sent to each slave by syncs, bytes",
-            &per(&|s| s.sync_bytes),
-        )?;
-        let errors: Vec<(Labels, u64)> = st
-            .slaves
-            .iter()
-            .map(|s| {
-                (
-                    vec![("slave", s.addr.clone()), ("kind", "apply".to_string())],
-                    s.apply_errors,
-                )
-            })
-            .collect();
-        http::counters(
-            &mut enc,
-            "tdfs_slave_errors",
-            "Errors by slave and kind (apply: an op the slave could not apply)",
-            &errors,
-        )?;
-        http::gauges(
-            &mut enc,
-            "tdfs_slave_applied_seq",
-            "Last sequence number each slave has applied",
-            &perf(&|s| s.applied as f64),
-        )?;
-        http::gauges(
-            &mut enc,
-            "tdfs_slave_lag_ops",
-            "Ops issued that the slave has not applied",
-            &perf(&|s| s.lag_ops as f64),
-        )?;
-        http::gauges(
-            &mut enc,
-            "tdfs_slave_lag_bytes",
-            "Bytes of ops the slave has not applied",
-            &perf(&|s| s.lag_bytes as f64),
-        )?;
-        http::gauges(
-            &mut enc,
-            "tdfs_slave_lag_seconds",
-            "Age of the oldest op the slave has not applied",
-            &perf(&|s| s.lag_secs),
-        )?;
-        http::gauges(
-            &mut enc,
-            "tdfs_slave_in_sync",
-            "1 when writers wait for this slave (connected, streaming, keeping up)",
-            &perf(&|s| s.in_sync as u8 as f64),
-        )?;
-        http::gauges(
-            &mut enc,
-            "tdfs_slave_connected",
-            "1 while the slave is connected (streaming, catching up or syncing)",
-            &perf(&|s| matches!(s.state, "streaming" | "catching up" | "syncing") as u8 as f64),
-        )?;
-        http::gauges(
-            &mut enc,
-            "tdfs_slave_apply_rate",
-            "Ops per second the slave has applied, over the last few seconds",
-            &perf(&|s| self.rates.get(&s.addr).0),
-        )?;
+        tdfs_replication::feeds::encode_metrics(&mut enc, "tdfs_slave", &st, &self.rates)?;
         Ok(())
     }
 }

@@ -587,3 +587,22 @@ pub fn catches_signal(pid: u32, sig: libc::c_int) -> bool {
     let mask = u64::from_str_radix(mask.trim(), 16).expect("SigCgt is hex");
     mask & (1 << (sig - 1)) != 0
 }
+
+/// Port of the "metrics at http://ADDR:PORT/metrics" log line.
+pub fn metrics_port(log: &str) -> Option<u16> {
+    let i = log.find("metrics at http://")?;
+    let rest = &log[i + "metrics at http://".len()..];
+    let hostport = rest.split('/').next()?;
+    hostport.rsplit(':').next()?.parse().ok()
+}
+
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    use std::io::{Read, Write};
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

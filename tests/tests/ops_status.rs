@@ -1,12 +1,12 @@
 //! Operating a running cluster: `tdfs status` (table and JSON), the Prometheus endpoints,
 //! `tdfs slave add/remove` at runtime, `--config` files, and SIGHUP reloads.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use tdfs_tests::util::{http_get, metrics_port};
 use tdfs_tests::util::{run, set_times};
 use tdfs_tests::{
     assert_identical, bin, require_root_and_fuse, temp_dir, wait_identical, wait_until, Cluster,
@@ -43,23 +43,6 @@ fn addrs(v: &Value) -> Vec<String> {
         .collect();
     a.sort();
     a
-}
-
-/// Port of the "metrics at http://ADDR:PORT/metrics" log line.
-fn metrics_port(log: &str) -> Option<u16> {
-    let i = log.find("metrics at http://")?;
-    let rest = &log[i + "metrics at http://".len()..];
-    let hostport = rest.split('/').next()?;
-    hostport.rsplit(':').next()?.parse().ok()
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 fn write_files(dir: &Path, prefix: &str, n: usize) {

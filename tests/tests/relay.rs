@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveAddr, SlaveLaunch};
 use tdfs_tests::netns::TestNet;
-use tdfs_tests::util::{bin, pseudo_random, require_root_and_fuse, set_xattr, temp_dir, TempDir};
+use tdfs_tests::util::{
+    bin, http_get, metrics_port, pseudo_random, require_root_and_fuse, set_xattr, temp_dir, TempDir,
+};
 use tdfs_tests::{compare_trees, try_wait_identical, wait_until};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
@@ -277,17 +279,23 @@ fn two_relays_feed_three_leaves_each_and_status_shows_the_tree() {
         .collect();
     let la: Vec<String> = leaves.iter().map(Node::addr).collect();
     // Mixed compression per hop: l0 gets lzf, l4 lz4, the rest none.
-    let r0 = Node::start(
-        root,
-        "r0",
-        &cs(&[format!("{},z=1", la[0]), la[1].clone(), la[2].clone()]),
-    );
+    let mut r0_args = vec!["--metrics".to_string(), "127.0.0.1:0".into()];
+    r0_args.extend(cs(&[
+        format!("{},z=1", la[0]),
+        la[1].clone(),
+        la[2].clone(),
+    ]));
+    let r0 = Node::start(root, "r0", &r0_args);
     let r1 = Node::start(
         root,
         "r1",
         &cs(&[la[3].clone(), format!("{},z=2", la[4]), la[5].clone()]),
     );
-    let mut m = start_master(root, &[r0.addr(), r1.addr()], &["-z", "1"]);
+    let mut m = start_master(
+        root,
+        &[r0.addr(), r1.addr()],
+        &["-z", "1", "--metrics", "127.0.0.1:0"],
+    );
     let mnt = root.join("mnt");
     churn(&mnt, 1, 400);
     let backing = root.join("m");
@@ -331,6 +339,18 @@ fn two_relays_feed_three_leaves_each_and_status_shows_the_tree() {
     let rs = r0.status();
     assert_eq!(rs["last_applied"].as_u64(), Some(last), "{rs:#}");
     assert_eq!(rs["relay"]["slaves"].as_array().unwrap().len(), 3, "{rs:#}");
+
+    // Metrics: the master exports the leaves below its relays; a relay its own leaves.
+    let mm = http_get(metrics_port(&m.log_text()).unwrap(), "/metrics");
+    let want = format!(
+        "tdfs_slave_downstream_applied_seq{{via=\"{}\",slave=\"{}\",depth=\"2\"}} {last}",
+        r0.addr(),
+        la[1]
+    );
+    assert!(mm.contains(&want), "{want} not in master metrics:\n{mm}");
+    let rm = http_get(metrics_port(&r0.slave.log()).unwrap(), "/metrics");
+    let want = format!("tdfs_relay_leaf_applied_seq{{slave=\"{}\"}} {last}", la[2]);
+    assert!(rm.contains(&want), "{want} not in relay metrics:\n{rm}");
 
     // verify works against any node of the tree.
     verify(&backing, &la[4]);
@@ -606,4 +626,102 @@ fn tls_upstream_and_secret_downstream_on_one_relay() {
     );
     assert!(m.unmount_and_wait().success());
     assert_all_identical(&backing, &all, CATCH_UP);
+}
+
+fn master_opts(root: &Path, name: &str, dir: &Path, state: &Path, slaves: &[String]) -> MasterOpts {
+    let mnt = root.join(format!("{name}-mnt"));
+    fs::create_dir_all(&mnt).unwrap();
+    MasterOpts {
+        backing: dir.to_path_buf(),
+        mountpoint: mnt,
+        state_dir: state.to_path_buf(),
+        log: root.join(format!("{name}-master.log")),
+        slaves: slaves
+            .iter()
+            .map(|a| SlaveAddr {
+                addr: a.clone(),
+                compress: false,
+            })
+            .collect(),
+        global_z: None,
+        nodelay_off: false,
+        extra_args: Vec::new(),
+        prefix: Vec::new(),
+    }
+}
+
+/// Fencing holds through a relay: a leaf taken over by a newly promoted master (epoch 2)
+/// refuses the relay still following the old one; the relay records the newer epoch and
+/// drops its upstream, which is then refused as fenced and stops taking writes.
+#[test]
+fn a_leaf_that_saw_a_newer_epoch_fences_the_old_master_through_its_relay() {
+    require_root_and_fuse();
+    let t = temp_dir("relay-fence");
+    let root = t.path();
+    let leaf = Node::start(root, "leaf", &[]);
+    let relay = Node::start(root, "r", &cs(&[leaf.addr()]));
+    let mut b = Node::start(root, "b", &[]);
+    let a_dir = root.join("a");
+    let a_state = root.join("a-state");
+    fs::create_dir_all(&a_dir).unwrap();
+    let mut a = Master::start(&master_opts(
+        root,
+        "a",
+        &a_dir,
+        &a_state,
+        &[relay.addr(), b.addr()],
+    ));
+    churn(&a.mountpoint, 15, 150);
+    let all: Vec<(&str, &Path)> = vec![("relay", &relay.dir), ("leaf", &leaf.dir), ("b", &b.dir)];
+    assert_all_identical(&a_dir, &all, CATCH_UP);
+
+    // B is promoted (A is alive: an operator's mistake, or a partition) and takes the leaf.
+    b.slave.stop();
+    let o = Command::new(bin("tdfs"))
+        .args(["promote", "--force", "--state-dir"])
+        .arg(&b.state)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "promote: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut bm = Master::start(&master_opts(root, "bm", &b.dir, &b.state, &[leaf.addr()]));
+    fs::write(bm.mountpoint.join("from-b"), b"epoch 2").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || leaf.dir.join("from-b").exists()),
+        "the new master did not take the leaf: {}",
+        logs(root)
+    );
+
+    // A learns it was replaced through the relay, and stops taking writes.
+    let probe = a.mountpoint.join("probe");
+    let t0 = Instant::now();
+    let fenced = wait_until(Duration::from_secs(60), || match fs::write(&probe, b"x") {
+        Err(e) => e.raw_os_error() == Some(libc::EROFS),
+        Ok(()) => false,
+    });
+    assert!(fenced, "the old master still takes writes: {}", logs(root));
+    println!(
+        "FENCE through a relay: old master refuses writes {:.2}s after the leaf moved",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        relay.status()["seen_epoch"].as_u64(),
+        Some(2),
+        "{:#}",
+        relay.status()
+    );
+    assert!(
+        !leaf.dir.join("probe").exists(),
+        "a write of the old epoch reached the leaf"
+    );
+    assert!(
+        a.log_text().contains("FENCED"),
+        "the old master does not say it was fenced: {}",
+        a.log_text()
+    );
+    assert!(bm.unmount_and_wait().success());
+    let _ = a.unmount_and_wait();
 }
