@@ -141,7 +141,7 @@ struct Cli {
 
     /// Relay: memory for ops not yet acknowledged by every replica of this node, in MiB
     /// (beyond it they spill to the journal, as on the master).
-    #[arg(long, default_value_t = 128, value_name = "MIB")]
+    #[arg(long, default_value_t = 96, value_name = "MIB")]
     queue_size: usize,
 
     /// Relay: disk for ops a lagging replica of this node still needs, in MiB (in the state
