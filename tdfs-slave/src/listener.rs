@@ -407,7 +407,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         "another master ({} from {}) is already connected",
                         cur.label, cur.peer
                     );
-                    tracing::warn!("refusing connection from {peer}: {message}");
+                    let standby = hello.as_ref().is_some_and(|h| {
+                        h.flags & tdfs_protocol::msg::HELLO_FALLBACK != 0 && !cur.fallback
+                    });
+                    if standby {
+                        // A fallback upstream checking in while the primary feeds us.
+                        tracing::debug!("fallback upstream from {peer} stands by: {message}");
+                    } else {
+                        tracing::warn!("refusing connection from {peer}: {message}");
+                    }
                     refuse(wr, RefuseCode::Busy, message).await;
                 }
             }

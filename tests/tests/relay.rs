@@ -446,8 +446,16 @@ fn killed_relay_leaves_are_taken_over_by_the_master_without_a_full_sync() {
     churn(&mnt, 4, 100);
     assert_all_identical(&backing, &all, CATCH_UP);
     let back = wait_until(Duration::from_secs(60), || {
-        let d = downstream_of(&master_status(root), &r.addr());
-        d.len() == 3 && d.iter().all(|n| n["state"] == "streaming")
+        let st = master_status(root);
+        let d = downstream_of(&st, &r.addr());
+        // ... and the master stands by for them again.
+        let standby = st["slaves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| la.iter().any(|a| s["addr"] == a.as_str()))
+            .all(|s| s["state"] == "standby");
+        d.len() == 3 && d.iter().all(|n| n["state"] == "streaming") && standby
     });
     assert!(
         back,

@@ -25,6 +25,7 @@ const BATCH_OPS: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_STANDBY: Duration = Duration::from_secs(1);
 /// How long a relay holds a replica that is ahead of it before giving the slot back.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
@@ -178,6 +179,13 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
                 me.reconnects.fetch_add(1, Ordering::Relaxed);
                 warn!(slave = %addr, "link lost: {e}; reconnecting")
             }
+            Err(LinkError::Refused(m)) if me.config.fallback && m.starts_with("Busy") => {
+                // The node's own upstream feeds it: this one stands by, as configured.
+                if !me.standby.swap(true, Ordering::AcqRel) {
+                    info!(slave = %addr, "standing by as a fallback upstream: {m}");
+                }
+                me.set_error(format!("standing by: {m}"));
+            }
             Err(e) if !quiet => {
                 me.set_error(format!("cannot reach slave: {e}"));
                 warn!(slave = %addr, "cannot reach slave: {e}; retrying with backoff");
@@ -202,7 +210,13 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
                 _ = notified => {}
             }
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff = (backoff * 2).min(if me.standby.load(Ordering::Acquire) {
+            // A fallback checks in often: the moment the node's own upstream is gone, it
+            // takes over.
+            BACKOFF_STANDBY
+        } else {
+            BACKOFF_MAX
+        });
     }
 }
 
@@ -648,6 +662,7 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
         gen,
     };
     me.connected.store(true, Ordering::Release);
+    me.standby.store(false, Ordering::Release);
 
     let applied = ack.applied;
     if shared.relay && matches!(standing, Standing::Behind) && applied > 0 {

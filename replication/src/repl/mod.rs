@@ -199,6 +199,8 @@ pub struct SlaveStatus {
     pub last_sync: Mutex<Option<SyncReport>>,
     /// When the slave relays: its own replicas and theirs, as it last reported them.
     pub downstream: Mutex<Vec<tdfs_protocol::msg::DownNode>>,
+    /// A fallback upstream refused because the node's own upstream holds it.
+    pub standby: AtomicBool,
 }
 
 /// What one sync into a slave did.
@@ -242,6 +244,7 @@ impl SlaveStatus {
             sync_bytes: AtomicU64::new(0),
             last_sync: Mutex::new(None),
             downstream: Mutex::new(Vec::new()),
+            standby: AtomicBool::new(false),
         }
     }
 
@@ -1487,6 +1490,7 @@ impl Replicator {
                         "streaming"
                     }
                     (true, _) => "catching up",
+                    (false, _) if s.standby.load(Ordering::Acquire) => "standby",
                     (false, _)
                         if last_error.is_some() && s.apply_errors.load(Ordering::Relaxed) > 0 =>
                     {
