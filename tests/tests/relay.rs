@@ -483,7 +483,8 @@ fn dir_bytes(root: &Path) -> u64 {
     n
 }
 
-/// master -> relay -> relay -> leaf; a leaf killed and restarted, a middle relay restarted.
+/// master -> relay -> relay -> leaf; a leaf killed and restarted, a middle relay restarted,
+/// the master killed and restarted.
 #[test]
 fn depth_three_with_a_leaf_and_a_relay_restarted() {
     require_root_and_fuse();
@@ -520,6 +521,18 @@ fn depth_three_with_a_leaf_and_a_relay_restarted() {
     r2.slave.restart();
     churn(&mnt, 10, 50);
     assert_all_identical(&backing, &all, CATCH_UP);
+
+    // The master killed and restarted: it syncs its relay, which holds its own replica
+    // meanwhile and then syncs it from its tree.
+    m.kill9();
+    let mut m = start_master(root, &[r1.addr()], &[]);
+    churn(&mnt, 16, 50);
+    assert_all_identical(&backing, &all, CATCH_UP);
+    let log = r1.slave.log();
+    assert!(
+        log.contains("upstream is syncing this relay") && log.contains("relay at a known position"),
+        "the relay was not synced by its restarted master: {log}"
+    );
     assert!(m.unmount_and_wait().success());
     assert_all_identical(&backing, &all, CATCH_UP);
 }
