@@ -595,3 +595,43 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn downstream_report_roundtrips_and_refuses_bad_depths() {
+    use crate::msg::{DownNode, Downstream, MAX_DOWNSTREAM};
+    let d = Downstream {
+        nodes: vec![
+            DownNode {
+                depth: 1,
+                addr: "leaf1:4731".into(),
+                label: "web1:/srv/www".into(),
+                state: "streaming".into(),
+                applied: 41,
+                lag_ops: 1,
+                lag_ms: 3,
+                syncs: 1,
+                sync_bytes: 4096,
+                last_error: String::new(),
+            },
+            DownNode {
+                depth: 2,
+                addr: "leaf2".into(),
+                state: "syncing".into(),
+                last_error: "x".into(),
+                ..Default::default()
+            },
+        ],
+    };
+    assert_eq!(Downstream::decode(&d.encode()).unwrap(), d);
+    for depth in [0u8, 33] {
+        let mut bad = d.clone();
+        bad.nodes[1].depth = depth;
+        assert!(Downstream::decode(&bad.encode()).is_err(), "depth {depth}");
+    }
+    let mut huge = 0u32.to_le_bytes().to_vec();
+    huge[..4].copy_from_slice(&((MAX_DOWNSTREAM as u32) + 1).to_le_bytes());
+    assert!(Downstream::decode(&huge).is_err());
+    let mut truncated = d.encode();
+    truncated.pop();
+    assert!(Downstream::decode(&truncated).is_err());
+}

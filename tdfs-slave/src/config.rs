@@ -58,4 +58,30 @@ mod tests {
         let e = load::<SlaveFile>(&p).unwrap_err().to_string();
         assert!(e.contains("mirorr") && e.contains("c.toml"), "{e}");
     }
+
+    #[test]
+    fn relay_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "mirror = \"/m\"\nslaves = [\"web1:4731,z=2\", \"web2\"]\ncompression = 1\n\
+             queue_size = 64\njournal_size = 512\nleaf_secret_file = \"/etc/tdfs/leaf\"\n\
+             leaf_insecure = false\n",
+        )
+        .unwrap();
+        let c: SlaveFile = load(&p).unwrap();
+        assert_eq!(
+            c.slaves.as_deref(),
+            Some(&["web1:4731,z=2".to_string(), "web2".to_string()][..])
+        );
+        assert_eq!(
+            (c.compression, c.queue_size, c.journal_size),
+            (Some(1), Some(64), Some(512))
+        );
+        assert_eq!(
+            c.leaf_secret_file.as_deref(),
+            Some(std::path::Path::new("/etc/tdfs/leaf"))
+        );
+    }
 }

@@ -43,7 +43,9 @@ struct Cli {
 
     /// TOML file with any of the settings below (keys: mirror, listen, no_nodelay,
     /// state_dir, secret_file, allow, tls_cert, tls_key, tls_ca, insecure, metrics,
-    /// log_level). Flags given on the command line win. SIGHUP re-reads it.
+    /// log_level; a relay's: slaves = ["HOST:PORT,z=N"], compression, queue_size,
+    /// journal_size, leaf_secret_file, leaf_tls_cert, leaf_tls_key, leaf_tls_ca,
+    /// leaf_insecure). Flags given on the command line win. SIGHUP re-reads it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
