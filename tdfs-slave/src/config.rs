@@ -5,7 +5,7 @@
 //! mirror = "/srv/mirror"
 //! listen = "0.0.0.0:4731"
 //! state_dir = "/var/lib/tdfs-slave/mirror"
-//! secret_file = "/etc/tdfs/secret"
+//! secret_file = "/etc/tdfs/secret"   # or a list of two during a rotation
 //! allow = ["10.0.0.0/8"]
 //! metrics = "127.0.0.1:9731"
 //! log_level = "info"      # or -v / -q on the command line
@@ -22,7 +22,9 @@ pub struct SlaveFile {
     pub listen: Option<String>,
     pub no_nodelay: Option<bool>,
     pub state_dir: Option<PathBuf>,
-    pub secret_file: Option<PathBuf>,
+    /// One path, or two during a secret rotation.
+    pub secret_file: Option<Paths>,
+    pub encrypt: Option<bool>,
     pub allow: Option<Vec<String>>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -32,7 +34,7 @@ pub struct SlaveFile {
     pub log_level: Option<String>,
 }
 
-pub use tdfs_replication::config::{given, load};
+pub use tdfs_replication::config::{given, load, Paths};
 
 #[cfg(test)]
 mod tests {
