@@ -53,3 +53,19 @@ impl Conn {
         }
     }
 }
+
+/// Reads and discards what the peer still sends until it closes (at most `LINGER`).
+/// Closing a socket with received bytes unread makes the kernel reset the connection, and a
+/// reset can destroy the last frame just sent (a `Refuse` saying why) before the peer has
+/// read it; a side that refuses the stream shuts its writing half down, then lingers here.
+pub async fn linger(rd: &mut BoxRead) {
+    use tokio::io::AsyncReadExt;
+    let mut scratch = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(rd.read(&mut scratch).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// How long [`linger`] waits for the peer to close.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);

@@ -331,6 +331,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     if conn.tx.is_sealed() {
                         // The master's own frames are fine; it may learn why we close.
                         refuse(conn.wr, &mut conn.tx, RefuseCode::Malformed, e).await;
+                        tdfs_replication::conn::linger(&mut conn.rd).await;
                     }
                     return;
                 }

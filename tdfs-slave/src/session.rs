@@ -171,6 +171,9 @@ pub async fn run(
         }
     }
     let _ = s.wr.shutdown().await;
+    if matches!(end, End::Protocol(_)) {
+        tdfs_replication::conn::linger(&mut s.rd).await;
+    }
 }
 
 impl Session {

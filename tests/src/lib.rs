@@ -8,6 +8,7 @@
 //! * [`proxy`]: a fault-injecting TCP proxy (drop, stall, truncate, flip bytes, refuse) to
 //!   put between a master and a slave.
 //! * [`netns`]: test hosts in network namespaces joined by a bridge, to cut one off.
+//! * [`writer`]: a bounded writer thread that keeps changing a tree through a mount.
 //! * [`util`]: binaries, root/FUSE checks, polling with deadlines, small syscall wrappers.
 
 pub mod cluster;
@@ -16,6 +17,7 @@ pub mod daemons;
 pub mod netns;
 pub mod proxy;
 pub mod util;
+pub mod writer;
 
 pub use cluster::{Cluster, ClusterOpts, SlaveOpts};
 pub use compare::{

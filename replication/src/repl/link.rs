@@ -326,6 +326,24 @@ impl Link {
         Ok(())
     }
 
+    /// Ends the session for a reconnect with new secrets. Bye first: the slave applies and
+    /// acknowledges what it was sent, saves its position and closes, and the next session
+    /// resumes from there instead of cutting a round (or a sync) in the middle.
+    async fn hand_over(&mut self) -> LinkError {
+        if self.send_frame(FrameType::Bye, 0, &[]).await.is_ok() {
+            let _ = self.wr.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Some(ev) = self.events.recv().await {
+                    if matches!(ev, Event::Closed(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        LinkError::Rekey
+    }
+
     /// Tells the slave, before the connection closes, that one of its frames failed
     /// authentication here: it can only see the connection end otherwise.
     async fn report_forgery(&mut self, e: &LinkError) {
@@ -429,8 +447,7 @@ impl Link {
                 .as_ref()
                 .is_some_and(|s| s.has_changed().unwrap_or(false))
             {
-                self.wr.shutdown().await.ok();
-                return Err(LinkError::Rekey);
+                return Err(self.hand_over().await);
             }
             let head = self.shared.head();
             if self.cursor < head {
@@ -485,8 +502,7 @@ impl Link {
                 },
             }
             if rekeyed {
-                self.wr.shutdown().await.ok();
-                return Err(LinkError::Rekey);
+                return Err(self.hand_over().await);
             }
         }
     }
@@ -627,7 +643,12 @@ async fn reader(
     }
     .await;
     if let Err(e) = r {
+        let forged = e.is_authentication();
         let _ = tx.send(Event::Closed(e));
+        if forged {
+            // The link tells the slave why; no reset may destroy that before it is read.
+            crate::conn::linger(&mut rd).await;
+        }
     }
 }
 
@@ -773,7 +794,12 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
         } else {
             format!("slave applied seq {applied} but this node holds {front}..{head}")
         };
-        let r = link.sync(&why, shared.checksum_sync, stash).await;
+        // A sync cut short leaves files whose size and times agree with this node's while
+        // their content does not (live writes applied beyond a part not copied yet): the
+        // next one compares content.
+        let r = link
+            .sync(&why, shared.checksum_sync || syncing, stash)
+            .await;
         if let Err(e) = r {
             return Err(link.closing(e).await);
         }
