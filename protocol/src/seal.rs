@@ -129,15 +129,16 @@ pub fn session(
 
 enum Key {
     Mac([u8; 32]),
-    Aead(LessSafeKey),
+    // Boxed: the expanded AES key schedule is half a KiB, a MAC key 32 bytes.
+    Aead(Box<LessSafeKey>),
 }
 
 impl Key {
     fn new(p: Protection, k: &[u8; 32]) -> Key {
         match p {
-            Protection::Encrypt => Key::Aead(LessSafeKey::new(
+            Protection::Encrypt => Key::Aead(Box::new(LessSafeKey::new(
                 UnboundKey::new(&AES_256_GCM, k).expect("AES-256 takes a 32-byte key"),
-            )),
+            ))),
             _ => Key::Mac(*k),
         }
     }
@@ -596,6 +597,32 @@ mod tests {
         let ((mut mm, _), _) = pair(Protection::Mac);
         let f = mm.encode_parts_vec(FrameType::Ops, 1, &[secret_text]);
         assert!(f.windows(secret_text.len()).any(|w| w == secret_text));
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives, an opener answers with a frame or an error, never a panic, and
+        /// never a frame for bytes its peer did not seal.
+        #[test]
+        fn arbitrary_bytes_never_open(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            encrypt in proptest::prelude::any::<bool>(),
+        ) {
+            let p = if encrypt { Protection::Encrypt } else { Protection::Mac };
+            let (_, (_, mut so)) = pair(p);
+            let mut b = bytes.clone();
+            proptest::prop_assert!(so.open(&mut b).is_err());
+            // Even behind a well-formed sealed header.
+            let mut h = frame::header_fields(
+                FrameType::Ops,
+                1,
+                frame::FLAG_SEALED | if encrypt { frame::FLAG_ENCRYPTED } else { 0 },
+                bytes.len().saturating_sub(TAG_LEN),
+                bytes.len().saturating_sub(TAG_LEN),
+            )
+            .to_vec();
+            h.extend_from_slice(&bytes);
+            proptest::prop_assert!(so.open(&mut h).is_err());
+        }
     }
 
     #[test]
