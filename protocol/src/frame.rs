@@ -5,19 +5,24 @@
 //!      0    4 magic "TDFS"
 //!      4    1 version (FRAME_VERSION)
 //!      5    1 type (FrameType)
-//!      6    1 flags (bit 0: payload is LZF-compressed; bit 1: LZ4-compressed)
+//!      6    1 flags (bit 0: payload is LZF-compressed; bit 1: LZ4-compressed;
+//!                    bit 2: sealed, a 16-byte tag follows the payload; bit 3: encrypted)
 //!      7    1 reserved, must be 0
 //!      8    8 sequence number (first op of an Ops frame; 0 where unused)
-//!     16    4 payload length on the wire
+//!     16    4 payload length on the wire (the tag of a sealed frame not included)
 //!     20    4 payload length after decompression (equals the wire length when raw)
-//!     24    4 crc32 (IEEE, crc32fast) of bytes 0..24 followed by the wire payload
+//!     24    4 crc32 (IEEE, crc32fast) of bytes 0..24 followed by the wire payload; 0 in a
+//!               sealed frame, whose tag covers everything
 //!     28    . payload
+//!      .   16 tag (sealed frames only, see [`crate::seal`])
 //! ```
 //!
 //! Decoding follows mini-redis: [`check`] looks at a buffer and says whether a whole frame is
 //! there (or [`FrameError::Incomplete`], which is a normal case, not an error), validating the
 //! header and both lengths against [`MAX_PAYLOAD`] before anything is allocated, then the crc
-//! before anything is decompressed or parsed. [`parse`] then yields the frame.
+//! before anything is decompressed or parsed. [`parse`] then yields the frame. Sealed frames
+//! (the frames of a session authenticated with a shared secret) are refused here: only
+//! [`crate::seal::Opener`], which checks their tag first, parses them.
 
 use std::borrow::Cow;
 
@@ -35,7 +40,12 @@ pub const MAX_PAYLOAD: usize = 8 << 20;
 pub const FLAG_COMPRESSED: u8 = 1;
 /// Payload is LZ4-compressed (`-z 2`).
 pub const FLAG_LZ4: u8 = 2;
-const FLAG_ANY_COMPRESSION: u8 = FLAG_COMPRESSED | FLAG_LZ4;
+pub(crate) const FLAG_ANY_COMPRESSION: u8 = FLAG_COMPRESSED | FLAG_LZ4;
+/// A [`crate::seal::TAG_LEN`]-byte tag follows the payload, computed under the session's keys.
+pub const FLAG_SEALED: u8 = 4;
+/// The payload (after compression) is encrypted; only together with [`FLAG_SEALED`].
+pub const FLAG_ENCRYPTED: u8 = 8;
+const KNOWN_FLAGS: u8 = FLAG_ANY_COMPRESSION | FLAG_SEALED | FLAG_ENCRYPTED;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -140,6 +150,35 @@ pub enum FrameError {
     BadCrc { got: u32, want: u32 },
     #[error("decompression failed: {0}")]
     Decompress(String),
+    /// A sealed frame where the session has no keys to check it.
+    #[error("sealed frame in a session without a shared secret")]
+    Sealed,
+    /// A frame without a tag in a session whose frames must all carry one.
+    #[error(
+        "frame {0} failed authentication: it carries no tag (injected by someone without this \
+         session's keys?)"
+    )]
+    Unsealed(u64),
+    /// The tag does not match: the frame was altered, injected, replayed or reordered, or
+    /// one before it was dropped.
+    #[error(
+        "frame {0} failed authentication: altered, injected, replayed or reordered in transit, \
+         or a frame before it was dropped"
+    )]
+    Unauthentic(u64),
+    /// A sealed frame whose encryption flag differs from the session's.
+    #[error("frame {0} failed authentication: its encryption flag differs from the session's")]
+    WrongProtection(u64),
+}
+
+impl FrameError {
+    /// Whether the frame failed the session's authentication (as opposed to being garbled).
+    pub fn is_authentication(&self) -> bool {
+        matches!(
+            self,
+            FrameError::Unsealed(_) | FrameError::Unauthentic(_) | FrameError::WrongProtection(_)
+        )
+    }
 }
 
 /// A decoded frame, payload decompressed.
@@ -152,16 +191,33 @@ pub struct Frame {
     pub wire_len: usize,
 }
 
-struct Header {
-    kind: FrameType,
-    flags: u8,
-    seq: u64,
-    wire_len: usize,
-    raw_len: usize,
+pub(crate) struct Header {
+    pub(crate) kind: FrameType,
+    pub(crate) flags: u8,
+    pub(crate) seq: u64,
+    pub(crate) wire_len: usize,
+    pub(crate) raw_len: usize,
     crc: u32,
 }
 
-fn header(buf: &[u8]) -> Result<Header, FrameError> {
+impl Header {
+    pub(crate) fn sealed(&self) -> bool {
+        self.flags & FLAG_SEALED != 0
+    }
+
+    /// Bytes of the whole frame: header, payload and (sealed) tag.
+    pub(crate) fn total(&self) -> usize {
+        HEADER_LEN
+            + self.wire_len
+            + if self.sealed() {
+                crate::seal::TAG_LEN
+            } else {
+                0
+            }
+    }
+}
+
+pub(crate) fn header(buf: &[u8]) -> Result<Header, FrameError> {
     if buf.len() < HEADER_LEN {
         // Reject garbage as early as the magic lets us, so a peer cannot hold a connection
         // open by trickling bytes that can never become a frame.
@@ -182,7 +238,11 @@ fn header(buf: &[u8]) -> Result<Header, FrameError> {
     }
     let kind = FrameType::from_u8(buf[5]).ok_or(FrameError::BadType(buf[5]))?;
     let flags = buf[6];
-    if flags & !FLAG_ANY_COMPRESSION != 0 || flags == FLAG_ANY_COMPRESSION || buf[7] != 0 {
+    if flags & !KNOWN_FLAGS != 0
+        || flags & FLAG_ANY_COMPRESSION == FLAG_ANY_COMPRESSION
+        || (flags & FLAG_ENCRYPTED != 0 && flags & FLAG_SEALED == 0)
+        || buf[7] != 0
+    {
         return Err(FrameError::BadFlags(flags));
     }
     let seq = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
@@ -235,6 +295,9 @@ impl FrameRef<'_> {
 /// there and its crc matches.
 fn checked(buf: &[u8]) -> Result<(Header, usize), FrameError> {
     let h = header(buf)?;
+    if h.sealed() {
+        return Err(FrameError::Sealed);
+    }
     let total = HEADER_LEN + h.wire_len;
     if buf.len() < total {
         return Err(FrameError::Incomplete);
@@ -255,18 +318,35 @@ pub fn check(buf: &[u8]) -> Result<usize, FrameError> {
     checked(buf).map(|(_, total)| total)
 }
 
-/// The total length of the frame at the front of `buf` as soon as its header is there (the
-/// rest may still be arriving): a reader can then make room for the whole frame at once.
+/// The total length of the frame at the front of `buf` (a sealed frame's tag included) as
+/// soon as its header is there (the rest may still be arriving): a reader can then make room
+/// for the whole frame at once.
 pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
-    header(buf).map(|h| HEADER_LEN + h.wire_len)
+    header(buf).map(|h| h.total())
+}
+
+/// Whether the header at the front of `buf` announces a sealed frame.
+pub fn is_sealed(buf: &[u8]) -> bool {
+    buf.get(6).is_some_and(|f| f & FLAG_SEALED != 0)
 }
 
 /// Parses the frame at the front of `buf` without copying an uncompressed payload.
 pub fn parse_ref(buf: &[u8]) -> Result<FrameRef<'_>, FrameError> {
     let (h, total) = checked(buf)?;
-    let wire = &buf[HEADER_LEN..total];
+    frame_ref(&h, &buf[HEADER_LEN..HEADER_LEN + h.wire_len], total)
+}
+
+/// The frame of header `h` whose wire payload is `wire`, decompressed if need be.
+pub(crate) fn frame_ref<'a>(
+    h: &Header,
+    wire: &'a [u8],
+    total: usize,
+) -> Result<FrameRef<'a>, FrameError> {
     let payload = if h.flags & FLAG_ANY_COMPRESSION != 0 {
-        Cow::Owned(compress::decompress(h.flags, wire, h.raw_len).map_err(FrameError::Decompress)?)
+        Cow::Owned(
+            compress::decompress(h.flags & FLAG_ANY_COMPRESSION, wire, h.raw_len)
+                .map_err(FrameError::Decompress)?,
+        )
     } else {
         Cow::Borrowed(wire)
     };
@@ -328,7 +408,7 @@ fn seal(mut h: [u8; HEADER_LEN], payload: &crc32fast::Hasher) -> [u8; HEADER_LEN
 }
 
 /// Every header field but the crc.
-fn header_fields(
+pub(crate) fn header_fields(
     kind: FrameType,
     seq: u64,
     flags: u8,

@@ -51,26 +51,31 @@
 //!
 //! `attr` is mode (u32, only the 0o7777 bits), uid u32, gid u32.
 //!
-//! ## Authentication (frame types 20..=23)
+//! ## Authentication (frame types 20..=23) and sealed frames
 //! When the daemons share a secret (`--secret-file` on both), the master authenticates
 //! before `Hello` with an HMAC-SHA256 challenge-response ([`auth`]), inside TLS when TLS is
 //! configured:
 //!
-//! 1. master -> slave `AuthRequest` (u16 version, 1);
+//! 1. master -> slave `AuthRequest` (u16 version, 2);
 //! 2. slave -> master `AuthChallenge`: a fresh random 32-byte nonce Ns;
-//! 3. master -> slave `AuthResponse`: its own fresh nonce Nm and
-//!    HMAC(secret, "tdfs-auth-v1 master" || Ns || Nm);
-//! 4. slave -> master `AuthOk`: HMAC(secret, "tdfs-auth-v1 slave" || Nm || Ns), after checking
-//!    the master's MAC in constant time; on a mismatch it sends `Refuse` ("authentication
-//!    failed") instead and closes. The master checks the slave's MAC the same way.
+//! 3. master -> slave `AuthResponse`: its own fresh nonce Nm, the frame protection it asks
+//!    for (TLS, MAC, or encryption), and for each secret it holds (two during a rotation) the
+//!    secret's key id and HMAC(secret, "tdfs-auth-v2 master" || T), T covering all of it;
+//! 4. slave -> master `AuthOk`: the index of the secret it took and its own HMAC under it,
+//!    after checking the master's in constant time; on a mismatch (or an unknown secret, or
+//!    another protection than its own) it sends `Refuse` instead and closes. The master checks
+//!    the slave's MAC the same way.
 //!
 //! The secret never crosses the wire; fresh nonces on both sides make a recorded exchange
 //! useless later; distinct labels per direction stop reflection. A slave with a secret
 //! answers a `Hello` that comes without this exchange with `Refuse`. Auth frames are at most
 //! [`auth::MAX_AUTH_PAYLOAD`] bytes and the whole phase is bounded by a timeout, and only an
-//! authenticated master can take the slave's session slot or learn that it is busy. Without
-//! TLS the exchange authenticates the master and slave to each other but does not protect
-//! the frames that follow from an attacker on the network path.
+//! authenticated master can take the slave's session slot or learn that it is busy.
+//!
+//! Outside TLS, every frame after the exchange, both ways, is **sealed** ([`seal`]): a
+//! 16-byte tag under a per-direction key derived (HKDF) from the secret and both nonces,
+//! bound to the frame's place in the stream, and checked before anything of the frame is
+//! parsed; with `--encrypt` the payload is also encrypted (AES-256-GCM).
 
 pub mod auth;
 pub mod compress;
@@ -80,6 +85,7 @@ pub mod history;
 pub mod msg;
 pub mod op;
 pub mod path;
+pub mod seal;
 pub mod sync;
 mod wire;
 

@@ -60,3 +60,38 @@ pub fn persist(state_dir: &Path, slaves: &[SlaveConfig]) -> std::io::Result<()> 
     }
     crate::daemon::write_atomic(&slaves_file(state_dir), text.as_bytes(), 0o600)
 }
+
+/// A key that takes one path or a list (`secret_file = "/a"` or `secret_file = ["/a", "/b"]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Paths {
+    One(std::path::PathBuf),
+    Many(Vec<std::path::PathBuf>),
+}
+
+impl Paths {
+    pub fn into_vec(self) -> Vec<std::path::PathBuf> {
+        match self {
+            Paths::One(p) => vec![p],
+            Paths::Many(v) => v,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct F {
+        secret_file: Paths,
+    }
+
+    #[test]
+    fn one_path_or_several() {
+        let one: F = toml::from_str("secret_file = \"/a\"").unwrap();
+        assert_eq!(one.secret_file.into_vec(), vec![Path::new("/a")]);
+        let two: F = toml::from_str("secret_file = [\"/a\", \"/b\"]").unwrap();
+        assert_eq!(two.secret_file.into_vec().len(), 2);
+    }
+}

@@ -22,6 +22,7 @@
 
 pub mod accept;
 pub mod config;
+pub mod conn;
 pub mod daemon;
 pub mod feeds;
 pub mod flags;

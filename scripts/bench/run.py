@@ -555,7 +555,8 @@ class SimpleFuse(Target):
 
 
 class Tdfs(Target):
-    def __init__(self, name, nslaves, z=0, proxy=False, extra=(), master=None, relays=0):
+    def __init__(self, name, nslaves, z=0, proxy=False, extra=(), master=None, relays=0,
+                 slave_extra=()):
         self.name = name
         # With relays: nslaves leaves split evenly among `relays` relaying slaves, which
         # are the master's only direct slaves.
@@ -565,6 +566,7 @@ class Tdfs(Target):
         self.proxy = proxy
         self.extra = list(extra)
         self.master_bin = master
+        self.slave_extra = list(slave_extra)
         self.replicated = nslaves > 0
         self.desc = (f"tdfs, {nslaves} local slave{'s' if nslaves != 1 else ''}"
                      + (f", -z {z}" if nslaves else "") + ", async (default)")
@@ -595,7 +597,8 @@ class Tdfs(Target):
                 for a_ in leaves[r * per:(r + 1) * per]:
                     extra += ["-c", a_]
             p = spawn(f"tdfs slave {i}", [BINS["slave"], "-m", mirror, "-l", "127.0.0.1:0",
-                                          "--state-dir", state] + extra, logf)
+                                          "--state-dir", state] + extra + self.slave_extra,
+                      logf)
             port = [None]
 
             def listening(logf=logf, port=port):
@@ -1441,6 +1444,87 @@ class Bench:
         self.rec("scale", "tcp_recv", rcv)
 
 
+    def security(self, run):
+        """A 1 GiB write with one slave under each frame protection, side by side: none,
+        shared secret (every frame MAC'd), secret + --encrypt, TLS (with the secret: tdfs
+        then adds no MAC of its own)."""
+        a = self.a
+        size = a.sec_mib * MiB
+        keys = os.path.join(self.work, "keys")
+        if not os.path.isdir(keys):
+            os.makedirs(keys)
+            make_secret_and_certs(keys)
+        secret = ["--secret-file", os.path.join(keys, "secret")]
+        tls = os.path.exists(os.path.join(keys, "ca.pem"))
+
+        def certs(who):
+            return ["--tls-cert", os.path.join(keys, f"{who}.pem"),
+                    "--tls-key", os.path.join(keys, f"{who}.key"),
+                    "--tls-ca", os.path.join(keys, "ca.pem")]
+        modes = [("none", [], []), ("mac", secret, secret),
+                 ("encrypt", secret + ["--encrypt"], secret + ["--encrypt"])]
+        if tls:
+            modes.append(("tls", secret + certs("master"), secret + certs("slave")))
+        elif run == 1:
+            self.notes.append("security: no openssl, TLS row skipped")
+        # Interleaved in a different order each run, so the box's drift hits every mode.
+        order = modes[run % len(modes):] + modes[:run % len(modes)]
+        for mode, margs, sargs in order:
+            t = Tdfs(f"sec-{mode}", 1, extra=margs, slave_extra=sargs)
+            base = os.path.join(self.work, f"sec-{mode}-{run}")
+            os.makedirs(base)
+            log(f"run {run}: security, {mode}")
+            root = t.start(base)
+            d = self.fresh(root, "w")
+            wait_replicas(t, "w")
+            os.sync()
+            c0, b0 = cpu_of(t), box_busy()
+            t0 = time.monotonic()
+            write_file(os.path.join(d, "big"), size, self.buf)
+            el = time.monotonic() - t0
+            c = wait_replicas(t, "w")
+            c1, b1 = cpu_of(t), box_busy()
+            gib = size / (1 << 30)
+            self.rec("sec", f"write_{mode}", size / MiB / el)
+            if c is not None:
+                self.rec("sec", f"repl_{mode}", size / MiB / (el + c))
+            self.rec("sec", f"cpu_master_{mode}", (c1[0] - c0[0]) / gib)
+            self.rec("sec", f"cpu_slave_{mode}", slaves_cpu(c0, c1) / gib)
+            self.rec("sec", f"busy_{mode}", (b1 - b0) / ((el + (c or 0)) * os.cpu_count()) * 100)
+            with open(t.mlog, errors="replace") as f:
+                text = ANSI.sub("", f.read())
+            if mode != "none" and "failed authentication" in text:
+                self.notes.append(f"security {mode} run {run}: a frame failed authentication")
+            t.stop()
+            self.trash(base)
+
+
+def make_secret_and_certs(d):
+    """A shared secret, and (with openssl) a CA with a certificate for the master and one
+    for the slave (127.0.0.1 as subjectAltName)."""
+    p = os.path.join(d, "secret")
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32).hex().encode())
+    os.close(fd)
+    if not shutil.which("openssl"):
+        return
+
+    def ossl(*args):
+        subprocess.run(["openssl", *args], check=True, cwd=d,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tdfs bench CA")
+    ext = os.path.join(d, "san.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    for who in ("master", "slave"):
+        ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}")
+        ossl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{who}.pem", "-days", "2", "-extfile", ext)
+        os.chmod(os.path.join(d, f"{who}.key"), 0o600)
+
+
 TCP_SINK = r"""
 import os, resource, socket, sys
 ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
@@ -1701,6 +1785,33 @@ def report(b, targets, skipped, env):
               f"costs its sender {snd:.2f} and its receiver {rcv:.2f} CPU s/GiB on this box: "
               "the least any master pays per slave, and any slave per GiB, before writing a "
               "byte. Every row shares the same cores (`box busy`).\n")
+
+    se = R.get("sec", {})
+    if se:
+        P(f"## Frame protection: seq write {a.sec_mib} MiB with one local slave (median)\n")
+        P("| frames | master write MiB/s | vs none | replicated MiB/s (until identical) | "
+          "vs none | master CPU s/GiB | slave CPU s/GiB | box busy |")
+        P("|---|---|---|---|---|---|---|---|")
+        w0, r0 = med(se.get("write_none", [])), med(se.get("repl_none", []))
+        names = {"none": "plain (no secret)", "mac": "secret: MAC (BLAKE3) on every frame",
+                 "encrypt": "secret + --encrypt (AES-256-GCM)",
+                 "tls": "TLS (+ secret; no tdfs MAC inside)"}
+        for mode in ("none", "mac", "encrypt", "tls"):
+            w = med(se.get(f"write_{mode}", []))
+            if w is None:
+                continue
+            r = med(se.get(f"repl_{mode}", []))
+            busy = med(se.get(f"busy_{mode}", []))
+            vs = (lambda v, b0: "–" if mode == "none" or not v or not b0
+                  else f"{(v / b0 - 1) * 100:+.1f}%")
+            P(f"| {names[mode]} | {fmt(w)} | {vs(w, w0)} | {fmt(r)} | {vs(r, r0)} | "
+              f"{fmt(med(se.get(f'cpu_master_{mode}', [])))} | "
+              f"{fmt(med(se.get(f'cpu_slave_{mode}', [])))} | "
+              f"{'–' if busy is None else f'{busy:.0f}%'} |")
+        P("")
+        P("Goals (issue #21): the MAC costs at most 10% of the throughput of `none`; "
+          "encryption at most what TLS costs. The modes run interleaved, in a rotated order "
+          "each run; CPU is the daemon process alone.\n")
 
     meta_report(b, P)
     relay_report(b, P)
@@ -1967,8 +2078,8 @@ def parse_args():
                                   "raw numbers go next to it as .json)")
     ap.add_argument("--targets", help="comma-separated subset of: native,bindfs,passthrough_hp,"
                                       "passthrough_hp-nocache,tdfs-0,tdfs-1,tdfs-1-z1,tdfs-2")
-    ap.add_argument("--sections", default="workloads,repl,scale,metadata,relays",
-                    help="comma-separated subset of workloads,repl,scale,metadata,relays")
+    ap.add_argument("--sections", default="workloads,repl,scale,metadata,relays,security",
+                    help="comma-separated subset of workloads,repl,scale,metadata,relays,security")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME[@N]:DIR[:ARGS]",
                     help="another tdfs target with N local slaves (default 0), tdfs-N-NAME: "
                          "the master in DIR (empty: the one built) with extra flags ARGS, to "
@@ -1976,6 +2087,8 @@ def parse_args():
     ap.add_argument("--meta-files",
                     help="tree sizes of the metadata section (default 5000,100000; "
                          "--quick: 2000)")
+    ap.add_argument("--sec-mib", type=int, default=1024,
+                    help="size of the write in the security section (MiB)")
     ap.add_argument("--skip", default="", help="workloads to skip: seqwrite,random,smallfiles,untar,clone")
     ap.add_argument("--size-mib", type=int, help="sequential write/read size (default 1024)")
     ap.add_argument("--rand-mib", type=int, help="random I/O file size (default 256)")
@@ -2139,6 +2252,8 @@ def main():
                 b.metadata(run)
             if "relays" in a.sections:
                 b.relays(run)
+            if "security" in a.sections:
+                b.security(run)
         cpu1 = cpu_times()
         stolen = (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]) * 100
         rev = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],

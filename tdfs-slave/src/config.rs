@@ -5,7 +5,7 @@
 //! mirror = "/srv/mirror"
 //! listen = "0.0.0.0:4731"
 //! state_dir = "/var/lib/tdfs-slave/mirror"
-//! secret_file = "/etc/tdfs/secret"
+//! secret_file = "/etc/tdfs/secret"   # or a list of two during a rotation
 //! allow = ["10.0.0.0/8"]
 //! metrics = "127.0.0.1:9731"
 //! log_level = "info"      # or -v / -q on the command line
@@ -22,7 +22,9 @@ pub struct SlaveFile {
     pub listen: Option<String>,
     pub no_nodelay: Option<bool>,
     pub state_dir: Option<PathBuf>,
-    pub secret_file: Option<PathBuf>,
+    /// One path, or two during a secret rotation.
+    pub secret_file: Option<Paths>,
+    pub encrypt: Option<bool>,
     pub allow: Option<Vec<String>>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -34,14 +36,15 @@ pub struct SlaveFile {
     pub compression: Option<u8>,
     pub queue_size: Option<usize>,
     pub journal_size: Option<u64>,
-    pub leaf_secret_file: Option<PathBuf>,
+    pub leaf_secret_file: Option<Paths>,
+    pub leaf_encrypt: Option<bool>,
     pub leaf_tls_cert: Option<PathBuf>,
     pub leaf_tls_key: Option<PathBuf>,
     pub leaf_tls_ca: Option<PathBuf>,
     pub leaf_insecure: Option<bool>,
 }
 
-pub use tdfs_replication::config::{given, load};
+pub use tdfs_replication::config::{given, load, Paths};
 
 #[cfg(test)]
 mod tests {
@@ -80,8 +83,8 @@ mod tests {
             (Some(1), Some(64), Some(512))
         );
         assert_eq!(
-            c.leaf_secret_file.as_deref(),
-            Some(std::path::Path::new("/etc/tdfs/leaf"))
+            c.leaf_secret_file.map(Paths::into_vec),
+            Some(vec![std::path::PathBuf::from("/etc/tdfs/leaf")])
         );
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tdfs_protocol::frame::{self, FrameType};
+use tdfs_protocol::frame::FrameType;
 use tdfs_protocol::msg::{Refuse, RefuseCode};
 use tdfs_protocol::Compression;
 use tokio::io::AsyncWriteExt;
@@ -22,6 +22,7 @@ use tdfs_replication::node::NodeState;
 
 use crate::apply::Applier;
 use crate::session;
+use tdfs_protocol::seal::Tx;
 use tdfs_replication::accept::{self, BoxWrite, Security};
 use tdfs_replication::position::State;
 
@@ -177,7 +178,7 @@ impl Shared {
         }
     }
 
-    fn security(&self) -> &Security {
+    pub fn security(&self) -> &Security {
         self.security.get_or_init(Security::default)
     }
 
@@ -356,29 +357,32 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             // TLS and authentication come first: a peer that fails them never takes the
             // slot nor learns whether a master is connected.
-            let Some((rd, wr)) = accept::accept(stream, peer, shared.security()).await else {
+            let Some(mut conn) = accept::accept(stream, peer, shared.security()).await else {
                 return;
             };
-            let mut rd = rd;
             // A verifier's read-only session never takes the master's slot.
-            let first = match crate::readonly::first_frame(&mut rd).await {
-                Ok(b) => b,
+            let (first, rest) = match crate::readonly::first_frame(&mut conn).await {
+                Ok(v) => v,
                 Err(e) => {
                     tracing::warn!("connection from {peer}: {e}");
+                    if conn.tx.is_sealed() {
+                        // The master's own frames are fine; it may learn why we close.
+                        refuse(conn.wr, &mut conn.tx, RefuseCode::Malformed, e).await;
+                        tdfs_replication::conn::linger(&mut conn.rd).await;
+                    }
                     return;
                 }
             };
-            if first.get(5) == Some(&(FrameType::Inspect as u8)) {
-                crate::readonly::serve(rd, wr, peer, shared, first).await;
+            if first.kind == FrameType::Inspect {
+                crate::readonly::serve(conn, peer, shared, first, rest).await;
                 return;
             }
             // A master this replica must refuse (an older epoch than one it has seen, another
             // replica set, another protocol) is told so even while another holds the slot: a
             // replaced master learns it at once, and touches nothing.
-            let hello = frame::parse(&first)
-                .ok()
-                .filter(|f| f.kind == FrameType::Hello)
-                .and_then(|f| Hello::decode(&f.payload).ok());
+            let hello = (first.kind == FrameType::Hello)
+                .then(|| Hello::decode(&first.payload).ok())
+                .flatten();
             if let Some(hello) = &hello {
                 if let Some((code, message, epoch)) = refusal(&shared, hello) {
                     if code == RefuseCode::Fenced {
@@ -393,13 +397,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         message,
                         epoch,
                     };
-                    send_refusal(wr, r).await;
+                    send_refusal(conn.wr, &mut conn.tx, r).await;
                     return;
                 }
             }
             match shared.claim(peer, hello.as_ref()).await {
                 Ok(guard) => {
-                    session::run(rd, wr, peer, shared, first, &guard).await;
+                    session::run(conn, peer, shared, first, rest, &guard).await;
                     drop(guard);
                 }
                 Err(cur) => {
@@ -416,7 +420,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     } else {
                         tracing::warn!("refusing connection from {peer}: {message}");
                     }
-                    refuse(wr, RefuseCode::Busy, message).await;
+                    refuse(conn.wr, &mut conn.tx, RefuseCode::Busy, message).await;
                 }
             }
         });
@@ -455,16 +459,16 @@ fn refusal(
     }
 }
 
-async fn send_refusal(stream: BoxWrite, r: Refuse) {
-    send_refuse_frame(stream, r.encode()).await
+async fn send_refusal(stream: BoxWrite, tx: &mut Tx, r: Refuse) {
+    send_refuse_frame(stream, tx, r.encode()).await
 }
 
-async fn refuse(stream: BoxWrite, code: RefuseCode, message: String) {
-    send_refuse_frame(stream, Refuse::new(code, message).encode()).await
+async fn refuse(stream: BoxWrite, tx: &mut Tx, code: RefuseCode, message: String) {
+    send_refuse_frame(stream, tx, Refuse::new(code, message).encode()).await
 }
 
-async fn send_refuse_frame(mut stream: BoxWrite, payload: Vec<u8>) {
-    let f = frame::encode_vec(FrameType::Refuse, 0, &payload, Compression::None);
+async fn send_refuse_frame(mut stream: BoxWrite, tx: &mut Tx, payload: Vec<u8>) {
+    let f = tx.encode_vec(FrameType::Refuse, 0, &payload, Compression::None);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         stream.write_all(&f).await?;
         stream.shutdown().await

@@ -23,7 +23,8 @@ use tokio::signal::unix::{signal, SignalKind};
 ///
 /// Runs in the foreground and logs to stderr (default level info; -v, -q, the config
 /// file's log_level or RUST_LOG change it). SIGTERM or SIGINT finishes the op in hand,
-/// makes the state durable and exits 0; SIGHUP re-reads --config (log level).
+/// makes the state durable and exits 0; SIGHUP re-reads --config (log level) and the
+/// secret files.
 ///
 /// Other commands: `tdfs-slave status [--state-dir DIR | -m DIR] [--json]` asks a running
 /// slave; `tdfs-slave completions SHELL` and `tdfs-slave manpage` print shell completions
@@ -44,7 +45,7 @@ struct Cli {
     /// TOML file with any of the settings below (keys: mirror, listen, no_nodelay,
     /// state_dir, secret_file, allow, tls_cert, tls_key, tls_ca, insecure, metrics,
     /// log_level; a relay's: slaves = ["HOST:PORT,z=N"], compression, queue_size,
-    /// journal_size, leaf_secret_file, leaf_tls_cert, leaf_tls_key, leaf_tls_ca,
+    /// journal_size, leaf_secret_file, leaf_encrypt, leaf_tls_cert, leaf_tls_key, leaf_tls_ca,
     /// leaf_insecure). Flags given on the command line win. SIGHUP re-reads it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -94,10 +95,18 @@ struct Cli {
     stash_dir: Option<PathBuf>,
 
     /// File holding the secret shared with the master (mode 0600 or stricter; at least 16
-    /// bytes). A master must prove it before anything it sends is applied, and this slave
-    /// proves it back.
+    /// bytes). A master must prove it before anything it sends is applied, this slave proves
+    /// it back, and every frame after that carries a MAC under keys derived from it. Give it
+    /// twice during a secret rotation: a master may then prove either. SIGHUP re-reads the
+    /// files; a session whose secret is no longer accepted then ends.
     #[arg(long = "secret-file", value_name = "FILE")]
-    secret_file: Option<PathBuf>,
+    secret_file: Vec<PathBuf>,
+
+    /// Require every master to encrypt its frames (AES-256-GCM under keys derived from the
+    /// shared secret; needs --secret-file). A master that does not is refused with a clear
+    /// error, and so is one that does when this flag is absent. Redundant under TLS.
+    #[arg(long = "encrypt")]
+    encrypt: bool,
 
     /// Accept connections only from this address, network (ADDR/PREFIX) or host name.
     /// Repeat for more. Others are closed right after accept.
@@ -154,8 +163,14 @@ struct Cli {
     /// Relay: the secret proven to this node's replicas. Without any --leaf-* flag, a relay
     /// uses towards its replicas the same --secret-file and TLS files as towards its
     /// upstream; with one, only what the --leaf-* flags say.
+    /// Give it twice during a rotation, as --secret-file.
     #[arg(long = "leaf-secret-file", value_name = "FILE")]
-    leaf_secret_file: Option<PathBuf>,
+    leaf_secret_file: Vec<PathBuf>,
+
+    /// Relay: encrypt the frames to this node's replicas (AES-256-GCM under keys derived
+    /// from --leaf-secret-file); without any --leaf-* flag, --encrypt applies to both sides.
+    #[arg(long = "leaf-encrypt")]
+    leaf_encrypt: bool,
 
     /// Relay: TLS towards this node's replicas: the certificate chain presented to them.
     #[arg(long = "leaf-tls-cert", value_name = "FILE", requires_all = ["leaf_tls_key", "leaf_tls_ca"])]
@@ -183,14 +198,16 @@ impl Cli {
         if self.leaf_insecure {
             return a;
         }
-        if self.leaf_secret_file.is_some() || self.leaf_tls_cert.is_some() {
+        if !self.leaf_secret_file.is_empty() || self.leaf_tls_cert.is_some() || self.leaf_encrypt {
             // Set per hop: only what the --leaf-* flags say.
             a.secret_file = self.leaf_secret_file.clone();
+            a.encrypt = self.leaf_encrypt;
             a.tls_cert = self.leaf_tls_cert.clone();
             a.tls_key = self.leaf_tls_key.clone();
             a.tls_ca = self.leaf_tls_ca.clone();
         } else {
             a.secret_file = self.secret_file.clone();
+            a.encrypt = self.encrypt;
             a.tls_cert = self.tls_cert.clone();
             a.tls_key = self.tls_key.clone();
             a.tls_ca = self.tls_ca.clone();
@@ -201,12 +218,10 @@ impl Cli {
 
 /// Loads the security settings, refusing an unauthenticated listener beyond loopback.
 fn security(cli: &Cli) -> anyhow::Result<Security> {
-    let secret = cli
-        .secret_file
-        .as_deref()
-        .map(Secret::load)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let secrets = Secret::load_all(&cli.secret_file).map_err(anyhow::Error::msg)?;
+    if cli.encrypt && secrets.is_empty() {
+        bail!("--encrypt needs --secret-file: the keys come from the shared secret");
+    }
     let tls = TlsFiles::from_args(
         cli.tls_cert.clone(),
         cli.tls_key.clone(),
@@ -217,7 +232,7 @@ fn security(cli: &Cli) -> anyhow::Result<Security> {
     .transpose()
     .map_err(anyhow::Error::msg)?;
     let allow = AllowList::parse(&cli.allow).map_err(anyhow::Error::msg)?;
-    let authenticated = secret.is_some() || tls.is_some();
+    let authenticated = !secrets.is_empty() || tls.is_some();
     if !authenticated {
         if !cli.listen.ip().is_loopback() && !cli.insecure {
             bail!(
@@ -238,8 +253,15 @@ fn security(cli: &Cli) -> anyhow::Result<Security> {
         }
     }
     tracing::info!(
-        "master connections: shared-secret authentication {}, TLS {}, --allow {}",
-        if secret.is_some() { "on" } else { "off" },
+        "master connections: shared-secret authentication {}, TLS {}, --allow {}; frames {}",
+        if secrets.is_empty() {
+            "off".to_string()
+        } else {
+            format!(
+                "on (secret {})",
+                tdfs_replication::security::secret::describe(&secrets)
+            )
+        },
         if tls.is_some() {
             "on (client certificate required)"
         } else {
@@ -249,9 +271,15 @@ fn security(cli: &Cli) -> anyhow::Result<Security> {
             "any address".to_string()
         } else {
             cli.allow.join(", ")
+        },
+        match (secrets.is_empty(), tls.is_some(), cli.encrypt) {
+            (_, true, _) => "protected by TLS (no MAC or encryption of tdfs's own)",
+            (true, false, _) => "plain",
+            (false, false, true) => "encrypted and authenticated (--encrypt required)",
+            (false, false, false) => "authenticated (MAC), not encrypted",
         }
     );
-    Ok(Security::new(secret, tls, allow))
+    Ok(Security::new(secrets, cli.encrypt, tls, allow))
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -286,8 +314,11 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: SlaveFile) -> anyhow::Result<()
     if !g("state_dir") && f.state_dir.is_some() {
         cli.state_dir = f.state_dir;
     }
-    if !g("secret_file") && f.secret_file.is_some() {
-        cli.secret_file = f.secret_file;
+    if let (false, Some(v)) = (g("secret_file"), f.secret_file) {
+        cli.secret_file = v.into_vec();
+    }
+    if let (false, Some(v)) = (g("encrypt"), f.encrypt) {
+        cli.encrypt = v;
     }
     if let (false, Some(v)) = (g("allow"), f.allow) {
         cli.allow = v;
@@ -315,8 +346,11 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: SlaveFile) -> anyhow::Result<()
     if let (false, Some(v)) = (g("journal_size"), f.journal_size) {
         cli.journal_size = v;
     }
-    if !g("leaf_secret_file") && f.leaf_secret_file.is_some() {
-        cli.leaf_secret_file = f.leaf_secret_file;
+    if let (false, Some(v)) = (g("leaf_secret_file"), f.leaf_secret_file) {
+        cli.leaf_secret_file = v.into_vec();
+    }
+    if let (false, Some(v)) = (g("leaf_encrypt"), f.leaf_encrypt) {
+        cli.leaf_encrypt = v;
     }
     if !g("leaf_tls_cert") && !g("leaf_tls_key") && !g("leaf_tls_ca") {
         cli.leaf_tls_cert = f.leaf_tls_cert.or(cli.leaf_tls_cert.take());
@@ -420,7 +454,7 @@ fn main() -> ExitCode {
     if let Some(c) = &cli.config {
         tracing::info!("settings from {} (command-line flags win)", c.display());
     }
-    match run(cli, log, file) {
+    match run(cli, matches, log, file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -429,20 +463,66 @@ fn main() -> ExitCode {
     }
 }
 
-/// SIGHUP: re-reads the config file; the log level changes at once, other settings need a
-/// restart (and are named in the log).
-fn reload(cli: &Cli, log: &logging::Logging, old: &mut Option<SlaveFile>) {
+/// SIGHUP: re-reads the secret files (the config file's `secret_file` list when the flag
+/// was not given): they apply at once, to the connections that follow; a session whose
+/// secret is no longer accepted ends.
+fn reload_secrets(cli: &Cli, m: &clap::ArgMatches, f: Option<&SlaveFile>, shared: &Shared) {
+    let paths = match f.and_then(|f| f.secret_file.clone()) {
+        Some(p) if !config::given(m, "secret_file") => p.into_vec(),
+        _ => cli.secret_file.clone(),
+    };
+    let sec = shared.security();
+    if paths.is_empty() {
+        if !sec.secrets().is_empty() {
+            tracing::error!(
+                "SIGHUP: no secret file any more; keeping the current secrets (turning \
+                 authentication off needs a restart)"
+            );
+        }
+        return;
+    }
+    if sec.secrets().is_empty() {
+        tracing::error!("SIGHUP: turning shared-secret authentication on needs a restart");
+        return;
+    }
+    match Secret::load_all(&paths) {
+        Ok(new) => {
+            let ids = tdfs_replication::security::secret::describe(&new);
+            if sec.set_secrets(new) {
+                tracing::info!(
+                    "SIGHUP: the accepted secrets are now {ids}; sessions authenticated with \
+                     another end"
+                );
+            } else {
+                tracing::info!("SIGHUP: secrets unchanged ({ids})");
+            }
+        }
+        Err(e) => tracing::error!("SIGHUP: {e}; keeping the current secrets"),
+    }
+}
+
+/// SIGHUP: re-reads the config file; the log level and the secrets change at once, other
+/// settings need a restart (and are named in the log).
+fn reload(
+    cli: &Cli,
+    m: &clap::ArgMatches,
+    log: &logging::Logging,
+    old: &mut Option<SlaveFile>,
+    shared: &Shared,
+) {
     let Some(path) = cli.config.as_deref() else {
-        tracing::info!("SIGHUP: no --config file to re-read");
+        reload_secrets(cli, m, None, shared);
         return;
     };
     let f: SlaveFile = match config::load(path) {
         Ok(f) => f,
         Err(e) => {
             tracing::error!("SIGHUP: {e:#}; keeping the current settings");
+            reload_secrets(cli, m, old.as_ref(), shared);
             return;
         }
     };
+    reload_secrets(cli, m, Some(&f), shared);
     match level(cli, Some(&f)) {
         Ok(l) => {
             if let Err(e) = log.set_level(&l) {
@@ -453,10 +533,12 @@ fn reload(cli: &Cli, log: &logging::Logging, old: &mut Option<SlaveFile>) {
     }
     let before = SlaveFile {
         log_level: None,
+        secret_file: None,
         ..old.clone().unwrap_or_default()
     };
     let after = SlaveFile {
         log_level: None,
+        secret_file: None,
         ..f.clone()
     };
     if before != after {
@@ -469,7 +551,12 @@ fn reload(cli: &Cli, log: &logging::Logging, old: &mut Option<SlaveFile>) {
     *old = Some(f);
 }
 
-fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::Result<()> {
+fn run(
+    cli: Cli,
+    matches: clap::ArgMatches,
+    log: logging::Logging,
+    mut file: Option<SlaveFile>,
+) -> anyhow::Result<()> {
     // Modes from the master must come out exactly, not masked.
     // SAFETY: umask cannot fail and has no memory-safety preconditions.
     unsafe { libc::umask(0) };
@@ -643,7 +730,7 @@ fn run(cli: Cli, log: logging::Logging, mut file: Option<SlaveFile>) -> anyhow::
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
-                _ = hup.recv() => reload(&cli, &log, &mut file),
+                _ = hup.recv() => reload(&cli, &matches, &log, &mut file, &shared),
             }
         }
         daemon::notify("stopping");

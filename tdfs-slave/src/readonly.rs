@@ -7,31 +7,42 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdfs_protocol::frame::{self, FrameType};
+use tdfs_protocol::frame::{self, Frame, FrameType};
 use tdfs_protocol::msg::{Hello, HelloAck, Refuse, RefuseCode};
+use tdfs_protocol::seal::Tx;
 use tdfs_protocol::{Compression, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::listener::Shared;
-use tdfs_replication::accept::{BoxRead, BoxWrite};
+use tdfs_replication::accept::{BoxWrite, Conn};
 
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Reads until the buffer holds one whole, valid frame (which stays in the buffer).
-pub async fn first_frame(rd: &mut BoxRead) -> Result<Vec<u8>, String> {
+/// Reads the connection's first frame (checked like every other: in a sealed session its
+/// tag first); returns it and whatever arrived after it.
+pub async fn first_frame(conn: &mut Conn) -> Result<(Frame, Vec<u8>), String> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 64 * 1024];
     let r = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
         loop {
-            match frame::check(&buf) {
-                Ok(_) => return Ok(()),
-                Err(FrameError::Incomplete) => {}
+            match frame::frame_len(&buf) {
+                Ok(n) if buf.len() >= n => {
+                    let f = conn.rx.parse_owned(&mut buf).map_err(|e| {
+                        if e.is_authentication() {
+                            format!("refusing the stream: {e}; nothing of it was applied")
+                        } else {
+                            format!("bad first frame: {e}")
+                        }
+                    })?;
+                    return Ok((f, buf[n..].to_vec()));
+                }
+                Ok(_) | Err(FrameError::Incomplete) => {}
                 Err(e) => return Err(format!("bad first frame: {e}")),
             }
-            if buf.len() > MAX_PAYLOAD + HEADER_LEN {
+            if buf.len() > MAX_PAYLOAD + HEADER_LEN + tdfs_protocol::seal::TAG_LEN {
                 return Err("first frame too large".into());
             }
-            let n = rd.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            let n = conn.rd.read(&mut chunk).await.map_err(|e| e.to_string())?;
             if n == 0 {
                 return Err("closed before the first frame".into());
             }
@@ -40,25 +51,38 @@ pub async fn first_frame(rd: &mut BoxRead) -> Result<Vec<u8>, String> {
     })
     .await;
     match r {
-        Ok(Ok(())) => Ok(buf),
-        Ok(Err(e)) => Err(e),
+        Ok(r) => r,
         Err(_) => Err("no first frame within the timeout".into()),
     }
 }
 
-async fn send(wr: &mut BoxWrite, kind: FrameType, seq: u64, payload: &[u8]) -> std::io::Result<()> {
-    wr.write_all(&frame::encode_vec(kind, seq, payload, Compression::None))
+async fn send(
+    wr: &mut BoxWrite,
+    tx: &mut Tx,
+    kind: FrameType,
+    seq: u64,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    wr.write_all(&tx.encode_vec(kind, seq, payload, Compression::None))
         .await
 }
 
 /// Serves one verifier until it disconnects.
 pub async fn serve(
-    mut rd: BoxRead,
-    mut wr: BoxWrite,
+    conn: Conn,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    first: Frame,
     mut buf: Vec<u8>,
 ) {
+    let Conn {
+        mut rd,
+        mut wr,
+        mut tx,
+        mut rx,
+        ..
+    } = conn;
+    let mut first = Some(first);
     let root: OwnedFd = match shared.core().applier.root().try_clone_to_owned() {
         Ok(fd) => fd,
         Err(e) => {
@@ -72,7 +96,10 @@ pub async fn serve(
         let mut greeted = false;
         loop {
             let f = loop {
-                match frame::parse(&buf) {
+                if let Some(f) = first.take() {
+                    break f;
+                }
+                match rx.parse_owned(&mut buf) {
                     Ok(f) => {
                         buf.drain(..f.wire_len);
                         break f;
@@ -91,7 +118,7 @@ pub async fn serve(
                     let h = Hello::decode(&f.payload).map_err(|e| e.to_string())?;
                     let Some(proto) = h.common_proto() else {
                         let r = Refuse::new(RefuseCode::Version, "no common protocol version");
-                        let _ = send(&mut wr, FrameType::Refuse, 0, &r.encode()).await;
+                        let _ = send(&mut wr, &mut tx, FrameType::Refuse, 0, &r.encode()).await;
                         return Err("no common protocol version".into());
                     };
                     tracing::info!("verifier {} from {peer} connected", h.label);
@@ -125,7 +152,7 @@ pub async fn serve(
                             label: shared.own_label(),
                         }
                     };
-                    send(&mut wr, FrameType::HelloAck, 0, &ack.encode())
+                    send(&mut wr, &mut tx, FrameType::HelloAck, 0, &ack.encode())
                         .await
                         .map_err(|e| e.to_string())?;
                     greeted = true;
@@ -147,7 +174,7 @@ pub async fn serve(
                     .await
                     .map_err(|e| e.to_string())?;
                     for (k, id, payload) in replies {
-                        send(&mut wr, k, id, &payload)
+                        send(&mut wr, &mut tx, k, id, &payload)
                             .await
                             .map_err(|e| e.to_string())?;
                     }
@@ -157,7 +184,7 @@ pub async fn serve(
                         RefuseCode::Malformed,
                         format!("{k:?} is not allowed in a read-only session"),
                     );
-                    let _ = send(&mut wr, FrameType::Refuse, 0, &r.encode()).await;
+                    let _ = send(&mut wr, &mut tx, FrameType::Refuse, 0, &r.encode()).await;
                     return Err(format!("{k:?} in a read-only session"));
                 }
             }

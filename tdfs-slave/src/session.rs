@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::history::{self, Standing};
 use tdfs_protocol::msg::{
@@ -27,7 +27,11 @@ use tokio::sync::watch;
 
 use crate::apply::op_paths;
 use crate::listener::Shared;
-use tdfs_replication::accept::{BoxRead, BoxWrite};
+use tdfs_protocol::auth::{show_key_id, KeyId};
+use tdfs_protocol::seal::{Rx, Tx};
+use tdfs_protocol::Frame;
+use tdfs_replication::accept::{BoxRead, BoxWrite, Conn};
+use tdfs_replication::security::Secret;
 
 /// The read buffer never needs more than one whole frame plus what is already parsed out.
 const BUF_MAX: usize = MAX_PAYLOAD + HEADER_LEN;
@@ -79,6 +83,16 @@ impl fmt::Display for End {
 struct Session {
     rd: BoxRead,
     wr: BoxWrite,
+    /// Frames every frame sent, and checks every frame received (sealed, after a
+    /// shared-secret exchange outside TLS).
+    tx: Tx,
+    rx: Rx,
+    /// The secret the master proved, and the secrets accepted now: when SIGHUP retires
+    /// that secret, the session ends.
+    secret: Option<KeyId>,
+    secrets: watch::Receiver<Arc<Vec<Secret>>>,
+    /// The Hello, taken off the connection by the listener.
+    first: Option<Frame>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
@@ -117,23 +131,29 @@ const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs a session to its end; never returns an error, only logs it.
 pub async fn run(
-    rd: BoxRead,
-    wr: BoxWrite,
+    conn: Conn,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    first: Vec<u8>,
+    first: Frame,
+    rest: Vec<u8>,
     slot: &crate::listener::SlotGuard,
 ) {
     let stop = shared.stop_rx();
+    let secrets = shared.security().watch_secrets();
     let mut s = Session {
-        rd,
-        wr,
+        rd: conn.rd,
+        wr: conn.wr,
+        tx: conn.tx,
+        rx: conn.rx,
+        secret: conn.secret,
+        secrets,
+        first: Some(first),
         peer,
         shared,
         stop,
         ticket: slot.ticket,
         preempted: slot.preempted.clone(),
-        buf: BytesMut::from(&first[..]),
+        buf: BytesMut::from(&rest[..]),
         upstream: History::default(),
         diverged: false,
         expected: 0,
@@ -160,11 +180,14 @@ pub async fn run(
         }
     }
     let _ = s.wr.shutdown().await;
+    if matches!(end, End::Protocol(_)) {
+        tdfs_replication::conn::linger(&mut s.rd).await;
+    }
 }
 
 impl Session {
     async fn send(&mut self, kind: FrameType, payload: &[u8]) -> io::Result<()> {
-        let f = frame::encode_vec(kind, 0, payload, Compression::None);
+        let f = self.tx.encode_vec(kind, 0, payload, Compression::None);
         self.wr.write_all(&f).await
     }
 
@@ -196,6 +219,7 @@ impl Session {
             self.buf.reserve(rest.max(READ_CHUNK));
         }
         let report_at = self.report_at;
+        let secret = self.secret;
         let res = tokio::select! {
             // Cancel safe: on cancellation nothing was read.
             r = self.rd.read_buf(&mut self.buf) => Some(Ok(r)),
@@ -203,6 +227,13 @@ impl Session {
             _ = self.preempted.wait_for(|p| *p) => Some(Err(End::Preempted)),
             _ = tokio::time::sleep_until(report_at.unwrap_or_else(tokio::time::Instant::now)),
                 if report_at.is_some() => Some(Ok(Ok(usize::MAX))),
+            _ = self.secrets.wait_for(|s| !tdfs_replication::accept::still_accepted(s, secret)) => {
+                Some(Err(End::Protocol(format!(
+                    "the secret this session authenticated with ({}) is no longer accepted \
+                     (secret files re-read); closing",
+                    secret.map(|k| show_key_id(&k)).unwrap_or_default()
+                ))))
+            }
         };
         if let Some(Ok(Ok(usize::MAX))) = res {
             // Nothing read: time to report (the caller then reads again).
@@ -253,13 +284,15 @@ impl Session {
         let mut err = None;
         // Compressed frames expand; bound what one round holds in memory.
         while budget < MAX_PAYLOAD {
-            let (kind, seq, wire_len, inflated) = match frame::parse_ref(&self.buf) {
+            // Sealed: the tag is checked (and the payload decrypted in place) first.
+            let (kind, seq, wire_len, len, inflated) = match self.rx.parse(&mut self.buf) {
                 Ok(f) => {
+                    let len = f.payload.len();
                     let inflated = match f.payload {
                         Cow::Owned(v) => Some(v),
                         Cow::Borrowed(_) => None,
                     };
-                    (f.kind, f.seq, f.wire_len, inflated)
+                    (f.kind, f.seq, f.wire_len, len, inflated)
                 }
                 Err(FrameError::Incomplete) => break,
                 Err(e) => {
@@ -268,8 +301,9 @@ impl Session {
                 }
             };
             let whole = self.buf.split_to(wire_len).freeze();
-            // An uncompressed payload is the frame after its header.
-            let payload = inflated.map_or_else(|| whole.slice(HEADER_LEN..), Bytes::from);
+            // An uncompressed payload is the frame after its header (and before its tag).
+            let payload =
+                inflated.map_or_else(|| whole.slice(HEADER_LEN..HEADER_LEN + len), Bytes::from);
             budget += payload.len() + HEADER_LEN;
             frames.push(Received { kind, seq, payload });
         }
@@ -279,6 +313,16 @@ impl Session {
     async fn malformed(&mut self, e: impl fmt::Display) -> End {
         self.refuse(RefuseCode::Malformed, format!("malformed frame: {e}"))
             .await
+    }
+
+    /// A frame failed authentication: the master is told (its own direction still holds)
+    /// and the connection closes. Frames before it were genuine and stand.
+    async fn forged(&mut self, e: FrameError) -> End {
+        self.refuse(
+            RefuseCode::Malformed,
+            format!("refusing the stream: {e}; nothing of it was applied"),
+        )
+        .await
     }
 
     async fn serve(&mut self) -> End {
@@ -310,30 +354,28 @@ impl Session {
                 return e;
             }
             if let Some(e) = err {
+                if e.is_authentication() {
+                    return self.forged(e).await;
+                }
                 return self.malformed(e).await;
             }
         }
     }
 
     async fn handshake(&mut self) -> Result<(), End> {
-        let hello = loop {
-            match frame::parse(&self.buf) {
-                Ok(f) => {
-                    self.buf.advance(f.wire_len);
-                    if f.kind != FrameType::Hello {
-                        return Err(End::Protocol(format!(
-                            "first frame is {:?}, not Hello",
-                            f.kind
-                        )));
-                    }
-                    match Hello::decode(&f.payload) {
-                        Ok(h) => break h,
-                        Err(e) => return Err(self.malformed(format!("hello: {e}")).await),
-                    }
-                }
-                Err(FrameError::Incomplete) => self.read_more().await?,
-                Err(e) => return Err(self.malformed(e).await),
-            }
+        let f = self
+            .first
+            .take()
+            .expect("the listener read the first frame");
+        if f.kind != FrameType::Hello {
+            return Err(End::Protocol(format!(
+                "first frame is {:?}, not Hello",
+                f.kind
+            )));
+        }
+        let hello = match Hello::decode(&f.payload) {
+            Ok(h) => h,
+            Err(e) => return Err(self.malformed(format!("hello: {e}")).await),
         };
         let peer = self.peer;
         let Some(proto) = hello.common_proto() else {
@@ -595,6 +637,13 @@ impl Session {
                         }
                     }
                 }
+                FrameType::Refuse => {
+                    after = Some(End::Protocol(match Refuse::decode(&f.payload) {
+                        Ok(r) => format!("the master ended the session: {}", r.message),
+                        Err(e) => format!("the master ended the session (bad Refuse: {e})"),
+                    }));
+                    break;
+                }
                 other => {
                     after = Some(End::Protocol(format!(
                         "unexpected {other:?} frame in session"
@@ -690,7 +739,7 @@ impl Session {
             self.send(FrameType::SyncMiss, &m.encode()).await?;
         }
         for (kind, id, payload) in &res.replies {
-            let f = frame::encode_vec(*kind, *id, payload, Compression::None);
+            let f = self.tx.encode_vec(*kind, *id, payload, Compression::None);
             self.wr.write_all(&f).await.map_err(End::Io)?;
         }
         if let Some(f) = &res.failed {

@@ -7,7 +7,7 @@
 //! slaves = ["replica1:4731", "replica2:4731,z=1"]
 //! compression = 0                     # -z
 //! state_dir = "/var/lib/tdfs/srv-www"
-//! secret_file = "/etc/tdfs/secret"
+//! secret_file = "/etc/tdfs/secret"   # or a list of two during a rotation
 //! metrics = "127.0.0.1:9730"
 //! log_level = "info"
 //! ```
@@ -27,7 +27,7 @@ use tracing::{error, info, warn};
 
 use tdfs_replication::repl::{Replicator, SyncMode};
 
-pub use tdfs_replication::config::{given, load};
+pub use tdfs_replication::config::{given, load, Paths};
 
 /// The config file: the mount command's flags by their long names.
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
@@ -49,7 +49,9 @@ pub struct MasterFile {
     pub sync_timeout: Option<f64>,
     pub min_replicas: Option<usize>,
     pub drain_timeout: Option<u64>,
-    pub secret_file: Option<PathBuf>,
+    /// One path, or two during a secret rotation.
+    pub secret_file: Option<Paths>,
+    pub encrypt: Option<bool>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
@@ -89,6 +91,27 @@ pub fn sync_mode(s: &str) -> anyhow::Result<SyncMode> {
 
 pub use tdfs_replication::config::{load_persisted, persist, slaves_file};
 
+/// SIGHUP: re-reads the secret files (`paths`: the config file's list, when it names them
+/// and the flag was not given). Changed secrets apply at once: every link reconnects with
+/// them.
+fn reload_secrets(paths: Option<Vec<PathBuf>>) {
+    let sec = tdfs_replication::outbound::get();
+    if sec.secrets().is_empty() && paths.is_none() {
+        return;
+    }
+    match sec.reload_secrets(paths) {
+        Ok(true) => info!(
+            "SIGHUP: the shared secrets are now {}; every slave link reconnects with them",
+            tdfs_replication::security::secret::describe(&sec.secrets())
+        ),
+        Ok(false) => info!(
+            "SIGHUP: secrets unchanged ({})",
+            tdfs_replication::security::secret::describe(&sec.secrets())
+        ),
+        Err(e) => error!("SIGHUP: {e}; keeping the current secrets"),
+    }
+}
+
 /// What SIGHUP needs to re-apply the config file.
 pub struct Reloader {
     pub path: Option<PathBuf>,
@@ -96,6 +119,8 @@ pub struct Reloader {
     pub slaves_from_flags: bool,
     /// `-v`/`-q` was given: the file's `log_level` does not count.
     pub level_from_flags: bool,
+    /// `--secret-file` was given: the file's `secret_file` does not count.
+    pub secrets_from_flags: bool,
     pub default_z: Compression,
     pub nodelay: bool,
     pub state_dir: PathBuf,
@@ -109,16 +134,23 @@ impl Reloader {
     /// names other changes, which need a restart.
     pub fn reload(&mut self) {
         let Some(path) = self.path.clone() else {
-            info!("SIGHUP: no --config file to re-read");
+            reload_secrets(None);
             return;
         };
         let f: MasterFile = match load(&path).and_then(|f: MasterFile| f.check().map(|_| f)) {
             Ok(f) => f,
             Err(e) => {
                 error!("SIGHUP: {e:#}; keeping the current settings");
+                reload_secrets(None);
                 return;
             }
         };
+        reload_secrets(
+            f.secret_file
+                .clone()
+                .filter(|_| !self.secrets_from_flags)
+                .map(Paths::into_vec),
+        );
         info!("SIGHUP: re-reading {}", path.display());
         if !self.level_from_flags {
             let level = f.log_level.clone().unwrap_or_else(|| "info".into());
@@ -140,6 +172,7 @@ impl Reloader {
         let strip = |f: &MasterFile| MasterFile {
             slaves: None,
             log_level: None,
+            secret_file: None,
             ..f.clone()
         };
         if let Some(old) = &self.last {
@@ -235,6 +268,7 @@ mod tests {
             compression: Compression::Lzf,
             nodelay: true,
             fallback: true,
+            encrypt: false,
         };
         persist(d.path(), &[c]).unwrap();
         assert_eq!(

@@ -49,7 +49,8 @@ struct Cli {
     /// journal_size, sync,
     /// fsync_local, sync_timeout, min_replicas, drain_timeout, secret_file, tls_cert,
     /// tls_key, tls_ca, metrics, log_level). Flags on the command line win; unknown keys
-    /// are an error. SIGHUP re-reads it (slaves and log_level apply at once).
+    /// are an error. SIGHUP re-reads it (slaves, log_level and secret_file apply at once)
+    /// and the secret files.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -166,6 +167,7 @@ struct Startup {
     file: Option<config::MasterFile>,
     slaves_from_flags: bool,
     level_from_flags: bool,
+    secrets_from_flags: bool,
     logging: tdfs_replication::daemon::logging::Logging,
 }
 
@@ -206,8 +208,11 @@ fn merge(cli: &mut Cli, m: &clap::ArgMatches, f: &config::MasterFile) -> anyhow:
     take!(sync_timeout, sync_timeout);
     take!(min_replicas, min_replicas);
     take!(drain_timeout, drain_timeout);
-    if !g("secret_file") && f.secret_file.is_some() {
-        cli.auth.secret_file = f.secret_file.clone();
+    if let (false, Some(v)) = (g("secret_file"), &f.secret_file) {
+        cli.auth.secret_file = v.clone().into_vec();
+    }
+    if let (false, Some(v)) = (g("encrypt"), f.encrypt) {
+        cli.auth.encrypt = v;
     }
     take!(opt metrics, metrics);
     if !g("sync_mode") {
@@ -433,6 +438,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         path: cli.config.clone(),
         slaves_from_flags: startup.slaves_from_flags,
         level_from_flags: startup.level_from_flags,
+        secrets_from_flags: startup.secrets_from_flags,
         default_z,
         nodelay: !cli.no_nodelay,
         state_dir: state_dir.clone(),
@@ -746,6 +752,7 @@ fn main() -> ExitCode {
     let startup = Startup {
         slaves_from_flags: config::given(&matches, "slaves"),
         level_from_flags: flag_level.is_some(),
+        secrets_from_flags: config::given(&matches, "secret_file"),
         logging: tdfs_replication::daemon::logging::init(&level),
         file,
     };

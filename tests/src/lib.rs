@@ -9,6 +9,7 @@
 //!   put between a master and a slave.
 //! * [`pki`]: a throwaway CA and certificates for TLS tests.
 //! * [`netns`]: test hosts in network namespaces joined by a bridge, to cut one off.
+//! * [`writer`]: a bounded writer thread that keeps changing a tree through a mount.
 //! * [`util`]: binaries, root/FUSE checks, polling with deadlines, small syscall wrappers.
 
 pub mod cluster;
@@ -18,6 +19,7 @@ pub mod netns;
 pub mod pki;
 pub mod proxy;
 pub mod util;
+pub mod writer;
 
 pub use cluster::{Cluster, ClusterOpts, SlaveOpts};
 pub use compare::{

@@ -11,6 +11,12 @@
 //!   (or `SyncOps`) frame, so that the frame's crc no longer matches;
 //! * [`Proxy::refuse`]: close new connections right after accepting them.
 //!
+//! A proxy started with [`Proxy::start_framed`] forwards whole frames only, and can play an
+//! attacker on the path who sees frame boundaries ([`Proxy::frame_fault`]): change a byte of
+//! the next op frame's payload or header (fixing the crc where there is one), inject a
+//! frame before it, replay an earlier one after it, drop it, or swap it with the frame after
+//! it; and it can record what the master sends ([`Proxy::recorded`]).
+//!
 //! It counts bytes forwarded each way and every fault it injected. Every thread ends when
 //! the proxy is dropped: sockets poll with short timeouts and are shut down on drop.
 
@@ -22,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tdfs_protocol::frame::{FrameType, HEADER_LEN, MAGIC};
+use tdfs_protocol::frame::{self, FrameType, HEADER_LEN, MAGIC};
 
 /// How long a blocked read or accept waits before looking at the controls again.
 const POLL: Duration = Duration::from_millis(20);
@@ -45,9 +51,46 @@ impl Conn {
     }
 }
 
+/// What an attacker on the path does to the next op frame (`Ops` towards the slave, `Ack`
+/// towards the master) of a stream, after the handshake.
+pub enum FrameFault {
+    /// Flip a byte in the middle of its payload.
+    FlipPayload,
+    /// Flip a byte of its header (the sequence number).
+    FlipHeader,
+    /// Send these bytes just before it; the function gets its header's sequence number.
+    Inject(Box<dyn FnOnce(u64) -> Vec<u8> + Send>),
+    /// Send the op frame before it again, right after it.
+    Replay,
+    /// Do not send it.
+    Drop,
+    /// Send the frame after it first.
+    Reorder,
+}
+
+impl std::fmt::Debug for FrameFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FrameFault::FlipPayload => "FlipPayload",
+            FrameFault::FlipHeader => "FlipHeader",
+            FrameFault::Inject(_) => "Inject",
+            FrameFault::Replay => "Replay",
+            FrameFault::Drop => "Drop",
+            FrameFault::Reorder => "Reorder",
+        })
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     closing: AtomicBool,
+    /// Forward whole frames only ([`Proxy::start_framed`]).
+    framed: bool,
+    /// A frame fault waiting for its frame, and the direction it applies to.
+    frame_fault: Mutex<Option<(Dir, FrameFault)>>,
+    frame_faults: AtomicU64,
+    /// What the master sent, while recording.
+    recording: Mutex<Option<Vec<u8>>>,
     stalled: AtomicBool,
     refusing: AtomicBool,
     truncate: AtomicBool,
@@ -87,7 +130,7 @@ pub struct Proxy {
 
 /// Which way bytes flow through a forwarding thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dir {
+pub enum Dir {
     ToSlave,
     ToMaster,
 }
@@ -95,12 +138,25 @@ enum Dir {
 impl Proxy {
     /// Listens on `127.0.0.1:0` and forwards to `target` (`HOST:PORT`).
     pub fn start(target: &str) -> Proxy {
+        Self::start_with(target, false)
+    }
+
+    /// [`Proxy::start`], forwarding whole frames only (a stream that is not made of frames,
+    /// TLS for one, is forwarded as it comes), so that [`Proxy::frame_fault`] can work.
+    pub fn start_framed(target: &str) -> Proxy {
+        Self::start_with(target, true)
+    }
+
+    fn start_with(target: &str, framed: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy: bind 127.0.0.1:0");
         listener
             .set_nonblocking(true)
             .expect("proxy: non-blocking listener");
         let addr = listener.local_addr().expect("proxy: local address");
-        let inner = Arc::new(Inner::default());
+        let inner = Arc::new(Inner {
+            framed,
+            ..Inner::default()
+        });
         let acceptor = {
             let inner = inner.clone();
             let target = target.to_string();
@@ -156,6 +212,33 @@ impl Proxy {
     /// match).
     pub fn flip_next(&self) {
         self.inner.flip.store(true, Ordering::SeqCst);
+    }
+
+    /// Arms `fault` for the next op frame going `dir` (a framed proxy only). Replaces a
+    /// fault still waiting.
+    pub fn frame_fault(&self, dir: Dir, fault: FrameFault) {
+        assert!(self.inner.framed, "frame faults need Proxy::start_framed");
+        *self.inner.frame_fault.lock().expect("fault") = Some((dir, fault));
+    }
+
+    /// Frame faults carried out so far (a reorder counts once both frames went out).
+    pub fn frame_faults(&self) -> u64 {
+        self.inner.frame_faults.load(Ordering::SeqCst)
+    }
+
+    /// Starts (true) or stops recording what the master sends (framed proxies only).
+    pub fn record(&self, on: bool) {
+        *self.inner.recording.lock().expect("recording") = on.then(Vec::new);
+    }
+
+    /// What the master sent since recording started.
+    pub fn recorded(&self) -> Vec<u8> {
+        self.inner
+            .recording
+            .lock()
+            .expect("recording")
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Closes (true) new connections right after accepting them, or forwards them again
@@ -334,7 +417,11 @@ fn forward(client: TcpStream, upstream: TcpStream, inner: &Arc<Inner>) {
         let t = std::thread::Builder::new()
             .name(format!("proxy-{id}-{dir:?}"))
             .spawn(move || {
-                pump(dir, from, to, id, &shared);
+                if shared.framed {
+                    pump_frames(dir, from, to, id, &shared);
+                } else {
+                    pump(dir, from, to, id, &shared);
+                }
                 if conn.pumps.fetch_sub(1, Ordering::SeqCst) == 1 {
                     // Both directions are done.
                     shared.close(id);
@@ -419,6 +506,176 @@ fn pump(dir: Dir, mut from: TcpStream, mut to: TcpStream, id: u64, inner: &Inner
             return;
         }
     }
+}
+
+/// What a framed pump holds between frames.
+#[derive(Default)]
+struct FramePump {
+    buf: Vec<u8>,
+    /// Not a frame stream: forward bytes as they come.
+    raw: bool,
+    /// The last op frame forwarded (for a replay).
+    last_op: Option<Vec<u8>>,
+    /// An op frame held back until the next frame has gone out (a reorder).
+    held: Option<Vec<u8>>,
+}
+
+/// Recomputes the crc of a plain frame after a change (a sealed frame has none: its tag
+/// cannot be fixed up by anyone without the keys).
+fn fix_crc(f: &mut [u8]) {
+    if frame::is_sealed(f) {
+        return;
+    }
+    let wire_len = u32::from_le_bytes(f[16..20].try_into().expect("4 bytes")) as usize;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&f[..24]);
+    h.update(&f[HEADER_LEN..HEADER_LEN + wire_len]);
+    let crc = h.finalize();
+    f[24..28].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// [`pump`] for a framed proxy: forwards whole frames, applying a frame fault to the first
+/// op frame going this way once one is armed.
+fn pump_frames(dir: Dir, mut from: TcpStream, mut to: TcpStream, id: u64, inner: &Inner) {
+    let mut chunk = vec![0u8; CHUNK];
+    let mut st = FramePump::default();
+    loop {
+        if inner.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        if inner.stalled.load(Ordering::SeqCst) {
+            std::thread::sleep(POLL);
+            continue;
+        }
+        let n = match from.read(&mut chunk) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => {
+                inner.close(id);
+                return;
+            }
+        };
+        st.buf.extend_from_slice(&chunk[..n]);
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        if st.raw {
+            out.push(std::mem::take(&mut st.buf));
+        } else {
+            loop {
+                match frame::frame_len(&st.buf) {
+                    Ok(len) if st.buf.len() >= len => {
+                        let f: Vec<u8> = st.buf.drain(..len).collect();
+                        on_frame(dir, f, &mut st, inner, &mut out);
+                    }
+                    Ok(_) | Err(tdfs_protocol::FrameError::Incomplete) => break,
+                    Err(_) => {
+                        st.raw = true;
+                        out.push(std::mem::take(&mut st.buf));
+                        break;
+                    }
+                }
+            }
+        }
+        for piece in out {
+            let counter = match dir {
+                Dir::ToSlave => &inner.to_slave,
+                Dir::ToMaster => &inner.to_master,
+            };
+            counter.fetch_add(piece.len() as u64, Ordering::SeqCst);
+            if dir == Dir::ToSlave {
+                if let Some(r) = inner.recording.lock().expect("recording").as_mut() {
+                    if r.len() < 256 << 20 {
+                        r.extend_from_slice(&piece);
+                    }
+                }
+            }
+            if to.write_all(&piece).is_err() {
+                inner.close(id);
+                return;
+            }
+        }
+    }
+}
+
+/// One whole frame arrived: decides what goes out in its place.
+fn on_frame(dir: Dir, mut f: Vec<u8>, st: &mut FramePump, inner: &Inner, out: &mut Vec<Vec<u8>>) {
+    if let Some(h) = st.held.take() {
+        out.push(f);
+        out.push(h);
+        inner.frame_faults.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    let op_kind = match dir {
+        Dir::ToSlave => FrameType::Ops,
+        Dir::ToMaster => FrameType::Ack,
+    };
+    if f[5] != op_kind as u8 {
+        out.push(f);
+        return;
+    }
+    let fault = {
+        let mut g = inner.frame_fault.lock().expect("fault");
+        match g.take() {
+            Some((d, FrameFault::Replay)) if d == dir && st.last_op.is_none() => {
+                // Nothing to replay yet: wait for one more op frame.
+                *g = Some((d, FrameFault::Replay));
+                None
+            }
+            Some((d, fault)) if d == dir => Some(fault),
+            other => {
+                *g = other;
+                None
+            }
+        }
+    };
+    let seq = u64::from_le_bytes(f[8..16].try_into().expect("8 bytes"));
+    let mut done = true;
+    match fault {
+        None => {
+            done = false;
+            out.push(f.clone());
+        }
+        Some(FrameFault::FlipPayload) => {
+            let wire_len = u32::from_le_bytes(f[16..20].try_into().expect("4 bytes")) as usize;
+            f[HEADER_LEN + wire_len / 2] ^= 0x5a;
+            fix_crc(&mut f);
+            out.push(f.clone());
+        }
+        Some(FrameFault::FlipHeader) => {
+            f[8] ^= 0x01;
+            fix_crc(&mut f);
+            out.push(f.clone());
+        }
+        Some(FrameFault::Inject(build)) => {
+            out.push(build(seq));
+            out.push(f.clone());
+        }
+        Some(FrameFault::Replay) => {
+            out.push(f.clone());
+            out.push(st.last_op.clone().expect("checked above"));
+        }
+        Some(FrameFault::Drop) => {}
+        Some(FrameFault::Reorder) => {
+            st.held = Some(f.clone());
+            done = false;
+        }
+    }
+    if done {
+        inner.frame_faults.fetch_add(1, Ordering::SeqCst);
+    }
+    st.last_op = Some(f);
 }
 
 /// Follows the frames of one master→slave stream (plain frames from its first byte: no TLS,

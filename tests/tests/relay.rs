@@ -585,9 +585,9 @@ fn relay_in_a_namespace_survives_a_cut_link() {
     assert_all_identical(&backing, &all, CATCH_UP);
 }
 
-/// Security per hop: TLS between the master and the relay, a shared secret (and lz4)
-/// between the relay and its leaf; a leaf that does not know the relay's secret gets
-/// nothing.
+/// Security per hop: TLS between the master and the relay, a different shared secret with
+/// encrypted frames (and lz4) between the relay and its leaf; a leaf that does not know the
+/// relay's secret gets nothing.
 #[test]
 fn tls_upstream_and_secret_downstream_on_one_relay() {
     require_root_and_fuse();
@@ -601,7 +601,11 @@ fn tls_upstream_and_secret_downstream_on_one_relay() {
     fs::write(&wrong, "another secret entirely, for the stray\n").unwrap();
     fs::set_permissions(&wrong, fs::Permissions::from_mode(0o600)).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let leaf = Node::start(root, "leaf", &["--secret-file".into(), s(&secret)]);
+    let leaf = Node::start(
+        root,
+        "leaf",
+        &["--secret-file".into(), s(&secret), "--encrypt".into()],
+    );
     let stray = Node::start(root, "stray", &["--secret-file".into(), s(&wrong)]);
     let mut args = vec![
         "--tls-cert".to_string(),
@@ -612,6 +616,7 @@ fn tls_upstream_and_secret_downstream_on_one_relay() {
         pki.ca.clone(),
         "--leaf-secret-file".into(),
         s(&secret),
+        "--leaf-encrypt".into(),
     ];
     args.extend(cs(&[format!("{},z=2", leaf.addr()), stray.addr()]));
     let relay = Node::start(root, "r", &args);

@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tdfs_protocol::frame::{self, FrameType};
+use tdfs_protocol::frame::FrameType;
 use tdfs_protocol::msg::{Hello, HelloAck, Refuse, PROTO_MAX, PROTO_MIN};
+use tdfs_protocol::seal::{Rx, Tx};
 use tdfs_protocol::sync::{encode_path, Digest, Entry, Listing};
 use tdfs_protocol::{Compression, FrameError, History, WirePath};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,6 +19,8 @@ use super::SlaveConfig;
 pub struct Inspector {
     rd: BoxRead,
     wr: BoxWrite,
+    tx: Tx,
+    rx: Rx,
     buf: Vec<u8>,
     next: u64,
     /// Where the replica stood when the session opened.
@@ -49,12 +52,14 @@ impl Inspector {
     }
 
     async fn open(cfg: &SlaveConfig, label: &str, history: &History) -> anyhow::Result<Inspector> {
-        let (rd, wr) = transport::connect(cfg)
+        let c = transport::connect(cfg)
             .await
             .with_context(|| format!("connecting to {}", cfg.addr))?;
         let mut r = Inspector {
-            rd,
-            wr,
+            rd: c.rd,
+            wr: c.wr,
+            tx: c.tx,
+            rx: c.rx,
             buf: Vec::new(),
             next: 1,
             hello: HelloAck {
@@ -89,16 +94,15 @@ impl Inspector {
     }
 
     async fn send(&mut self, kind: FrameType, seq: u64, payload: &[u8]) -> anyhow::Result<()> {
-        self.wr
-            .write_all(&frame::encode_vec(kind, seq, payload, Compression::None))
-            .await?;
+        let f = self.tx.encode_vec(kind, seq, payload, Compression::None);
+        self.wr.write_all(&f).await?;
         Ok(())
     }
 
     async fn recv(&mut self) -> anyhow::Result<tdfs_protocol::Frame> {
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
-            match frame::parse(&self.buf) {
+            match self.rx.parse_owned(&mut self.buf) {
                 Ok(f) => {
                     self.buf.drain(..f.wire_len);
                     return Ok(f);

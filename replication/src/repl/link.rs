@@ -8,6 +8,7 @@ use std::time::Duration;
 use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::history::{self, Standing};
 use tdfs_protocol::msg::{self, Ack, ApplyError, Hello, HelloAck, Refuse, RefuseCode};
+use tdfs_protocol::seal::{Rx, Tx};
 use tdfs_protocol::sync::{Digest, Listing, Misses};
 use tdfs_protocol::{compress, Compression, Epoch, Frame, FrameError, WirePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -50,6 +51,15 @@ pub(super) enum LinkError {
     /// A relay's position or line changed under the session (see `Shared::generation`).
     #[error("this relay's position changed; handshaking again")]
     Restart,
+    #[error("the shared secret changed; reconnecting with the new one")]
+    Rekey,
+}
+
+impl LinkError {
+    /// A frame from the slave failed the session's authentication.
+    fn is_authentication(&self) -> bool {
+        matches!(self, LinkError::Frame(e) if e.is_authentication())
+    }
 }
 
 /// What the read half reports to the link.
@@ -60,14 +70,16 @@ pub(super) enum Event {
     Closed(LinkError),
 }
 
-/// Reads one whole frame, keeping what follows it in `buf`.
+/// Reads one whole frame (checking its tag first in a sealed session), keeping what
+/// follows it in `buf`.
 async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     buf: &mut Vec<u8>,
+    rx: &mut Rx,
 ) -> Result<Option<Frame>, LinkError> {
     loop {
         if !buf.is_empty() {
-            match frame::parse(buf) {
+            match rx.parse_owned(buf) {
                 Ok(f) => {
                     buf.drain(..f.wire_len);
                     return Ok(Some(f));
@@ -165,6 +177,11 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
             Err(LinkError::ApplyFailed) => {
                 // Logged where the error arrived; retried from what the slave applied.
             }
+            Err(LinkError::Rekey) => {
+                info!(slave = %addr, "reconnecting: the shared secret changed");
+                backoff = BACKOFF_MIN;
+                continue;
+            }
             Err(LinkError::Fenced(newer)) => {
                 me.set_error(format!(
                     "refused: it has seen {newer}, this node was replaced"
@@ -225,6 +242,10 @@ pub(super) struct Link {
     pub(super) shared: Arc<Shared>,
     pub(super) me: Arc<SlaveStatus>,
     wr: BoxWrite,
+    /// Frames every frame sent (sealed in a session authenticated with a shared secret).
+    tx: Tx,
+    /// Changes when SIGHUP brings other secrets: the link then reconnects with them.
+    secrets: Option<tokio::sync::watch::Receiver<Arc<Vec<crate::security::Secret>>>>,
     /// Sequence number of the next live op to send.
     pub(super) cursor: u64,
     jreader: journal::Reader,
@@ -255,7 +276,7 @@ impl Link {
         payload: &[u8],
     ) -> Result<(), LinkError> {
         self.out.clear();
-        frame::encode(
+        self.tx.encode(
             kind,
             seq,
             payload,
@@ -286,7 +307,12 @@ impl Link {
         parts.extend([&[][..], &count[..]]);
         parts.extend(ops.iter().map(|o| o.bytes()));
         let comp = self.me.config.compression;
-        if comp == Compression::None || compress::sample_is_incompressible(comp, &parts[1..]) {
+        let raw =
+            comp == Compression::None || compress::sample_is_incompressible(comp, &parts[1..]);
+        if raw && self.tx.is_sealed() {
+            return self.send_sealed_parts(kind, seq, parts).await;
+        }
+        if raw {
             // Header, count and each encoded op go out in vectored writes: no copy of the
             // data into a frame buffer. With compression on, so does a batch whose sample
             // does not shrink: it would go raw anyway, after a copy into the frame buffer and
@@ -317,6 +343,70 @@ impl Link {
         let r = self.send_frame(kind, seq, &payload).await;
         self.payload = payload;
         r
+    }
+
+    /// [`Link::send_ops`] in a sealed session: header, parts and tag in vectored writes
+    /// under a MAC; encrypted in the link's own buffer (the parts are shared with other
+    /// links) under `--encrypt`. `parts[0]` is the header's place.
+    async fn send_sealed_parts(
+        &mut self,
+        kind: FrameType,
+        seq: u64,
+        mut parts: Vec<&[u8]>,
+    ) -> Result<(), LinkError> {
+        let sealer = self.tx.sealer().expect("sealed session");
+        let total;
+        if let Some((header, tag)) = sealer.seal_parts(kind, seq, &parts[1..]) {
+            parts[0] = &header;
+            parts.push(&tag);
+            total = parts.iter().map(|p| p.len()).sum::<usize>();
+            write_all_parts(&mut self.wr, &parts).await?;
+        } else {
+            self.out.clear();
+            sealer.encode_parts(kind, seq, &parts[1..], &mut self.out);
+            total = self.out.len();
+            self.wr.write_all(&self.out).await?;
+        }
+        self.me
+            .bytes_sent
+            .fetch_add(total as u64, Ordering::Relaxed);
+        self.me
+            .raw_bytes_sent
+            .fetch_add(total as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends the session for a reconnect with new secrets. Bye first: the slave applies and
+    /// acknowledges what it was sent, saves its position and closes, and the next session
+    /// resumes from there instead of cutting a round (or a sync) in the middle.
+    async fn hand_over(&mut self) -> LinkError {
+        if self.send_frame(FrameType::Bye, 0, &[]).await.is_ok() {
+            let _ = self.wr.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Some(ev) = self.events.recv().await {
+                    if matches!(ev, Event::Closed(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        LinkError::Rekey
+    }
+
+    /// Tells the slave, before the connection closes, that one of its frames failed
+    /// authentication here: it can only see the connection end otherwise.
+    async fn report_forgery(&mut self, e: &LinkError) {
+        let r = Refuse::new(
+            RefuseCode::Malformed,
+            format!("the master refused a frame from this slave: {e}"),
+        );
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.send_frame(FrameType::Refuse, 0, &r.encode()),
+        )
+        .await;
+        let _ = self.wr.shutdown().await;
     }
 
     /// Sends sync ops (already encoded), in frames of bounded size.
@@ -403,6 +493,13 @@ impl Link {
                 return Err(LinkError::Protocol("this node was fenced".into()));
             }
             self.check_current()?;
+            if self
+                .secrets
+                .as_ref()
+                .is_some_and(|s| s.has_changed().unwrap_or(false))
+            {
+                return Err(self.hand_over().await);
+            }
             let head = self.shared.head();
             if self.cursor < head {
                 match self.send_live(head).await {
@@ -435,14 +532,28 @@ impl Link {
                 self.wr.shutdown().await.ok();
                 return Ok(());
             }
+            let rekey = async {
+                match self.secrets.as_mut() {
+                    Some(s) => {
+                        let _ = s.changed().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            // `changed()` marks the new secrets seen: remember that they came.
+            let mut rekeyed = false;
             tokio::select! {
                 _ = &mut notified => {}
+                _ = rekey => rekeyed = true,
                 ev = self.events.recv() => match ev {
                     Some(Event::Closed(e)) => return Err(e),
                     None => return Err(LinkError::Protocol("reader ended".into())),
                     // Late replies or misses after a sync: nothing to do.
                     Some(_) => {}
                 },
+            }
+            if rekeyed {
+                return Err(self.hand_over().await);
             }
         }
     }
@@ -521,13 +632,14 @@ async fn write_all_parts(wr: &mut BoxWrite, parts: &[&[u8]]) -> std::io::Result<
 async fn reader(
     mut rd: BoxRead,
     mut rbuf: Vec<u8>,
+    mut rx: Rx,
     shared: Arc<Shared>,
     me: Arc<SlaveStatus>,
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let r: Result<(), LinkError> = async {
         loop {
-            let Some(f) = read_frame(&mut rd, &mut rbuf).await? else {
+            let Some(f) = read_frame(&mut rd, &mut rbuf, &mut rx).await? else {
                 return Err(LinkError::Protocol("slave closed the connection".into()));
             };
             match f.kind {
@@ -586,14 +698,34 @@ async fn reader(
     }
     .await;
     if let Err(e) = r {
+        let forged = e.is_authentication();
         let _ = tx.send(Event::Closed(e));
+        if forged {
+            // The link tells the slave why; no reset may destroy that before it is read.
+            crate::conn::linger(&mut rd).await;
+        }
     }
 }
 
 async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), LinkError> {
     let cfg = &me.config;
     let gen = shared.generation.load(Ordering::Acquire);
-    let (mut rd, mut wr) = transport::connect(cfg).await?;
+    // Watched from before the handshake, so secrets that change during it count as new.
+    let secrets = {
+        let sec = crate::outbound::get();
+        (!sec.secrets().is_empty()).then(|| {
+            let mut w = sec.watch_secrets();
+            w.mark_unchanged();
+            w
+        })
+    };
+    let transport::Conn {
+        mut rd,
+        mut wr,
+        mut tx,
+        mut rx,
+        ..
+    } = transport::connect(cfg).await?;
     let history = shared.history();
     let hello = Hello {
         proto_min: msg::PROTO_MIN,
@@ -603,15 +735,10 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
         flags: if cfg.fallback { msg::HELLO_FALLBACK } else { 0 },
         label: shared.label.clone(),
     };
-    wr.write_all(&frame::encode_vec(
-        FrameType::Hello,
-        0,
-        &hello.encode(),
-        Compression::None,
-    ))
-    .await?;
+    wr.write_all(&tx.encode_vec(FrameType::Hello, 0, &hello.encode(), Compression::None))
+        .await?;
     let mut rbuf = Vec::new();
-    let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut rbuf))
+    let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut rbuf, &mut rx))
         .await
         .map_err(|_| LinkError::Protocol("no handshake reply".into()))??
         .ok_or_else(|| LinkError::Protocol("closed during handshake".into()))?;
@@ -647,12 +774,14 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
     }
     me.set_peer_label(&ack.label);
 
-    let (tx, events) = mpsc::unbounded_channel();
-    tokio::spawn(reader(rd, rbuf, shared.clone(), me.clone(), tx));
+    let (events_tx, events) = mpsc::unbounded_channel();
+    tokio::spawn(reader(rd, rbuf, rx, shared.clone(), me.clone(), events_tx));
     let mut link = Link {
         shared: shared.clone(),
         me: me.clone(),
         wr,
+        tx,
+        secrets,
         cursor: 0,
         jreader: journal::Reader::default(),
         events,
@@ -749,7 +878,34 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
         } else {
             format!("slave applied seq {applied} but this node holds {front}..{head}")
         };
-        link.sync(&why, shared.checksum_sync, stash).await?;
+        // A sync cut short leaves files whose size and times agree with this node's while
+        // their content does not (live writes applied beyond a part not copied yet): the
+        // next one compares content.
+        let r = link
+            .sync(&why, shared.checksum_sync || syncing, stash)
+            .await;
+        if let Err(e) = r {
+            return Err(link.closing(e).await);
+        }
     }
-    link.stream().await
+    let r = link.stream().await;
+    match r {
+        Err(e) => Err(link.closing(e).await),
+        ok => ok,
+    }
+}
+
+impl Link {
+    /// The session ends with `e`: a slave whose frame failed authentication is told so.
+    async fn closing(&mut self, e: LinkError) -> LinkError {
+        if e.is_authentication() {
+            error!(
+                slave = %self.me.config.addr,
+                "closing the connection to slave {}: {e}",
+                self.me.config.addr
+            );
+            self.report_forgery(&e).await;
+        }
+        e
+    }
 }

@@ -50,11 +50,13 @@ pub struct SlaveConfig {
     /// A fallback upstream for this node (`,fallback`): it takes the node only while the
     /// node's own upstream is gone, and gives it back when that one returns.
     pub fallback: bool,
+    /// Encrypt the frames to this node (`,encrypt`; `--encrypt` does it for every node).
+    pub encrypt: bool,
 }
 
 impl SlaveConfig {
-    /// Parses `HOST[:PORT][,z=N][,fallback]` (the `-c` syntax of both daemons; default port
-    /// 4731, compression `default_z` unless `z=` says otherwise).
+    /// Parses `HOST[:PORT][,z=N][,fallback][,encrypt]` (the `-c` syntax of both daemons;
+    /// default port 4731, compression `default_z` unless `z=` says otherwise).
     pub fn parse(spec: &str, default_z: Compression, nodelay: bool) -> anyhow::Result<SlaveConfig> {
         let (addr, opts) = match spec.split_once(',') {
             Some((a, o)) => (a, Some(o)),
@@ -62,6 +64,7 @@ impl SlaveConfig {
         };
         let mut compression = default_z;
         let mut fallback = false;
+        let mut encrypt = false;
         if let Some(opts) = opts {
             for o in opts.split(',') {
                 match o.split_once('=') {
@@ -75,10 +78,11 @@ impl SlaveConfig {
                             })?;
                     }
                     None if o == "fallback" => fallback = true,
+                    None if o == "encrypt" => encrypt = true,
                     _ => {
                         bail!(
-                            "unknown option {o:?} in slave spec {spec:?} (expected z=0, z=1, z=2 or \
-                             fallback)"
+                            "unknown option {o:?} in slave spec {spec:?} (expected z=0, z=1, z=2, \
+                             fallback or encrypt)"
                         )
                     }
                 }
@@ -109,6 +113,7 @@ impl SlaveConfig {
             compression,
             nodelay,
             fallback,
+            encrypt,
         })
     }
 
@@ -120,9 +125,10 @@ impl SlaveConfig {
             Compression::Lz4 => 2,
         };
         format!(
-            "{},z={z}{}",
+            "{},z={z}{}{}",
             self.addr,
-            if self.fallback { ",fallback" } else { "" }
+            if self.fallback { ",fallback" } else { "" },
+            if self.encrypt { ",encrypt" } else { "" }
         )
     }
 }
@@ -1717,6 +1723,7 @@ mod tests {
                 compression: Compression::None,
                 nodelay: true,
                 fallback: false,
+                encrypt: false,
             },
             1,
             false,

@@ -3,17 +3,15 @@
 //! module so the link logic only sees a reader and a writer.
 
 use std::io;
-use std::pin::Pin;
 use std::time::Duration;
 
-use crate::security::{handshake, AuthError};
+use crate::security::handshake::{self, Authenticated};
+use crate::security::AuthError;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::SlaveConfig;
-
-pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
-pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
+pub use crate::conn::{BoxRead, BoxWrite, Conn};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long sent data may stay unacknowledged before the connection counts as dead.
@@ -21,9 +19,9 @@ const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// TLS handshake plus the shared-secret exchange.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects to a slave and returns the two halves of a ready-to-use stream: TLS-wrapped
-/// and authenticated when so configured ([`crate::outbound`]).
-pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
+/// Connects to a slave and returns a ready-to-use connection: TLS-wrapped, authenticated
+/// and with sealed framing when so configured ([`crate::outbound`]).
+pub async fn connect(cfg: &SlaveConfig) -> io::Result<Conn> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -43,9 +41,9 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
     match &sec.tls {
         None => {
             let mut stream = stream;
-            authenticate(&mut stream, cfg).await?;
+            let auth = authenticate(&mut stream, cfg).await?;
             let (rd, wr) = stream.into_split();
-            Ok((Box::pin(rd), Box::pin(wr)))
+            Ok(conn(Box::pin(rd), Box::pin(wr), auth))
         }
         Some(tls) => {
             let name = crate::security::tls::server_name(&cfg.addr)
@@ -57,33 +55,51 @@ pub async fn connect(cfg: &SlaveConfig) -> io::Result<(BoxRead, BoxWrite)> {
                     tracing::error!(slave = %cfg.addr, "TLS handshake with slave {} failed: {e}", cfg.addr);
                     io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))
                 })?;
-            authenticate(&mut stream, cfg).await?;
+            let auth = authenticate(&mut stream, cfg).await?;
             let (rd, wr) = tokio::io::split(stream);
-            Ok((Box::pin(rd), crate::security::tls::flushing(wr)))
+            Ok(conn(Box::pin(rd), crate::security::tls::flushing(wr), auth))
         }
+    }
+}
+
+fn conn(rd: BoxRead, wr: BoxWrite, auth: Option<Authenticated>) -> Conn {
+    match auth {
+        Some(a) => Conn::authenticated(rd, wr, a),
+        None => Conn::plain(rd, wr),
     }
 }
 
 /// The shared-secret exchange, when a secret is configured; failures are logged here (the
 /// link retries with backoff).
-async fn authenticate<S>(stream: &mut S, cfg: &SlaveConfig) -> io::Result<()>
+async fn authenticate<S>(stream: &mut S, cfg: &SlaveConfig) -> io::Result<Option<Authenticated>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(secret) = &crate::outbound::get().secret else {
-        return Ok(());
-    };
-    let res = tokio::time::timeout(AUTH_TIMEOUT, handshake::connect(stream, secret))
-        .await
-        .unwrap_or_else(|_| {
-            Err(AuthError::Protocol(
-                "no answer within the authentication timeout".into(),
-            ))
-        });
+    let sec = crate::outbound::get();
+    let secrets = sec.secrets();
+    if secrets.is_empty() {
+        return Ok(None);
+    }
+    let protection = sec.protection(cfg.encrypt);
+    let res = tokio::time::timeout(
+        AUTH_TIMEOUT,
+        handshake::connect(stream, &secrets, protection),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(AuthError::Protocol(
+            "no answer within the authentication timeout".into(),
+        ))
+    });
     match res {
-        Ok(()) => {
-            tracing::debug!(slave = %cfg.addr, "authenticated");
-            Ok(())
+        Ok(a) => {
+            tracing::debug!(
+                slave = %cfg.addr,
+                "authenticated with secret {}; frames {}",
+                tdfs_protocol::auth::show_key_id(&a.secret),
+                a.protection.describe()
+            );
+            Ok(Some(a))
         }
         Err(e) => {
             match &e {

@@ -1,4 +1,5 @@
-//! The shared-secret challenge-response ([`tdfs_protocol::auth`]) over a byte stream.
+//! The shared-secret challenge-response ([`tdfs_protocol::auth`]) over a byte stream, and
+//! the sealed framing ([`tdfs_protocol::seal`]) it hands the session that follows.
 //!
 //! Frames are read exactly (header, then the announced payload), so nothing the session
 //! that follows needs is consumed here, and a peer cannot make us allocate more than
@@ -8,14 +9,16 @@ use std::fmt;
 use std::io;
 
 use tdfs_protocol::auth::{
-    self, AuthChallenge, AuthOk, AuthRequest, AuthResponse, Nonce, AUTH_VERSION, MAX_AUTH_PAYLOAD,
+    self, AuthChallenge, AuthOk, AuthRequest, AuthResponse, KeyId, Nonce, AUTH_VERSION,
+    MAX_AUTH_PAYLOAD,
 };
 use tdfs_protocol::frame::{self, Frame, FrameType};
 use tdfs_protocol::msg::{Refuse, RefuseCode};
+use tdfs_protocol::seal::{self, Protection, Role};
 use tdfs_protocol::{Compression, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::security::Secret;
+use crate::security::secret::{self, Secret};
 
 /// What the slave says to a master that does not prove the secret.
 pub const FAILED_MESSAGE: &str = "authentication failed";
@@ -119,12 +122,54 @@ fn refused(f: &Frame) -> AuthError {
     }
 }
 
-/// Slave side: the connecting master must prove the secret; then we prove it back.
-/// On failure the master has been sent a `Refuse` and the stream shut down.
+/// What a successful exchange leaves: the framing of the session that follows (sealed
+/// unless TLS carries it), and which secret was used.
+pub struct Authenticated {
+    pub tx: seal::Tx,
+    pub rx: seal::Rx,
+    pub secret: KeyId,
+    pub protection: Protection,
+}
+
+impl fmt::Debug for Authenticated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Authenticated(secret {}, {:?})",
+            auth::show_key_id(&self.secret),
+            self.protection
+        )
+    }
+}
+
+/// Why the two sides' frame protections cannot meet, as both logs and the master are told.
+pub fn mismatch(master: Protection, slave: Protection) -> String {
+    match (master, slave) {
+        (Protection::Encrypt, Protection::Mac) => "encryption mismatch: the master encrypts its \
+             frames (--encrypt) but this slave does not; give --encrypt to both sides or to \
+             neither"
+            .into(),
+        (Protection::Mac, Protection::Encrypt) => "encryption mismatch: this slave requires \
+             encrypted frames (--encrypt) but the master does not encrypt for it; start the \
+             master with --encrypt (or add ,encrypt to this slave's -c address)"
+            .into(),
+        (m, s) => format!(
+            "frame protection mismatch: the master asks for frames {}, this slave expects them \
+             {} (TLS on one side only?)",
+            m.describe(),
+            s.describe()
+        ),
+    }
+}
+
+/// Slave side: the connecting master must prove one of `secrets` (most preferred first: the
+/// master's order decides among those both hold); then we prove it back. On failure the
+/// master has been sent a `Refuse` and the stream shut down.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
-    secret: &Secret,
-) -> Result<(), AuthError> {
+    secrets: &[Secret],
+    protection: Protection,
+) -> Result<Authenticated, AuthError> {
     let f = read_frame(s).await?;
     match f.kind {
         FrameType::AuthRequest => {}
@@ -152,7 +197,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let req = decode(AuthRequest::decode(&f.payload), "AuthRequest")?;
     if req.version != AUTH_VERSION {
         let m = format!(
-            "authentication version {} not supported (this slave speaks {AUTH_VERSION})",
+            "authentication version {} not supported (this slave speaks {AUTH_VERSION}: since \
+             version 2 every frame is authenticated); upgrade both sides",
             req.version
         );
         refuse(s, RefuseCode::Version, &m).await;
@@ -173,25 +219,57 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             f.kind
         )));
     }
-    let resp = decode(AuthResponse::decode(&f.payload), "AuthResponse")?;
-    if !auth::verify_master(secret.bytes(), &ns, &resp) {
+    let resp = match AuthResponse::decode(&f.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            refuse(s, RefuseCode::Other, FAILED_MESSAGE).await;
+            return Err(AuthError::Protocol(format!("bad AuthResponse: {e}")));
+        }
+    };
+    let ids: Vec<KeyId> = secrets.iter().map(Secret::key_id).collect();
+    let Some((i, j)) = auth::choose(&resp, &ids) else {
+        refuse(s, RefuseCode::Other, FAILED_MESSAGE).await;
+        return Err(AuthError::Failed(format!(
+            "authentication failed: wrong secret (the master offers {}, this slave accepts {})",
+            resp.proofs
+                .iter()
+                .map(|p| auth::show_key_id(&p.key_id))
+                .collect::<Vec<_>>()
+                .join(", "),
+            secret::describe(secrets)
+        )));
+    };
+    let secret = &secrets[j];
+    if !auth::verify_master(secret.bytes(), &ns, &resp, i) {
         refuse(s, RefuseCode::Other, FAILED_MESSAGE).await;
         return Err(AuthError::Failed(
             "authentication failed: wrong secret or replayed handshake".into(),
         ));
     }
-    let ok = AuthOk {
-        mac: auth::slave_mac(secret.bytes(), &resp.nonce, &ns),
-    };
+    // Only a master that proved the secret learns what this side expects.
+    if resp.protection != protection {
+        let m = mismatch(resp.protection, protection);
+        refuse(s, RefuseCode::Other, &m).await;
+        return Err(AuthError::Failed(m));
+    }
+    let ok = auth::accept(secret.bytes(), &ns, &resp, i);
     send(s, FrameType::AuthOk, &ok.encode()).await?;
-    Ok(())
+    let (tx, rx) = seal::framing(secret.bytes(), protection, &resp.nonce, &ns, Role::Slave);
+    Ok(Authenticated {
+        tx,
+        rx,
+        secret: secret.key_id(),
+        protection,
+    })
 }
 
-/// Master side: prove the secret to the slave, then check the slave's proof.
+/// Master side: prove `secrets` (one, or two during a rotation, most preferred first) to
+/// the slave, then check the slave's proof for the one it took.
 pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
-    secret: &Secret,
-) -> Result<(), AuthError> {
+    secrets: &[Secret],
+    protection: Protection,
+) -> Result<Authenticated, AuthError> {
     let req = AuthRequest {
         version: AUTH_VERSION,
     };
@@ -200,7 +278,7 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         Err(AuthError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
             return Err(AuthError::Protocol(
                 "slave closed the connection instead of answering the authentication request \
-                 (is the slave missing --secret-file?)"
+                 (is the slave missing --secret-file, or older than this master?)"
                     .into(),
             ))
         }
@@ -217,10 +295,8 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     }
     .nonce;
     let nm = nonce()?;
-    let resp = AuthResponse {
-        nonce: nm,
-        mac: auth::master_mac(secret.bytes(), &ns, &nm),
-    };
+    let bytes: Vec<&[u8]> = secrets.iter().map(Secret::bytes).collect();
+    let resp = auth::respond(&bytes, protection, &ns, &nm);
     send(s, FrameType::AuthResponse, &resp.encode()).await?;
     let f = read_frame(s).await?;
     let ok = match f.kind {
@@ -228,11 +304,17 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         FrameType::Refuse => return Err(refused(&f)),
         k => return Err(AuthError::Protocol(format!("expected AuthOk, got {k:?}"))),
     };
-    if !auth::verify_slave(secret.bytes(), &nm, &ns, &ok) {
+    let Some(i) = auth::verify_slave(&bytes, &ns, &resp, &ok) else {
         return Err(AuthError::Failed(
             "the slave did not prove the shared secret (wrong secret, or not the real slave)"
                 .into(),
         ));
-    }
-    Ok(())
+    };
+    let (tx, rx) = seal::framing(bytes[i], protection, &nm, &ns, Role::Master);
+    Ok(Authenticated {
+        tx,
+        rx,
+        secret: secrets[i].key_id(),
+        protection,
+    })
 }

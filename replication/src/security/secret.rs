@@ -2,19 +2,27 @@
 
 use std::fmt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use tdfs_protocol::auth::{self, KeyId, MAX_SECRETS};
 
 /// Shortest secret accepted: anything shorter is guessable offline from one recorded exchange.
 pub const MIN_SECRET_LEN: usize = 16;
 
 /// The bytes of a secret file (trailing whitespace, e.g. the newline `echo` adds, removed).
-/// Never printed: `Debug` shows only its length.
+/// Never printed: `Debug` shows only its length and key id.
 #[derive(Clone)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(Vec<u8>, KeyId);
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret({} bytes)", self.0.len())
+        write!(f, "Secret({} bytes, id {})", self.0.len(), self.id())
+    }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.1 == other.1
     }
 }
 
@@ -30,7 +38,8 @@ impl Secret {
                 b.len()
             ));
         }
-        Ok(Secret(b))
+        let id = auth::key_id(&b);
+        Ok(Secret(b, id))
     }
 
     /// Reads a secret file. Refuses a file whose mode lets its group or others read or write
@@ -56,4 +65,47 @@ impl Secret {
     pub fn bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// The secret's public name (see [`auth::key_id`]).
+    pub fn key_id(&self) -> KeyId {
+        self.1
+    }
+
+    /// The key id as logs show it.
+    pub fn id(&self) -> String {
+        auth::show_key_id(&self.1)
+    }
+
+    /// Loads every `--secret-file`: at most [`MAX_SECRETS`] (the current one and, during a
+    /// rotation, the next or the previous one), all different.
+    pub fn load_all(paths: &[PathBuf]) -> Result<Vec<Secret>, String> {
+        if paths.len() > MAX_SECRETS {
+            return Err(format!(
+                "{} secret files given; at most {MAX_SECRETS} (the current secret and, during a \
+                 rotation, one more)",
+                paths.len()
+            ));
+        }
+        let all = paths
+            .iter()
+            .map(|p| Self::load(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if all.len() == 2 && all[0] == all[1] {
+            return Err(format!(
+                "secret files {} and {} hold the same secret",
+                paths[0].display(),
+                paths[1].display()
+            ));
+        }
+        Ok(all)
+    }
+}
+
+/// The key ids of `secrets`, for a log line.
+pub fn describe(secrets: &[Secret]) -> String {
+    secrets
+        .iter()
+        .map(Secret::id)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

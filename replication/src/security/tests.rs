@@ -2,7 +2,10 @@ use std::net::IpAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::security::handshake::{self, AuthError};
+use tdfs_protocol::seal::Protection;
+use tdfs_protocol::FrameType;
+
+use crate::security::handshake::{self, AuthError, Authenticated};
 use crate::security::{AllowList, Secret};
 
 fn secret(s: &str) -> Secret {
@@ -16,17 +19,28 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+type Outcome = Result<Authenticated, AuthError>;
+
 /// Runs both sides over an in-memory pipe; returns (master result, slave result).
-fn exchange(m: Secret, s: Secret) -> (Result<(), AuthError>, Result<(), AuthError>) {
+fn exchange(m: Secret, s: Secret) -> (Outcome, Outcome) {
+    exchange_with(vec![m], Protection::Mac, vec![s], Protection::Mac)
+}
+
+fn exchange_with(
+    m: Vec<Secret>,
+    mp: Protection,
+    s: Vec<Secret>,
+    sp: Protection,
+) -> (Outcome, Outcome) {
     rt().block_on(async move {
         let (mut a, mut b) = tokio::io::duplex(4096);
         let master = async move {
-            let r = handshake::connect(&mut a, &m).await;
+            let r = handshake::connect(&mut a, &m, mp).await;
             drop(a);
             r
         };
         let slave = async move {
-            let r = handshake::accept(&mut b, &s).await;
+            let r = handshake::accept(&mut b, &s, sp).await;
             drop(b);
             r
         };
@@ -40,8 +54,88 @@ fn same_secret_authenticates_both_ways() {
         secret("0123456789abcdef-one"),
         secret("0123456789abcdef-one\n"),
     );
-    m.unwrap();
-    s.unwrap();
+    let (mut m, mut s) = (m.unwrap(), s.unwrap());
+    assert_eq!(m.secret, s.secret);
+    // The sessions that follow are sealed both ways, each direction under its own key.
+    let mut f =
+        m.tx.encode_vec(FrameType::Ops, 1, b"op", Default::default());
+    assert_eq!(&s.rx.parse(&mut f).unwrap().payload[..], b"op");
+    let mut f =
+        s.tx.encode_vec(FrameType::Ack, 0, b"ack", Default::default());
+    assert_eq!(&m.rx.parse(&mut f).unwrap().payload[..], b"ack");
+    let mut f =
+        m.tx.encode_vec(FrameType::Ops, 2, b"op", Default::default());
+    assert!(m.rx.parse(&mut f).is_err());
+}
+
+#[test]
+fn rotation_window_and_a_third_secret() {
+    let (old, new, third) = (
+        secret("0123456789abcdef-old"),
+        secret("0123456789abcdef-new"),
+        secret("0123456789abcdef-third"),
+    );
+    // Slave accepting both; master on either: authenticated, with the master's secret.
+    for m in [&old, &new] {
+        let (rm, rs) = exchange_with(
+            vec![m.clone()],
+            Protection::Mac,
+            vec![old.clone(), new.clone()],
+            Protection::Mac,
+        );
+        assert_eq!(rm.unwrap().secret, m.key_id());
+        assert_eq!(rs.unwrap().secret, m.key_id());
+    }
+    // A master offering two: the slave takes the first it knows.
+    let (rm, _) = exchange_with(
+        vec![new.clone(), old.clone()],
+        Protection::Mac,
+        vec![old.clone()],
+        Protection::Mac,
+    );
+    assert_eq!(rm.unwrap().secret, old.key_id());
+    // A third secret is refused.
+    let (rm, rs) = exchange_with(
+        vec![third],
+        Protection::Mac,
+        vec![old, new],
+        Protection::Mac,
+    );
+    assert!(matches!(rm, Err(AuthError::Refused(ref m)) if m == handshake::FAILED_MESSAGE));
+    let e = rs.err().unwrap().to_string();
+    assert!(e.contains("wrong secret"), "{e}");
+}
+
+#[test]
+fn encryption_mismatch_is_a_clear_error_on_both_sides() {
+    let k = secret("0123456789abcdef-one");
+    for (mp, sp, needle) in [
+        (Protection::Encrypt, Protection::Mac, "the master encrypts"),
+        (
+            Protection::Mac,
+            Protection::Encrypt,
+            "requires encrypted frames",
+        ),
+    ] {
+        let (rm, rs) = exchange_with(vec![k.clone()], mp, vec![k.clone()], sp);
+        let (em, es) = (rm.err().unwrap().to_string(), rs.err().unwrap().to_string());
+        assert!(
+            em.contains("encryption mismatch") && em.contains(needle),
+            "{em}"
+        );
+        assert!(
+            es.contains("encryption mismatch") && es.contains(needle),
+            "{es}"
+        );
+    }
+    let (rm, rs) = exchange_with(
+        vec![k.clone()],
+        Protection::Encrypt,
+        vec![k],
+        Protection::Encrypt,
+    );
+    assert!(rm.unwrap().tx.sealer().unwrap().encrypts());
+    assert!(rs.is_ok());
 }
 
 #[test]
@@ -76,7 +170,7 @@ fn hello_without_auth_is_refused() {
             tdfs_protocol::Compression::None,
         );
         a.write_all(&f).await.unwrap();
-        let r = handshake::accept(&mut b, &secret("0123456789abcdef")).await;
+        let r = handshake::accept(&mut b, &[secret("0123456789abcdef")], Protection::Mac).await;
         assert!(matches!(r, Err(AuthError::Failed(_))), "{r:?}");
         drop(b);
         let mut got = Vec::new();
@@ -109,6 +203,15 @@ fn secret_rules() {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(Secret::load(&p).is_ok());
     assert!(format!("{:?}", Secret::load(&p).unwrap()).contains("20 bytes"));
+    // At most two secrets, and not the same one twice.
+    let q = dir.path().join("q");
+    std::fs::write(&q, "another secret of twenty\n").unwrap();
+    std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(Secret::load_all(&[p.clone(), q.clone()]).unwrap().len(), 2);
+    let e = Secret::load_all(&[p.clone(), q.clone(), p.clone()]).unwrap_err();
+    assert!(e.contains("at most 2"), "{e}");
+    let e = Secret::load_all(&[p.clone(), p]).unwrap_err();
+    assert!(e.contains("same secret"), "{e}");
 }
 
 #[test]
