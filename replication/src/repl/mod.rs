@@ -307,7 +307,12 @@ pub(crate) struct LogOp {
 
 impl LogOp {
     fn new(bytes: Arc<[u8]>) -> Self {
-        let crc = (bytes.len() >= link::COMBINE_MIN).then(|| {
+        // Sealed frames carry a MAC instead of a crc: checksumming for them is wasted.
+        let sealed = {
+            let sec = crate::outbound::get();
+            sec.tls.is_none() && !sec.secrets().is_empty()
+        };
+        let crc = (!sealed && bytes.len() >= link::COMBINE_MIN).then(|| {
             let mut h = crc32fast::Hasher::new();
             h.update(&bytes);
             h
@@ -828,57 +833,51 @@ impl Shared {
 /// See [`Replicator::relay_round`].
 pub struct RelayRound<'a> {
     shared: &'a Shared,
-    log: MutexGuard<'a, Log>,
     /// Whether anyone reads the log (else numbers are only used up, as on a master).
     keep: bool,
-    logged: bool,
 }
 
 impl RelayRound<'_> {
-    /// Applies op `seq` with `apply`; once it succeeded, logs `data()` (its encoding) for
-    /// this relay's replicas. An op below the head was applied before the last exit (a
-    /// replay): it is applied, not logged again.
+    /// Applies op `seq` with `apply` and, once it succeeded, logs `data()` (its encoding)
+    /// for this relay's replicas, both under the order lock, which is taken per op: a link
+    /// sends op N while op N+1 applies, as on the master. An op below the head was applied
+    /// before the last exit (a replay): it is applied, not logged again.
     pub fn op<T>(
         &mut self,
         seq: u64,
         apply: impl FnOnce() -> io::Result<T>,
         data: impl FnOnce() -> Arc<[u8]>,
     ) -> io::Result<T> {
-        if seq < self.log.next_seq {
+        // Encoded (and checksummed) before the lock: only a failed op wastes it.
+        let entry = self.keep.then(|| Arc::new(LogOp::new(data())));
+        let mut log = self.shared.lock();
+        if seq < log.next_seq {
             return apply();
         }
-        if seq > self.log.next_seq {
+        if seq > log.next_seq {
             // The upstream streams without gaps and a sync resets the log first, so this is
             // a number skipped somewhere above: the ops in between are held nowhere here.
             warn!(
                 seq,
-                head = self.log.next_seq,
+                head = log.next_seq,
                 "relay: upstream skipped sequence numbers; its replicas will be synced"
             );
-            self.shared.reset_locked(&mut self.log, seq);
+            self.shared.reset_locked(&mut log, seq);
         }
         let v = apply()?;
-        self.log.next_seq = seq + 1;
-        if self.keep {
-            let d = data();
-            self.log.bytes += d.len();
-            self.log.entries.push_back(Entry {
+        log.next_seq = seq + 1;
+        if let Some(data) = entry {
+            log.bytes += data.bytes.len();
+            log.entries.push_back(Entry {
                 seq,
-                data: Arc::new(LogOp::new(d)),
+                data,
                 at: Instant::now(),
             });
-            self.logged = true;
-        }
-        Ok(v)
-    }
-}
-
-impl Drop for RelayRound<'_> {
-    fn drop(&mut self) {
-        if self.logged {
-            self.shared.trim(&mut self.log);
+            self.shared.trim(&mut log);
+            drop(log);
             self.shared.wake.notify_waiters();
         }
+        Ok(v)
     }
 }
 
@@ -1264,16 +1263,14 @@ impl Replicator {
     }
 
     /// A relay's round of ops from its upstream: each is applied and logged under the order
-    /// lock, which is held for the whole round, so a sync this relay feeds reads its tree
-    /// exactly as of the ops it has sent (as a master's syncs do). Ops keep the upstream's
+    /// lock, so a sync this relay feeds reads its tree exactly as of the ops it has sent (as
+    /// a master's syncs do). Ops keep the upstream's
     /// sequence numbers: a position means the same thing at every level of the tree.
     pub fn relay_round(&self) -> RelayRound<'_> {
         self.shared.wait_room();
         RelayRound {
             keep: !self.shared.slaves().is_empty(),
-            log: self.shared.lock(),
             shared: &self.shared,
-            logged: false,
         }
     }
 
