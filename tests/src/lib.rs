@@ -13,6 +13,7 @@
 pub mod cluster;
 pub mod compare;
 pub mod daemons;
+pub mod etcd;
 pub mod netns;
 pub mod proxy;
 pub mod util;
