@@ -234,7 +234,14 @@ fn tdfs_mounted(mp: &Path) -> bool {
         let mut halves = l.splitn(2, " - ");
         let left = halves.next().unwrap_or("");
         let right = halves.next().unwrap_or("");
-        left.split(' ').nth(4) == Some(want.as_str()) && right.starts_with("fuse.tdfs")
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let source = r.next().unwrap_or("");
+        // The master names its mount "tdfs:DIR"; the type is fuse, or fuse.tdfs where the
+        // subtype is kept.
+        left.split(' ').nth(4) == Some(want.as_str())
+            && fstype.starts_with("fuse")
+            && source.starts_with("tdfs:")
     })
 }
 
@@ -961,7 +968,9 @@ impl Sup {
                     .map(|m| m.addr.clone())
             })
             .collect();
-        if member::leads_epoch(&rec) {
+        if rec.history.is_empty() {
+            info!("no node holds anything yet: this one starts a new replica set");
+        } else if member::leads_epoch(&rec) {
             info!(
                 "this node was the master of {} and was never replaced: it leads that epoch on",
                 rec.history.last().expect("not empty")
