@@ -211,9 +211,10 @@ impl Etcd {
                 Some(PutOptions::new().with_lease(id)),
             )]);
         let r = self
-            .call("taking the leader key", |mut c| async move {
-                c.txn(txn).await
-            })
+            .call(
+                "taking the leader key",
+                |mut c| async move { c.txn(txn).await },
+            )
             .await?;
         Ok(r.succeeded())
     }

@@ -195,7 +195,10 @@ mod tests {
         });
         let t = format_cluster(&v);
         assert!(t.contains("leader a, lease 3.5s left"), "{t}");
-        assert!(t.contains("b       10.0.0.2:4731  yes    replica  2      80        10"), "{t}");
+        assert!(
+            t.contains("b       10.0.0.2:4731  yes    replica  2      80        10"),
+            "{t}"
+        );
         assert!(t.contains("c       10.0.0.3:4731  no"), "{t}");
     }
 }

@@ -38,7 +38,12 @@ use crate::status::{ClusterMetrics, NODE_SOCKET};
 #[command(name = "tdfs node")]
 pub struct NodeCli {
     /// etcd endpoints, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379.
-    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        required = true
+    )]
     pub etcd: Vec<String>,
 
     /// Name of the replica set: its keys live under /tdfs/NAME/ in etcd.
@@ -63,7 +68,12 @@ pub struct NodeCli {
     pub mountpoint: PathBuf,
 
     /// Where this node's tdfs-slave listens, [ADDR:]PORT (port 0: any free port).
-    #[arg(short = 'l', long, value_name = "[ADDR:]PORT", default_value = "0.0.0.0:4731")]
+    #[arg(
+        short = 'l',
+        long,
+        value_name = "[ADDR:]PORT",
+        default_value = "0.0.0.0:4731"
+    )]
     pub listen: String,
 
     /// The address the other nodes dial to reach this node's tdfs-slave, HOST:PORT
@@ -135,8 +145,8 @@ pub fn node_main(args: Vec<String>) -> ExitCode {
     let cli = NodeCli::parse_from(
         std::iter::once("tdfs node".to_string()).chain(args.into_iter().skip(1)),
     );
-    let level = tdfs_replication::daemon::logging::flag_level(cli.verbose, cli.quiet)
-        .unwrap_or("info");
+    let level =
+        tdfs_replication::daemon::logging::flag_level(cli.verbose, cli.quiet).unwrap_or("info");
     let _log = tdfs_replication::daemon::logging::init(level);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -366,11 +376,13 @@ fn run(cli: NodeCli) -> anyhow::Result<()> {
     let mut sock = control::bind_named(&state_dir, NODE_SOCKET)?;
     {
         let snap = snapshot.clone();
-        control::serve(rt.handle(), &mut sock, move |req| match req["cmd"].as_str() {
-            Some("status") => snap.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            other => control::error(format!(
-                "unknown command {other:?} (tdfs node knows: status)"
-            )),
+        control::serve(rt.handle(), &mut sock, move |req| {
+            match req["cmd"].as_str() {
+                Some("status") => snap.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                other => control::error(format!(
+                    "unknown command {other:?} (tdfs node knows: status)"
+                )),
+            }
         });
     }
     if let Some(m) = &cli.metrics {
@@ -698,8 +710,14 @@ impl Sup {
     /// epoch exists) steps down.
     fn leader_duties(&mut self) {
         if let Some(f) = self.master_status["fenced"].as_object() {
-            let by = f.get("by").and_then(|b| b.as_str()).unwrap_or("?").to_string();
-            self.step_down(&format!("the master was fenced by {by}: a newer epoch exists"));
+            let by = f
+                .get("by")
+                .and_then(|b| b.as_str())
+                .unwrap_or("?")
+                .to_string();
+            self.step_down(&format!(
+                "the master was fenced by {by}: a newer epoch exists"
+            ));
             return;
         }
         if !self.view_fresh && self.view.members.is_empty() {
@@ -840,7 +858,9 @@ impl Sup {
             if let Ok(Some(st)) = child.try_wait() {
                 bail!("tdfs-slave exited at once ({st})");
             }
-            if let Ok(st) = control::request_at(&sock, &json!({"cmd": "status"}), Duration::from_secs(2)) {
+            if let Ok(st) =
+                control::request_at(&sock, &json!({"cmd": "status"}), Duration::from_secs(2))
+            {
                 if st["role"] == "replica" {
                     break st;
                 }
@@ -1013,7 +1033,10 @@ impl Sup {
         if let Some(s) = &self.cli.secret_file {
             cmd.arg("--secret-file").arg(s);
         }
-        let out = cmd.stdin(Stdio::null()).output().context("running tdfs promote")?;
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .context("running tdfs promote")?;
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -1029,13 +1052,19 @@ impl Sup {
     fn spawn_master(&mut self) -> anyhow::Result<Child> {
         if tdfs_mounted(&self.mountpoint) {
             // A dead master's mount (this supervisor's earlier run was killed).
-            warn!("{}: detaching a stale tdfs mount", self.mountpoint.display());
+            warn!(
+                "{}: detaching a stale tdfs mount",
+                self.mountpoint.display()
+            );
             lazy_unmount(&self.mountpoint);
         }
         // The replicas come from etcd, not from what an earlier run saved.
         let _ = std::fs::remove_file(self.state_dir.join("slaves"));
         let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.arg("-m").arg(&self.dir).arg("--state-dir").arg(&self.state_dir);
+        cmd.arg("-m")
+            .arg(&self.dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir);
         for m in self.view.members.iter().filter(|m| m.name != self.name) {
             cmd.arg("-c").arg(&m.addr);
         }

@@ -412,8 +412,13 @@ fn format_any(v: &Value) -> String {
         Some("master") => out.push_str(&format_status(v)),
         Some("replica") => out.push_str(&format!(
             "replica of {} (epoch {}), last applied seq {}{}\n",
-            v["master_label"].as_str().filter(|s| !s.is_empty()).unwrap_or("no master yet"),
-            v["epoch"].as_u64().map_or_else(|| "-".to_string(), |e| e.to_string()),
+            v["master_label"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("no master yet"),
+            v["epoch"]
+                .as_u64()
+                .map_or_else(|| "-".to_string(), |e| e.to_string()),
             v["last_applied"].as_u64().unwrap_or(0),
             if v["syncing"].as_bool() == Some(true) {
                 ", syncing"

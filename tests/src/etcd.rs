@@ -124,8 +124,7 @@ impl EtcdServer {
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-        if s
-            .write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n")
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n")
             .is_err()
         {
             return false;
@@ -221,9 +220,7 @@ impl ClusterNode {
     pub fn start(&mut self) {
         use std::os::unix::process::CommandExt;
         assert!(self.child.is_none(), "{} already running", self.name);
-        let log = self
-            .logs_dir
-            .join(format!("node-{}.log", self.logs.len()));
+        let log = self.logs_dir.join(format!("node-{}.log", self.logs.len()));
         self.logs.push(log.clone());
         let (out, err) = log_stdio(&log);
         let mut cmd = match self.prefix.split_first() {
