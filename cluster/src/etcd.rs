@@ -8,6 +8,7 @@
 //! that failed drops the connection, so the next one starts afresh (an HTTP/2 connection to
 //! an unreachable host can otherwise hang on for minutes).
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -36,12 +37,13 @@ pub enum Renewal {
     Failed(String),
 }
 
+/// Shared by the supervisor's loop and its renewer task: every method takes `&self`.
 pub struct Etcd {
     endpoints: Vec<String>,
-    client: Option<Client>,
-    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    client: Mutex<Option<Client>>,
+    keeper: tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>,
     /// The session lease, once granted.
-    pub lease: Option<i64>,
+    lease: Mutex<Option<i64>>,
     ttl: i64,
     timeout: Duration,
 }
@@ -50,22 +52,31 @@ impl Etcd {
     pub fn new(endpoints: Vec<String>, ttl: i64, timeout: Duration) -> Etcd {
         Etcd {
             endpoints,
-            client: None,
-            keeper: None,
-            lease: None,
+            client: Mutex::new(None),
+            keeper: tokio::sync::Mutex::new(None),
+            lease: Mutex::new(None),
             ttl,
             timeout,
         }
     }
 
-    /// Forgets the connection (and the keep-alive stream on it) after a failure.
-    fn reset(&mut self) {
-        self.keeper = None;
-        self.client = None;
+    /// The session lease, if one is held.
+    pub fn lease(&self) -> Option<i64> {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn client(&mut self) -> anyhow::Result<Client> {
-        if let Some(c) = &self.client {
+    fn set_lease(&self, l: Option<i64>) {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = l;
+    }
+
+    /// Forgets the connection after a failure (the keep-alive stream on it is dropped by
+    /// the renewal that finds it broken).
+    fn reset(&self) {
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    async fn client(&self) -> anyhow::Result<Client> {
+        if let Some(c) = &*self.client.lock().unwrap_or_else(|p| p.into_inner()) {
             return Ok(c.clone());
         }
         let opts = ConnectOptions::new()
@@ -77,12 +88,12 @@ impl Etcd {
             .await
             .map_err(|_| anyhow!("connecting to etcd: no answer within {:?}", self.timeout))?
             .context("connecting to etcd")?;
-        self.client = Some(c.clone());
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
         Ok(c)
     }
 
     /// Runs one request with the timeout; a failure drops the connection.
-    async fn call<T, F, Fut>(&mut self, what: &str, f: F) -> anyhow::Result<T>
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> anyhow::Result<T>
     where
         F: FnOnce(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -104,26 +115,27 @@ impl Etcd {
 
     /// Grants a new session lease (the old one, if any, is forgotten: it expires by itself
     /// or was lost already).
-    pub async fn grant(&mut self) -> anyhow::Result<i64> {
+    pub async fn grant(&self) -> anyhow::Result<i64> {
         let ttl = self.ttl;
         let r = self
             .call("granting a lease", |mut c| async move {
                 c.lease_grant(ttl, None).await
             })
             .await?;
-        self.keeper = None;
-        self.lease = Some(r.id());
+        *self.keeper.lock().await = None;
+        self.set_lease(Some(r.id()));
         Ok(r.id())
     }
 
     /// Renews the session lease once.
-    pub async fn keep_alive(&mut self) -> Renewal {
-        let Some(id) = self.lease else {
+    pub async fn keep_alive(&self) -> Renewal {
+        let Some(id) = self.lease() else {
             return Renewal::Lost;
         };
+        let mut keeper = self.keeper.lock().await;
         let r: anyhow::Result<i64> = async {
-            if let Some((keeper, stream)) = self.keeper.as_mut() {
-                keeper.keep_alive().await.map_err(|e| anyhow!("{e}"))?;
+            if let Some((k, stream)) = keeper.as_mut() {
+                k.keep_alive().await.map_err(|e| anyhow!("{e}"))?;
                 match tokio::time::timeout(self.timeout, stream.message()).await {
                     Ok(Ok(Some(resp))) => Ok(resp.ttl()),
                     Ok(Ok(None)) => Err(anyhow!("keep-alive stream closed")),
@@ -131,13 +143,12 @@ impl Etcd {
                     Err(_) => Err(anyhow!("no answer within {:?}", self.timeout)),
                 }
             } else {
-                let c = self.client().await?;
+                let mut c = self.client().await?;
                 // Opening the stream renews once and fails with "lease not found" for a
                 // lease etcd no longer has.
-                let mut c2 = c.clone();
-                match tokio::time::timeout(self.timeout, c2.lease_keep_alive(id)).await {
+                match tokio::time::timeout(self.timeout, c.lease_keep_alive(id)).await {
                     Ok(Ok(pair)) => {
-                        self.keeper = Some(pair);
+                        *keeper = Some(pair);
                         Ok(self.ttl)
                     }
                     Ok(Err(e)) if e.to_string().contains("lease not found") => Ok(0),
@@ -150,11 +161,14 @@ impl Etcd {
         match r {
             Ok(ttl) if ttl > 0 => Renewal::Renewed,
             Ok(_) => {
-                self.keeper = None;
-                self.lease = None;
+                *keeper = None;
+                if self.lease() == Some(id) {
+                    self.set_lease(None);
+                }
                 Renewal::Lost
             }
             Err(e) => {
+                *keeper = None;
                 self.reset();
                 Renewal::Failed(format!("renewing the lease: {e:#}"))
             }
@@ -162,9 +176,9 @@ impl Etcd {
     }
 
     /// Puts `key`, attached to the session lease when `leased`.
-    pub async fn put(&mut self, key: &str, value: Vec<u8>, leased: bool) -> anyhow::Result<()> {
+    pub async fn put(&self, key: &str, value: Vec<u8>, leased: bool) -> anyhow::Result<()> {
         let opts = if leased {
-            let Some(id) = self.lease else {
+            let Some(id) = self.lease() else {
                 bail!("no session lease");
             };
             Some(PutOptions::new().with_lease(id))
@@ -180,7 +194,7 @@ impl Etcd {
     }
 
     /// Every key under `prefix`.
-    pub async fn get_prefix(&mut self, prefix: &str) -> anyhow::Result<Vec<Kv>> {
+    pub async fn get_prefix(&self, prefix: &str) -> anyhow::Result<Vec<Kv>> {
         let prefix = prefix.to_string();
         let r = self
             .call("reading from etcd", |mut c| async move {
@@ -199,8 +213,8 @@ impl Etcd {
 
     /// Takes `key` (the leader key) for this session if nobody holds it: one transaction,
     /// so two nodes can never both succeed.
-    pub async fn campaign(&mut self, key: &str, value: &str) -> anyhow::Result<bool> {
-        let Some(id) = self.lease else {
+    pub async fn campaign(&self, key: &str, value: &str) -> anyhow::Result<bool> {
+        let Some(id) = self.lease() else {
             bail!("no session lease");
         };
         let txn = Txn::new()
@@ -221,8 +235,8 @@ impl Etcd {
 
     /// Gives up `key` if this session holds it (a planned step-down: the others need not
     /// wait for the TTL).
-    pub async fn resign(&mut self, key: &str, value: &str) -> anyhow::Result<bool> {
-        let Some(id) = self.lease else {
+    pub async fn resign(&self, key: &str, value: &str) -> anyhow::Result<bool> {
+        let Some(id) = self.lease() else {
             return Ok(false);
         };
         let txn = Txn::new()
@@ -240,7 +254,7 @@ impl Etcd {
     }
 
     /// Seconds left on `lease` (negative or zero: gone).
-    pub async fn ttl_of(&mut self, lease: i64) -> anyhow::Result<i64> {
+    pub async fn ttl_of(&self, lease: i64) -> anyhow::Result<i64> {
         let r = self
             .call("reading a lease", |mut c| async move {
                 c.lease_time_to_live(lease, None).await
@@ -250,14 +264,15 @@ impl Etcd {
     }
 
     /// Ends the session now (clean exit): what is attached to it goes at once.
-    pub async fn revoke(&mut self) {
-        if let Some(id) = self.lease.take() {
+    pub async fn revoke(&self) {
+        let id = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(id) = id {
             let _ = self
                 .call("revoking the lease", |mut c| async move {
                     c.lease_revoke(id).await
                 })
                 .await;
         }
-        self.keeper = None;
+        *self.keeper.lock().await = None;
     }
 }

@@ -79,10 +79,14 @@ pub fn better(a: (&str, &Position), b: (&str, &Position)) -> Ordering {
         .then_with(|| b.0.cmp(a.0))
 }
 
-/// The winner among `candidates` (name, position).
+/// The winner among `candidates` (name, position). A node that holds nothing (epoch 0)
+/// never wins while any candidate holds something: it would start a new replica set, and
+/// every node of the existing one would refuse it.
 pub fn best<'a>(candidates: impl IntoIterator<Item = (&'a str, &'a Position)>) -> Option<&'a str> {
-    candidates
-        .into_iter()
+    let all: Vec<(&str, &Position)> = candidates.into_iter().collect();
+    let any_data = all.iter().any(|(_, p)| p.epoch > 0);
+    all.into_iter()
+        .filter(|(_, p)| p.epoch > 0 || !any_data)
         .max_by(|a, b| better(*a, *b))
         .map(|(n, _)| n)
 }
@@ -105,8 +109,8 @@ pub fn leads_epoch(rec: &NodeRecord) -> bool {
 /// The position recorded in a state directory (no daemon needs to run).
 pub fn position_from_files(state_dir: &Path) -> anyhow::Result<Position> {
     let rec = read_record(state_dir)?;
-    let epoch = rec.newest().map_or(0, |e| e.number);
-    let mine = rec.history.last().map_or(0, |e| e.number);
+    // The epoch whose ops it holds (a newer one it only heard of does not count).
+    let epoch = rec.history.last().map_or(0, |e| e.number);
     let (applied, consistent) = if rec.role == Role::Master && !rec.history.is_empty() {
         (rec.next_seq.saturating_sub(1), true)
     } else {
@@ -117,8 +121,7 @@ pub fn position_from_files(state_dir: &Path) -> anyhow::Result<Position> {
         )
     };
     Ok(Position {
-        // A node that heard of a newer epoch than the one it holds is on an older line.
-        epoch: mine.min(epoch),
+        epoch,
         leads_epoch: leads_epoch(&rec),
         applied,
         consistent,
@@ -171,6 +174,11 @@ mod tests {
             ..p(3, false, 1000)
         };
         assert_eq!(best([("a", &a), ("s", &s)]), Some("a"));
+        // An empty node never beats one that holds data, even one mid-sync...
+        let fresh = p(0, false, 0);
+        assert_eq!(best([("0", &fresh), ("s", &s)]), Some("s"));
+        // ...but among empty nodes the lowest name starts the replica set.
+        assert_eq!(best([("z", &fresh), ("y", &fresh)]), Some("y"));
         assert_eq!(best(std::iter::empty()), None);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -187,6 +187,82 @@ struct View {
     alive: Vec<Alive>,
 }
 
+/// The session lease's renewals, made by a task of their own so that nothing the loop waits
+/// for (a daemon stopping, a promotion) delays them; each one also moves the master's write
+/// lease while this node leads.
+struct Renewer {
+    /// CLOCK_MONOTONIC (ns) at which the last successful renewal was sent; 0: none.
+    renewed_ns: AtomicU64,
+    /// The last renewal got an answer.
+    ok: AtomicBool,
+    /// etcd said the lease is gone.
+    lost: AtomicBool,
+    /// The master's control socket while this node leads.
+    master_sock: Mutex<Option<PathBuf>>,
+    deadline: Duration,
+}
+
+impl Renewer {
+    fn deadline_ns(&self) -> u64 {
+        self.renewed_ns.load(Ordering::Acquire) + self.deadline.as_nanos() as u64
+    }
+
+    fn lead(&self, sock: Option<PathBuf>) {
+        *self.master_sock.lock().unwrap_or_else(|p| p.into_inner()) = sock;
+    }
+
+    fn start(self: &Arc<Self>, rt: &tokio::runtime::Runtime, etcd: Arc<Etcd>, every: Duration) {
+        let me = self.clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut logged: Option<Instant> = None;
+            loop {
+                tick.tick().await;
+                if etcd.lease().is_none() {
+                    continue;
+                }
+                let sent = monotonic_ns();
+                match etcd.keep_alive().await {
+                    Renewal::Renewed => {
+                        me.renewed_ns.store(sent, Ordering::Release);
+                        me.ok.store(true, Ordering::Release);
+                        let sock = me
+                            .master_sock
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone();
+                        if let Some(sock) = sock {
+                            let until = me.deadline_ns();
+                            let _ = tokio::task::spawn_blocking(move || {
+                                if let Err(e) = control::request_at(
+                                    &sock,
+                                    &json!({"cmd": "lease", "until_ns": until}),
+                                    Duration::from_secs(1),
+                                ) {
+                                    debug!("renewing the master's write lease: {e:#}");
+                                }
+                            })
+                            .await;
+                        }
+                    }
+                    Renewal::Lost => {
+                        me.ok.store(true, Ordering::Release);
+                        me.lost.store(true, Ordering::Release);
+                    }
+                    Renewal::Failed(e) => {
+                        me.ok.store(false, Ordering::Release);
+                        if logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            warn!("etcd: {e}");
+                            logged = Some(Instant::now());
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
 struct Sup {
     cli: NodeCli,
     name: String,
@@ -198,16 +274,14 @@ struct Sup {
     /// This node's tdfs-slave address as registered.
     addr: Option<String>,
     rt: tokio::runtime::Runtime,
-    etcd: Etcd,
+    etcd: Arc<Etcd>,
+    renewer: Arc<Renewer>,
     etcd_ok: bool,
     local: Local,
     ttl: Duration,
     renew_every: Duration,
     renew_deadline: Duration,
     election_wait: Duration,
-    /// CLOCK_MONOTONIC (ns) at which the last successful renewal was sent.
-    renewed_ns: Option<u64>,
-    renew_due: Instant,
     view: View,
     /// Read in this pass of the loop (only a fresh view may start an election).
     view_fresh: bool,
@@ -415,10 +489,20 @@ fn run(cli: NodeCli) -> anyhow::Result<()> {
     }
     let timeout = renew_every.clamp(Duration::from_millis(500), Duration::from_secs(2));
     let now = Instant::now();
+    let etcd = Arc::new(Etcd::new(cli.etcd.clone(), cli.ttl as i64, timeout));
+    let renewer = Arc::new(Renewer {
+        renewed_ns: AtomicU64::new(0),
+        ok: AtomicBool::new(false),
+        lost: AtomicBool::new(false),
+        master_sock: Mutex::new(None),
+        deadline: renew_deadline,
+    });
+    renewer.start(&rt, etcd.clone(), renew_every);
     let mut sup = Sup {
         prefix: format!("/tdfs/{}/", cli.cluster),
         listen: cli.listen.clone(),
-        etcd: Etcd::new(cli.etcd.clone(), cli.ttl as i64, timeout),
+        etcd,
+        renewer,
         cli,
         name,
         dir,
@@ -432,8 +516,6 @@ fn run(cli: NodeCli) -> anyhow::Result<()> {
         renew_every,
         renew_deadline,
         election_wait,
-        renewed_ns: None,
-        renew_due: now,
         view: View::default(),
         view_fresh: false,
         poll_due: now,
@@ -501,14 +583,19 @@ impl Sup {
         while !self.stop.load(Ordering::Acquire) {
             let now = Instant::now();
             self.view_fresh = false;
-            if self.etcd.lease.is_none() {
+            if self.renewer.lost.swap(false, Ordering::AcqRel) {
+                warn!(
+                    "etcd no longer has this node's session lease (it expired while this node \
+                     could not renew it)"
+                );
+                if self.is_leader() {
+                    self.step_down("the leader lease expired while this node could not renew it");
+                }
+            }
+            if self.etcd.lease().is_none() {
                 self.new_session();
             }
-            if self.etcd.lease.is_some() && now >= self.renew_due {
-                self.renew_due = now + self.renew_every;
-                self.renew();
-            }
-            if self.etcd.lease.is_some() && now >= self.poll_due {
+            if self.etcd.lease().is_some() && now >= self.poll_due {
                 self.poll_due = now + POLL;
                 self.read_view();
             }
@@ -528,11 +615,11 @@ impl Sup {
 
     /// A new session: a lease, this node's member and liveness records.
     fn new_session(&mut self) {
+        let sent = monotonic_ns();
         let r = self.rt.block_on(self.etcd.grant());
         match r {
             Ok(id) => {
-                self.renewed_ns = Some(monotonic_ns());
-                self.renew_due = Instant::now() + self.renew_every;
+                self.renewer.renewed_ns.store(sent, Ordering::Release);
                 self.etcd_ok = true;
                 info!("etcd session {id:x} (lease TTL {}s)", self.cli.ttl);
                 self.register();
@@ -557,47 +644,9 @@ impl Sup {
         }
     }
 
-    fn renew(&mut self) {
-        let sent = monotonic_ns();
-        match self.rt.block_on(self.etcd.keep_alive()) {
-            Renewal::Renewed => {
-                self.etcd_ok = true;
-                self.renewed_ns = Some(sent);
-                if self.is_leader() {
-                    self.push_lease();
-                }
-            }
-            Renewal::Lost => {
-                self.etcd_ok = true;
-                warn!(
-                    "etcd no longer has this node's session lease (it expired while this node \
-                     could not renew it)"
-                );
-                if self.is_leader() {
-                    self.step_down("the leader lease expired while this node could not renew it");
-                }
-                self.new_session();
-            }
-            Renewal::Failed(e) => {
-                self.etcd_failed("renewing", e);
-            }
-        }
-    }
-
     /// The write deadline the master may use: the last renewal plus the renew deadline.
     fn lease_deadline_ns(&self) -> u64 {
-        self.renewed_ns.unwrap_or(0) + self.renew_deadline.as_nanos() as u64
-    }
-
-    fn push_lease(&mut self) {
-        let until = self.lease_deadline_ns();
-        if let Err(e) = control::request_at(
-            &self.state_dir.join(control::SOCKET_NAME),
-            &json!({"cmd": "lease", "until_ns": until}),
-            Duration::from_secs(1),
-        ) {
-            debug!("renewing the master's write lease: {e:#}");
-        }
+        self.renewer.deadline_ns()
     }
 
     fn read_view(&mut self) {
@@ -684,7 +733,7 @@ impl Sup {
             }
         }
         self.position = self.my_position();
-        if self.etcd.lease.is_none() {
+        if self.etcd.lease().is_none() {
             return;
         }
         let a = Alive {
@@ -799,7 +848,7 @@ impl Sup {
             self.hook(self.cli.on_promote.clone(), "on_promote", "leader");
         }
         if step_down.is_none() && self.is_leader() && self.view_fresh {
-            let mine = self.etcd.lease;
+            let mine = self.etcd.lease();
             let holder = self.view.leader.clone();
             let still = holder
                 .as_ref()
@@ -897,7 +946,7 @@ impl Sup {
 
     /// When no node leads: whether this one is the one to, and if so, taking the lease.
     fn maybe_campaign(&mut self) {
-        if !self.view_fresh || self.view.leader.is_some() || self.etcd.lease.is_none() {
+        if !self.view_fresh || self.view.leader.is_some() || self.etcd.lease().is_none() {
             return;
         }
         let now = Instant::now();
@@ -1002,6 +1051,8 @@ impl Sup {
             self.start_replica();
             return;
         }
+        self.renewer
+            .lead(Some(self.state_dir.join(control::SOCKET_NAME)));
         match self.spawn_master() {
             Ok(child) => {
                 self.local = Local::Leader {
@@ -1010,6 +1061,7 @@ impl Sup {
                 }
             }
             Err(e) => {
+                self.renewer.lead(None);
                 error!("starting the master: {e:#}; giving the leader lease back");
                 self.resign();
                 self.no_campaign_until = Instant::now() + self.ttl * 2;
@@ -1099,6 +1151,7 @@ impl Sup {
     fn step_down(&mut self, why: &str) {
         warn!("stepping down: {why}");
         self.demotions += 1;
+        self.renewer.lead(None);
         let old = std::mem::replace(
             &mut self.local,
             Local::Idle {
@@ -1230,7 +1283,7 @@ impl Sup {
             "node": self.name,
             "role": self.role_name(),
             "leader": leader,
-            "etcd_ok": self.etcd_ok,
+            "etcd_ok": self.etcd_ok && self.renewer.ok.load(Ordering::Acquire),
             "lease_secs": lease,
             "note": note,
             "mountpoint": self.mountpoint.display().to_string(),
@@ -1253,6 +1306,7 @@ impl Sup {
         );
         match old {
             Local::Leader { mut child, .. } => {
+                self.renewer.lead(None);
                 info!("stopping the master");
                 let st = stop_child(&mut child, Duration::from_secs(STEP_DOWN_DRAIN + 20));
                 info!("master stopped ({st:?})");
