@@ -642,3 +642,52 @@ fn whole_cluster_restart_elects_the_most_up_to_date() {
     );
     f.finish();
 }
+
+/// A planned switchover: SIGTERM to the leader's `tdfs node` stops its master (which
+/// drains to the replicas) and gives the lease up at once, so another node leads without
+/// waiting for the TTL, and nothing acknowledged is lost even in async mode.
+#[test]
+fn stopping_the_leader_hands_over_without_waiting_for_the_ttl() {
+    let mut f = Fixture::start("auto-handover", &[], false);
+    let l = f.wait_leader(None, Duration::from_secs(90));
+    let w = Writer::start(&f.nodes[l].mnt);
+    w.wait_acked(300, "before the switchover");
+    let t0 = Instant::now();
+    let st = f.nodes[l].stop();
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "the leader's tdfs node did not exit cleanly: {st:?}\n{}",
+        f.logs()
+    );
+    let n = f.wait_leader(Some(l), Duration::from_secs(60));
+    w.retarget(&f.nodes[n].mnt);
+    let before = w.acked();
+    w.wait_acked(before + 1, "after the switchover");
+    let pause = t0.elapsed();
+    w.wait_acked(before + 100, "on the new leader");
+    let acked = w.finish();
+    assert_acked_present(
+        &f.nodes[n].mnt,
+        &acked,
+        "new leader after a planned switchover",
+    );
+    f.nodes[l].start();
+    f.assert_identical(n, l, "old leader rejoined");
+    assert!(
+        !f.nodes[l].state.join("stash").exists(),
+        "a drained leader had nothing to stash"
+    );
+    eprintln!(
+        "AUTOFAILOVER planned switchover (TTL {TTL}s, async): {} writable {:.2}s after SIGTERM \
+         to {}'s node; {} acknowledged writes all present",
+        f.nodes[n].name,
+        pause.as_secs_f64(),
+        f.nodes[l].name,
+        acked.len()
+    );
+    assert!(
+        pause < Duration::from_secs(TTL),
+        "the handover waited for the TTL: {pause:?}"
+    );
+    f.finish();
+}
