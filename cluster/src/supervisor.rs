@@ -310,9 +310,10 @@ fn hostname() -> String {
 
 /// Whether a tdfs FUSE mount sits on `mp` (from /proc/self/mountinfo).
 fn tdfs_mounted(mp: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| tdfs_mount_in(&info, mp))
+}
+
+fn tdfs_mount_in(info: &str, mp: &Path) -> bool {
     let want = mp.to_string_lossy().replace(' ', "\\040");
     info.lines().any(|l| {
         let mut halves = l.splitn(2, " - ");
@@ -1321,5 +1322,21 @@ impl Sup {
         }
         self.rt.block_on(self.etcd.revoke());
         info!("left the cluster");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_tdfs_mounts_only() {
+        let info = "45 27 0:40 / /tmp/a\\040b rw,nosuid - fuse tdfs:/srv/a rw,user_id=0\n\
+                    46 27 0:41 / /mnt/x rw - fuse sshfs#h:/ rw\n\
+                    47 27 0:42 / /mnt/y rw - fuse.tdfs tdfs:/srv/y rw\n";
+        assert!(tdfs_mount_in(info, Path::new("/tmp/a b")));
+        assert!(!tdfs_mount_in(info, Path::new("/mnt/x")));
+        assert!(tdfs_mount_in(info, Path::new("/mnt/y")));
+        assert!(!tdfs_mount_in(info, Path::new("/tmp/a")));
     }
 }
