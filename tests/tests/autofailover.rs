@@ -285,11 +285,18 @@ fn scrape(addr: &str) -> String {
 /// it, and the killed node, restarted, rejoins and ends identical.
 #[test]
 fn kill9_leader_a_replica_takes_over() {
-    let mut f = Fixture::start(
-        "auto-kill9",
-        &["--sync", "applied", "--min-replicas", "1"],
-        false,
-    );
+    kill9_leader("auto-kill9", "applied");
+}
+
+/// The same with `--sync received`: a replica applies all it received before it is
+/// compared or promoted, so nothing acknowledged is lost either.
+#[test]
+fn kill9_leader_received_mode_loses_nothing() {
+    kill9_leader("auto-kill9-received", "received");
+}
+
+fn kill9_leader(name: &str, mode: &str) {
+    let mut f = Fixture::start(name, &["--sync", mode, "--min-replicas", "1"], false);
     let l = f.wait_leader(None, Duration::from_secs(90));
     let w = Writer::start(&f.nodes[l].mnt);
     w.wait_acked(300, "before the kill");
@@ -311,7 +318,7 @@ fn kill9_leader_a_replica_takes_over() {
     let t_writable = t_kill.elapsed();
     w.wait_acked(before + 200, "on the new leader");
     let acked = w.finish();
-    assert_acked_present(&f.nodes[n].mnt, &acked, "new leader (applied mode)");
+    assert_acked_present(&f.nodes[n].mnt, &acked, "new leader");
     let third = *others.iter().find(|i| **i != n).unwrap();
     f.assert_identical(n, third, "third node following the new leader");
 
@@ -356,7 +363,7 @@ fn kill9_leader_a_replica_takes_over() {
     f.nodes[l].start();
     f.assert_identical(n, l, "old leader rejoined");
     eprintln!(
-        "AUTOFAILOVER kill9 (TTL {TTL}s, applied): {} leads {:.2}s after the kill, writable \
+        "AUTOFAILOVER kill9 (TTL {TTL}s, {mode}): {} leads {:.2}s after the kill, writable \
          {:.2}s; {} acknowledged writes all present; {} followed; {} rejoined",
         f.nodes[n].name,
         t_leads.as_secs_f64(),
@@ -640,6 +647,40 @@ fn whole_cluster_restart_elects_the_most_up_to_date() {
         t_leads.as_secs_f64(),
         acked.len()
     );
+
+    // Now the leader dies alone, a replica takes over (epoch 2) and takes writes; then the
+    // power goes again. The node of the newest epoch leads, not the old master of epoch 1.
+    let w = Writer::start(&f.nodes[k].mnt);
+    w.wait_acked(100, "before the kill");
+    f.nodes[k].kill9();
+    let m = f.wait_leader(Some(k), Duration::from_secs(60));
+    w.retarget(&f.nodes[m].mnt);
+    let before = w.acked();
+    w.wait_acked(before + 100, "on the epoch-2 leader");
+    for n in f.nodes.iter_mut() {
+        n.kill9();
+    }
+    let acked = w.finish();
+    let positions: Vec<_> = f
+        .nodes
+        .iter()
+        .map(|n| tdfs_cluster::member::position_from_files(&n.state).unwrap())
+        .collect();
+    for n in f.nodes.iter_mut() {
+        n.start();
+    }
+    let j = f.wait_leader(None, Duration::from_secs(90));
+    assert_eq!(
+        f.nodes[j].name,
+        f.nodes[m].name,
+        "the epoch-2 leader leads again; positions {positions:?}\n{}",
+        f.logs()
+    );
+    assert_eq!(f.nodes[j].status().unwrap()["epoch"].as_u64(), Some(2));
+    assert_acked_present(&f.nodes[j].mnt, &acked, "leader after the second restart");
+    for i in (0..3).filter(|i| *i != j) {
+        f.assert_identical(j, i, "node after the second restart");
+    }
     f.finish();
 }
 
