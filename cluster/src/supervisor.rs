@@ -287,6 +287,9 @@ struct Sup {
     view_fresh: bool,
     poll_due: Instant,
     publish_due: Instant,
+    /// When to try for a session again, and how long to wait after the next failure.
+    session_due: Instant,
+    session_backoff: Duration,
     started: Instant,
     no_campaign_until: Instant,
     /// The leader's lease as etcd last reported it (replicas), seconds.
@@ -521,6 +524,8 @@ fn run(cli: NodeCli) -> anyhow::Result<()> {
         view_fresh: false,
         poll_due: now,
         publish_due: now,
+        session_due: now,
+        session_backoff: Duration::from_millis(100),
         started: now,
         no_campaign_until: now,
         leader_ttl: None,
@@ -593,7 +598,7 @@ impl Sup {
                     self.step_down("the leader lease expired while this node could not renew it");
                 }
             }
-            if self.etcd.lease().is_none() {
+            if self.etcd.lease().is_none() && now >= self.session_due {
                 self.new_session();
             }
             if self.etcd.lease().is_some() && now >= self.poll_due {
@@ -621,12 +626,18 @@ impl Sup {
         match r {
             Ok(id) => {
                 self.renewer.renewed_ns.store(sent, Ordering::Release);
+                self.session_backoff = Duration::from_millis(100);
                 self.etcd_ok = true;
                 info!("etcd session {id:x} (lease TTL {}s)", self.cli.ttl);
                 self.register();
                 self.publish();
             }
-            Err(e) => self.etcd_failed("starting a session", format!("{e:#}")),
+            Err(e) => {
+                // With etcd down, try again after 0.1 s, 0.2 s, ... at most every 2 s.
+                self.session_due = Instant::now() + self.session_backoff;
+                self.session_backoff = (self.session_backoff * 2).min(Duration::from_secs(2));
+                self.etcd_failed("starting a session", format!("{e:#}"))
+            }
         }
     }
 
