@@ -227,24 +227,22 @@ impl Renewer {
                     Renewal::Renewed => {
                         me.renewed_ns.store(sent, Ordering::Release);
                         me.ok.store(true, Ordering::Release);
-                        let sock = me
-                            .master_sock
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .clone();
-                        if let Some(sock) = sock {
-                            let until = me.deadline_ns();
-                            let _ = tokio::task::spawn_blocking(move || {
+                        let me2 = me.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            // Under the lock: once `lead(None)` has returned, no renewal
+                            // can hand the master a lease any more.
+                            let g = me2.master_sock.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(sock) = &*g {
                                 if let Err(e) = control::request_at(
-                                    &sock,
-                                    &json!({"cmd": "lease", "until_ns": until}),
+                                    sock,
+                                    &json!({"cmd": "lease", "until_ns": me2.deadline_ns()}),
                                     Duration::from_secs(1),
                                 ) {
                                     debug!("renewing the master's write lease: {e:#}");
                                 }
-                            })
-                            .await;
-                        }
+                            }
+                        })
+                        .await;
                     }
                     Renewal::Lost => {
                         me.ok.store(true, Ordering::Release);
@@ -1172,6 +1170,15 @@ impl Sup {
         );
         if let Local::Leader { mut child, .. } = old {
             if let Ok(None) = child.try_wait() {
+                // Writes stop now, not when the master gets to its unmount: another node
+                // may be about to lead (the lease it was given would otherwise run on).
+                if let Err(e) = control::request_at(
+                    &self.state_dir.join(control::SOCKET_NAME),
+                    &json!({"cmd": "lease", "until_ns": 0}),
+                    Duration::from_secs(1),
+                ) {
+                    debug!("withdrawing the master's write lease: {e:#}");
+                }
                 let st = stop_child(&mut child, Duration::from_secs(STEP_DOWN_DRAIN + 20));
                 info!("master stopped ({st:?})");
             }
