@@ -480,11 +480,17 @@ fn run(cli: NodeCli) -> anyhow::Result<()> {
         let _g = rt.enter();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Caught so that a reload (systemctl reload, a closed terminal) does not kill the
+        // node with its default action.
+        let mut hup = signal(SignalKind::hangup())?;
         let stop = stop.clone();
         rt.spawn(async move {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: leaving the cluster"),
-                _ = int.recv() => info!("SIGINT: leaving the cluster"),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { info!("SIGTERM: leaving the cluster"); break }
+                    _ = int.recv() => { info!("SIGINT: leaving the cluster"); break }
+                    _ = hup.recv() => info!("SIGHUP: tdfs node has nothing to re-read; ignored"),
+                }
             }
             stop.store(true, Ordering::Release);
         });
