@@ -241,18 +241,71 @@ pub fn status_main(args: Vec<String>) -> ExitCode {
     exit(status_cmd(&cli), "tdfs status")
 }
 
+/// The status of the node at `dir`: its daemon's, with the cluster view of its `tdfs node`
+/// supervisor under "cluster" when one runs there.
+fn node_status(dir: &std::path::Path) -> anyhow::Result<Value> {
+    let sup = dir.join(tdfs_cluster::NODE_SOCKET);
+    let cluster = if sup.exists() {
+        control::request_at(&sup, &json!({"cmd": "status"}), Duration::from_secs(10)).ok()
+    } else {
+        None
+    };
+    let daemon = control::request(dir, &json!({"cmd": "status"}));
+    match (daemon, cluster) {
+        (Ok(mut v), Some(c)) => {
+            v["cluster"] = c;
+            Ok(v)
+        }
+        (Ok(v), None) => Ok(v),
+        // Between two roles no daemon answers, but the supervisor does.
+        (Err(_), Some(c)) => Ok(json!({"ok": true, "role": "none", "cluster": c})),
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// Text for a status answer: the cluster (under `tdfs node`), then the master's table, or
+/// one line for a replica.
+fn format_any(v: &Value) -> String {
+    let mut out = String::new();
+    if v["cluster"].is_object() {
+        out.push_str(&tdfs_cluster::format_cluster(&v["cluster"]));
+        out.push('\n');
+    }
+    match v["role"].as_str() {
+        Some("master") => out.push_str(&format_status(v)),
+        Some("replica") => out.push_str(&format!(
+            "replica of {} (epoch {}), last applied seq {}{}\n",
+            v["master_label"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("no master yet"),
+            v["epoch"]
+                .as_u64()
+                .map_or_else(|| "-".to_string(), |e| e.to_string()),
+            v["last_applied"].as_u64().unwrap_or(0),
+            if v["syncing"].as_bool() == Some(true) {
+                ", syncing"
+            } else {
+                ""
+            }
+        )),
+        _ => out.push_str("no daemon runs on this node right now\n"),
+    }
+    out
+}
+
 fn status_cmd(cli: &StatusCli) -> anyhow::Result<()> {
     let dir = cli.target.state_dir()?;
     let render = |v: &Value| {
         if cli.json {
             serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
         } else {
-            format_status(v)
+            format_any(v)
         }
     };
     let mut out = std::io::stdout();
     if !cli.watch {
-        let v = control::request(&dir, &json!({"cmd": "status"}))?;
+        let v = node_status(&dir)?;
         let _ = out.write_all(render(&v).as_bytes());
         return Ok(());
     }
@@ -260,7 +313,7 @@ fn status_cmd(cli: &StatusCli) -> anyhow::Result<()> {
     let interval = Duration::from_secs_f64(cli.interval.clamp(0.1, 3600.0));
     let mut n = 0u64;
     loop {
-        let text = match control::request(&dir, &json!({"cmd": "status"})) {
+        let text = match node_status(&dir) {
             Ok(v) => render(&v),
             Err(e) => format!("tdfs status: {e:#}\n"),
         };

@@ -34,7 +34,8 @@ use tdfs_replication::repl::{Origin, Policy, ReplConfig, Replicator, SlaveConfig
 /// Other commands (each with --help): `tdfs status` (replication status of a running
 /// master), `tdfs slave add|remove HOST[:PORT]` (change its slaves without remounting),
 /// `tdfs verify` (prove replicas identical), `tdfs promote` (make a replica the master of a
-/// new epoch), `tdfs fence` (stop a master's writes), `tdfs completions SHELL`,
+/// new epoch), `tdfs fence` (stop a master's writes), `tdfs node` (automatic failover: run
+/// one node of a cluster whose master is chosen through etcd), `tdfs completions SHELL`,
 /// `tdfs manpage [DIR]`.
 #[derive(clap::Parser, Debug)]
 #[command(name = "tdfs", version, about, long_about)]
@@ -145,6 +146,12 @@ struct Cli {
     /// Slaves that do not answer in time are not waited for. 0: do not ask.
     #[arg(long, default_value_t = 3.0, value_name = "SECONDS")]
     fence_check: f64,
+
+    /// Writes are refused from this CLOCK_MONOTONIC instant on (nanoseconds) until the
+    /// control command `lease` moves it: set by `tdfs node`, which holds the cluster's leader
+    /// lease in etcd and renews this one only while it can renew that one.
+    #[arg(long, hide = true, value_name = "NS")]
+    lease_until: Option<u64>,
 
     #[command(flatten)]
     auth: tdfs_replication::outbound::SlaveAuthArgs,
@@ -398,6 +405,10 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
         },
     )
     .with_context(|| format!("opening the journal in {}", state_dir.display()))?;
+    if let Some(until) = cli.lease_until {
+        // Before the mount: not one write without the supervisor's lease.
+        repl.set_lease(until);
+    }
     info!(
         epoch = %epoch,
         next_seq,
@@ -659,6 +670,11 @@ fn generate(args: &[String]) -> ExitCode {
                     .about("Make a replica the master of a new epoch (failover)"),
             )
             .subcommand(
+                tdfs_cluster::NodeCli::command()
+                    .name("node")
+                    .about("Run this node of a cluster whose master is chosen through etcd"),
+            )
+            .subcommand(
                 failover::FenceCli::command()
                     .name("fence")
                     .about("Stop a running master's writes (switchover)"),
@@ -718,6 +734,7 @@ fn main() -> ExitCode {
         Some("promote") => return failover::promote_main(args[1..].to_vec()),
         Some("fence") => return failover::fence_main(args[1..].to_vec()),
         Some("slave") => return control::slave_main(args[1..].to_vec()),
+        Some("node") => return tdfs_cluster::node_main(args[1..].to_vec()),
         Some("completions" | "manpage") => return generate(&args),
         _ => {}
     }

@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod compare;
 pub mod daemons;
+pub mod etcd;
 pub mod netns;
 pub mod pki;
 pub mod proxy;

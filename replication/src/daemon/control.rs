@@ -38,7 +38,13 @@ impl Drop for ControlSocket {
 /// Binds `STATE_DIR/control.sock` with mode 0600. A stale socket left by a crash is
 /// replaced; a socket a live daemon answers on is an error (two daemons on one state dir).
 pub fn bind(state_dir: &Path) -> anyhow::Result<ControlSocket> {
-    let path = state_dir.join(SOCKET_NAME);
+    bind_named(state_dir, SOCKET_NAME)
+}
+
+/// [`bind`] under another name in the state directory (the node supervisor's socket sits
+/// beside the daemon it runs).
+pub fn bind_named(state_dir: &Path, name: &str) -> anyhow::Result<ControlSocket> {
+    let path = state_dir.join(name);
     if path.exists() {
         if UnixStream::connect(&path).is_ok() {
             bail!(
@@ -50,7 +56,7 @@ pub fn bind(state_dir: &Path) -> anyhow::Result<ControlSocket> {
     }
     // Bound under a temporary name and made private before it takes the real name, so
     // nobody can connect while it is still open to everyone (the daemons run with umask 0).
-    let tmp = state_dir.join(format!(".{SOCKET_NAME}.{}", std::process::id()));
+    let tmp = state_dir.join(format!(".{name}.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let l = std::os::unix::net::UnixListener::bind(&tmp)
         .with_context(|| format!("binding the control socket {}", tmp.display()))?;
@@ -126,16 +132,21 @@ pub fn error(msg: impl Into<String>) -> Value {
 /// Sends one request to the daemon whose state directory is `state_dir` and returns its
 /// answer (an error when it says `ok: false`).
 pub fn request(state_dir: &Path, req: &Value) -> anyhow::Result<Value> {
-    let path = state_dir.join(SOCKET_NAME);
-    let mut s = UnixStream::connect(&path).with_context(|| {
+    request_at(&state_dir.join(SOCKET_NAME), req, Duration::from_secs(30))
+}
+
+/// Sends one request to the socket at `path`, waiting at most `timeout` for each read and
+/// write (a supervisor polling its daemon must not hang on it).
+pub fn request_at(path: &Path, req: &Value, timeout: Duration) -> anyhow::Result<Value> {
+    let mut s = UnixStream::connect(path).with_context(|| {
         format!(
             "cannot reach the daemon's control socket {} (is it running with this state \
              directory? give --state-dir DIR or -m DIR)",
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     let mut line = req.to_string();
     line.push('\n');
     s.write_all(line.as_bytes())?;

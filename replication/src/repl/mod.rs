@@ -549,6 +549,12 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether the write lease (if any) still holds now.
+    fn within_lease(&self) -> bool {
+        let until = self.lease_until.load(Ordering::Acquire);
+        until == u64::MAX || monotonic_ns() < until
+    }
+
     /// A downstream node (`by`) reported `newer`, an epoch newer than this node's: another
     /// node was promoted, and this one must stop at once. Recorded in the state directory,
     /// so that this node never leads again without being made a replica first.
@@ -1244,6 +1250,14 @@ impl Replicator {
                 SyncMode::Async => {}
                 SyncMode::Received => self.wait_acks(last, AckKind::Received)?,
                 SyncMode::Applied => self.wait_acks(last, AckKind::Applied)?,
+            }
+            if policy.mode != SyncMode::Async && !self.shared.within_lease() {
+                // The replicas confirmed it only after the write lease ran out: by then a
+                // node supervisor elsewhere may be comparing the replicas' positions to pick
+                // a new master, so this write may not be counted. It is not acknowledged:
+                // an acknowledged write is one a replica held while this node could still
+                // prove it was the master.
+                return Err(io::Error::from_raw_os_error(libc::EIO));
             }
         }
         Ok((value, Some(last)))
