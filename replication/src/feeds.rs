@@ -536,7 +536,12 @@ mod tests {
              "applied": 0, "lag_ops": 7, "hop_lag_ops": 2, "hop_lag_secs": 0.0}
         ]}]);
         let t = format_slaves(v.as_array().unwrap());
-        let row = |name: &str| t.lines().find(|l| l.contains(name)).unwrap_or("").to_string();
+        let row = |name: &str| {
+            t.lines()
+                .find(|l| l.contains(name))
+                .unwrap_or("")
+                .to_string()
+        };
         assert!(row("127.0.0.1:1").contains("disconnected"), "{t}");
         assert!(row("leaf2:4731").contains("syncing"), "{t}");
         assert!(
