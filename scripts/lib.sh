@@ -64,6 +64,21 @@ tdfs_mkwork() {
 }
 
 # Locate (and unless told otherwise, build) the binaries: sets TDFS_BIN and TDFS_SLAVE_BIN.
+# The etcd client crate (tdfs node) generates its gRPC code with protoc when it is built.
+need_protoc() {
+  command -v protoc >/dev/null 2>&1 && [[ -e /usr/include/google/protobuf/timestamp.proto ]] &&
+    return 0
+  if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing protobuf-compiler and libprotobuf-dev (protoc, needed to build tdfs)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q protobuf-compiler libprotobuf-dev \
+      >/dev/null || { apt-get update -q >/dev/null &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q protobuf-compiler libprotobuf-dev \
+        >/dev/null; } || die "could not install protobuf-compiler and libprotobuf-dev"
+  else
+    die "building tdfs needs protoc: apt-get install protobuf-compiler libprotobuf-dev"
+  fi
+}
+
 tdfs_bins() {
   local dir
   if [[ -n "${TDFS_BIN_DIR:-}" ]]; then
@@ -74,6 +89,7 @@ tdfs_bins() {
     if [[ "${TDFS_NO_BUILD:-0}" != 1 ]]; then
       local flags=()
       [[ "$TDFS_PROFILE" == release ]] && flags+=(--release)
+      need_protoc
       log "building tdfs and tdfs-slave ($TDFS_PROFILE; a no-op when up to date)"
       (cd "$TDFS_ROOT" && cargo build --quiet "${flags[@]}" -p tdfs -p tdfs-slave) ||
         die "cargo build failed"
