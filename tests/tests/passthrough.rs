@@ -23,6 +23,17 @@ fn cluster(name: &str) -> Cluster {
         "no passthrough line in the log:\n{}",
         c.master.log_text()
     );
+    // fsync waits for the slaves in sync: the tests that check a replica right after one
+    // need the slave in sync first (on a loaded box its first sync may still be running
+    // when the mount appears).
+    assert!(
+        wait_until(Duration::from_secs(30), || c
+            .master
+            .log_text()
+            .contains("slave is in sync")),
+        "the slave never got in sync:\n{}",
+        c.master.log_text()
+    );
     c
 }
 
