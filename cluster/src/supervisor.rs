@@ -408,20 +408,7 @@ fn run(cli: NodeCli) -> anyhow::Result<()> {
         .mountpoint
         .canonicalize()
         .with_context(|| format!("mountpoint {}", cli.mountpoint.display()))?;
-    let state_dir = cli
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| tdfs_replication::node::default_dir(&dir));
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("state directory {}", state_dir.display()))?;
-    let state_dir = state_dir.canonicalize()?;
-    if state_dir.starts_with(&dir) {
-        bail!(
-            "state directory {} is inside {}; choose one outside it",
-            state_dir.display(),
-            dir.display()
-        );
-    }
+    let state_dir = tdfs_replication::node::prepare_dir(&dir, cli.state_dir.clone())?;
     let ttl = Duration::from_secs(cli.ttl);
     let renew_deadline = Duration::from_secs_f64(
         cli.renew_deadline

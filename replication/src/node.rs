@@ -394,6 +394,24 @@ impl NodeState {
     }
 }
 
+/// The state directory for the tree at `canonical` (`given`, else [`default_dir`]): created
+/// if missing, canonical, and refused when it lies inside the tree it describes.
+pub fn prepare_dir(canonical: &Path, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let state_dir = given.unwrap_or_else(|| default_dir(canonical));
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    let state_dir = state_dir.canonicalize()?;
+    if state_dir.starts_with(canonical) {
+        anyhow::bail!(
+            "state directory {} is inside the mirrored directory {}; choose one outside it",
+            state_dir.display(),
+            canonical.display()
+        );
+    }
+    Ok(state_dir)
+}
+
 /// The default state directory for a tree: one per canonical path, the same for both
 /// daemons (so that a change of role finds its state), e.g. `/var/lib/tdfs/srv_www`.
 pub fn default_dir(canonical: &Path) -> PathBuf {

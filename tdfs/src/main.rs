@@ -272,20 +272,7 @@ fn run(mut cli: Cli, startup: Startup) -> anyhow::Result<bool> {
     let mountpoint = cli_mnt
         .canonicalize()
         .with_context(|| format!("mountpoint {}", cli_mnt.display()))?;
-    let state_dir = cli
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| tdfs_replication::node::default_dir(&dir));
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("state directory {}", state_dir.display()))?;
-    let state_dir = state_dir.canonicalize()?;
-    if state_dir.starts_with(&dir) {
-        bail!(
-            "state directory {} is inside the mirrored directory {}; choose one outside it",
-            state_dir.display(),
-            dir.display()
-        );
-    }
+    let state_dir = tdfs_replication::node::prepare_dir(&dir, cli.state_dir.clone())?;
     // Before anything starts: a second daemon (master or slave) on this state dir stops here.
     let node = NodeState::open(&state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
