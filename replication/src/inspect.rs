@@ -102,7 +102,8 @@ fn xattrs_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<Vec<(Vec<u8>, Ve
     Ok(out)
 }
 
-fn readlink_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<Vec<u8>> {
+/// The target of the symlink `name` in `dir`.
+pub fn readlink_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
     // SAFETY: buffer writable for its length.
     let n = unsafe {

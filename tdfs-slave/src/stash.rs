@@ -335,7 +335,7 @@ impl Stash {
                 }
             }
             libc::S_IFLNK => {
-                let target = readlink_at(dir, name)?;
+                let target = tdfs_replication::inspect::readlink_at(dir, name)?;
                 let tc = cstr(&target)?;
                 // SAFETY: both are valid C strings.
                 check(unsafe { libc::symlink(tc.as_ptr(), dc.as_ptr()) })?;
@@ -391,24 +391,6 @@ impl Stash {
         }
         Ok(Some((self.dir, self.entries, self.bytes)))
     }
-}
-
-fn readlink_at(dir: BorrowedFd<'_>, name: &CString) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: buffer writable for its length.
-    let n = unsafe {
-        libc::readlinkat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
 }
 
 /// Copies `len` bytes (or to EOF) from `src` to `dst`: copy_file_range (a reflink where the
