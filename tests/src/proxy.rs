@@ -439,39 +439,61 @@ fn forward(client: TcpStream, upstream: TcpStream, inner: &Arc<Inner>) {
     }
 }
 
+/// What one read of a pump gave.
+enum Pumped {
+    Got(usize),
+    /// Nothing yet (stalled, timed out, interrupted): read again.
+    Again,
+    /// The pump is done: EOF (passed on as a half-close), an error, or the proxy closing.
+    End,
+}
+
+/// One read for [`pump`] and [`pump_frames`], honouring stalls and closing.
+fn read_some(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    buf: &mut [u8],
+    id: u64,
+    inner: &Inner,
+) -> Pumped {
+    if inner.closing.load(Ordering::SeqCst) {
+        return Pumped::End;
+    }
+    if inner.stalled.load(Ordering::SeqCst) {
+        std::thread::sleep(POLL);
+        return Pumped::Again;
+    }
+    match from.read(buf) {
+        Ok(0) => {
+            let _ = to.shutdown(Shutdown::Write);
+            Pumped::End
+        }
+        Ok(n) => Pumped::Got(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Pumped::Again
+        }
+        Err(_) => {
+            inner.close(id);
+            Pumped::End
+        }
+    }
+}
+
 /// Copies `from` to `to` until EOF (passed on as a half-close), an error, a fault or the
 /// proxy closing.
 fn pump(dir: Dir, mut from: TcpStream, mut to: TcpStream, id: u64, inner: &Inner) {
     let mut buf = vec![0u8; CHUNK];
     let mut frames = FrameTracker::default();
     loop {
-        if inner.closing.load(Ordering::SeqCst) {
-            return;
-        }
-        if inner.stalled.load(Ordering::SeqCst) {
-            std::thread::sleep(POLL);
-            continue;
-        }
-        let n = match from.read(&mut buf) {
-            Ok(0) => {
-                let _ = to.shutdown(Shutdown::Write);
-                return;
-            }
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(_) => {
-                inner.close(id);
-                return;
-            }
+        let n = match read_some(&mut from, &mut to, &mut buf, id, inner) {
+            Pumped::Got(n) => n,
+            Pumped::Again => continue,
+            Pumped::End => return,
         };
         let chunk = &mut buf[..n];
         let mut len = n;
@@ -540,33 +562,10 @@ fn pump_frames(dir: Dir, mut from: TcpStream, mut to: TcpStream, id: u64, inner:
     let mut chunk = vec![0u8; CHUNK];
     let mut st = FramePump::default();
     loop {
-        if inner.closing.load(Ordering::SeqCst) {
-            return;
-        }
-        if inner.stalled.load(Ordering::SeqCst) {
-            std::thread::sleep(POLL);
-            continue;
-        }
-        let n = match from.read(&mut chunk) {
-            Ok(0) => {
-                let _ = to.shutdown(Shutdown::Write);
-                return;
-            }
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(_) => {
-                inner.close(id);
-                return;
-            }
+        let n = match read_some(&mut from, &mut to, &mut chunk, id, inner) {
+            Pumped::Got(n) => n,
+            Pumped::Again => continue,
+            Pumped::End => return,
         };
         st.buf.extend_from_slice(&chunk[..n]);
         let mut out: Vec<Vec<u8>> = Vec::new();
