@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::util::{bin, is_fuse_mounted, lazy_unmount, tail, wait_until};
+use crate::util::{is_fuse_mounted, lazy_unmount, tail, wait_until};
 
 /// How long a daemon may take to start (bind / mount).
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,7 +26,8 @@ fn env_secs(name: &str, default: Duration) -> Duration {
         .unwrap_or(default)
 }
 
-fn log_file(path: &Path) -> (Stdio, Stdio) {
+/// stdout and stderr appending to one log file.
+pub(crate) fn log_file(path: &Path) -> (Stdio, Stdio) {
     let f = File::options()
         .create(true)
         .append(true)
@@ -193,14 +194,7 @@ impl Slave {
         ));
         self.logs.push(log.clone());
         let (out, err) = log_file(&log);
-        let mut cmd = match self.prefix.split_first() {
-            None => Command::new(bin("tdfs-slave")),
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(bin("tdfs-slave"));
-                c
-            }
-        };
+        let mut cmd = crate::util::command_under(&self.prefix, "tdfs-slave");
         cmd.arg("-m")
             .arg(&self.dir)
             .arg("-l")
@@ -416,14 +410,7 @@ impl Master {
     /// Starts the master; Err (with its log) if it exits or fails to mount in time.
     pub fn try_start(opts: &MasterOpts) -> Result<Master, String> {
         let (out, err) = log_file(&opts.log);
-        let mut cmd = match opts.prefix.split_first() {
-            None => Command::new(bin("tdfs")),
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(bin("tdfs"));
-                c
-            }
-        };
+        let mut cmd = crate::util::command_under(&opts.prefix, "tdfs");
         cmd.arg("-m").arg(&opts.backing);
         for s in &opts.slaves {
             let mut a = s.addr.clone();

@@ -5,7 +5,6 @@
 //! if one was taken meanwhile. Everything is stopped on drop, also on panic: each node's
 //! whole process group (the supervisor and the daemon it runs), its mount, then etcd.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -21,16 +20,6 @@ pub fn free_port(host: &str) -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("no free port on {host}: {e}"))
-}
-
-fn log_stdio(path: &Path) -> (Stdio, Stdio) {
-    let f = File::options()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("log {}: {e}", path.display()));
-    let g = f.try_clone().expect("dup log fd");
-    (Stdio::from(f), Stdio::from(g))
 }
 
 pub struct EtcdServer {
@@ -74,7 +63,7 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let (out, err) = log_stdio(&self.log);
+        let (out, err) = crate::daemons::log_file(&self.log);
         let client = format!("http://{}:{}", self.host, self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut child = Command::new("etcd")
@@ -222,15 +211,8 @@ impl ClusterNode {
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = self.logs_dir.join(format!("node-{}.log", self.logs.len()));
         self.logs.push(log.clone());
-        let (out, err) = log_stdio(&log);
-        let mut cmd = match self.prefix.split_first() {
-            None => Command::new(bin("tdfs")),
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(bin("tdfs"));
-                c
-            }
-        };
+        let (out, err) = crate::daemons::log_file(&log);
+        let mut cmd = crate::util::command_under(&self.prefix, "tdfs");
         cmd.arg("node")
             .args(["--name", &self.name])
             .arg("-m")

@@ -606,3 +606,15 @@ pub fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// `bin(name)` run under `prefix` (e.g. `nsenter --net=/run/netns/NS`; empty: directly).
+pub fn command_under(prefix: &[String], name: &str) -> std::process::Command {
+    match prefix.split_first() {
+        None => std::process::Command::new(bin(name)),
+        Some((first, rest)) => {
+            let mut c = std::process::Command::new(first);
+            c.args(rest).arg(bin(name));
+            c
+        }
+    }
+}

@@ -171,14 +171,7 @@ impl Node {
     }
 
     fn tdfs(&self, args: &[&str]) -> Output {
-        let mut cmd = match self.prefix.split_first() {
-            None => Command::new(bin("tdfs")),
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(bin("tdfs"));
-                c
-            }
-        };
+        let mut cmd = tdfs_tests::util::command_under(&self.prefix, "tdfs");
         cmd.args(args)
             .env("NO_COLOR", "1")
             .output()
