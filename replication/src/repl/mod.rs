@@ -306,13 +306,9 @@ pub(crate) struct LogOp {
 }
 
 impl LogOp {
-    fn new(bytes: Arc<[u8]>) -> Self {
-        // Sealed frames carry a MAC instead of a crc: checksumming for them is wasted.
-        let sealed = {
-            let sec = crate::outbound::get();
-            sec.tls.is_none() && !sec.secrets().is_empty()
-        };
-        let crc = (!sealed && bytes.len() >= link::COMBINE_MIN).then(|| {
+    /// `precrc`: whether links checksum frames (see `Shared::precrc`).
+    fn new(bytes: Arc<[u8]>, precrc: bool) -> Self {
+        let crc = (precrc && bytes.len() >= link::COMBINE_MIN).then(|| {
             let mut h = crc32fast::Hasher::new();
             h.update(&bytes);
             h
@@ -428,6 +424,10 @@ pub(crate) struct Shared {
     generation: AtomicU64,
     /// A relay's answer to a replica that has seen a newer epoch: its upstream is stale.
     on_fenced: Option<FenceHook>,
+    /// Links checksum their frames with crc32, so large ops get their crc state worked out
+    /// once, when logged. Not with a shared secret and no TLS: every link then seals its
+    /// frames with a MAC and sends no crc. (Rotation never takes the secret away.)
+    precrc: bool,
 }
 
 /// Called with the newer epoch and the replica that reported it.
@@ -855,7 +855,9 @@ impl RelayRound<'_> {
         data: impl FnOnce() -> Arc<[u8]>,
     ) -> io::Result<T> {
         // Encoded (and checksummed) before the lock: only a failed op wastes it.
-        let entry = self.keep.then(|| Arc::new(LogOp::new(data())));
+        let entry = self
+            .keep
+            .then(|| Arc::new(LogOp::new(data(), self.shared.precrc)));
         let mut log = self.shared.lock();
         if seq < log.next_seq {
             return apply();
@@ -1139,6 +1141,10 @@ impl Replicator {
             paused: AtomicBool::new(cfg.paused),
             generation: AtomicU64::new(0),
             on_fenced: cfg.on_fenced,
+            precrc: {
+                let sec = crate::outbound::get();
+                sec.tls.is_some() || sec.secrets().is_empty()
+            },
         });
         spawn_spiller(&shared);
         for s in shared.slaves().iter() {
@@ -1232,7 +1238,7 @@ impl Replicator {
             log.bytes += data.len();
             log.entries.push_back(Entry {
                 seq,
-                data: Arc::new(LogOp::new(data)),
+                data: Arc::new(LogOp::new(data, self.shared.precrc)),
                 at: Instant::now(),
             });
             logged = true;
@@ -1637,7 +1643,7 @@ impl Replicator {
             log.bytes += buf.len();
             log.entries.push_back(Entry {
                 seq,
-                data: Arc::new(LogOp::new(Arc::from(buf))),
+                data: Arc::new(LogOp::new(Arc::from(buf), self.shared.precrc)),
                 at: Instant::now(),
             });
             seq
