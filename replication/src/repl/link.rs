@@ -40,6 +40,9 @@ pub(super) enum LinkError {
     Decode(#[from] tdfs_protocol::DecodeError),
     #[error("refused by slave: {0}")]
     Refused(String),
+    /// Another upstream holds the slave (for a fallback: the node's own upstream is back).
+    #[error("refused by slave: Busy: {0}")]
+    Busy(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("slave failed to apply an op")]
@@ -196,7 +199,7 @@ pub(crate) async fn run(shared: Arc<Shared>, me: Arc<SlaveStatus>) {
                 me.reconnects.fetch_add(1, Ordering::Relaxed);
                 warn!(slave = %addr, "link lost: {e}; reconnecting")
             }
-            Err(LinkError::Refused(m)) if me.config.fallback && m.starts_with("Busy") => {
+            Err(LinkError::Busy(m)) if me.config.fallback => {
                 // The node's own upstream feeds it: this one stands by, as configured.
                 if !me.standby.swap(true, Ordering::AcqRel) {
                     info!(slave = %addr, "standing by as a fallback upstream: {m}");
@@ -748,6 +751,9 @@ async fn session(shared: &Arc<Shared>, me: &Arc<SlaveStatus>) -> Result<(), Link
             let r = Refuse::decode(&reply.payload)?;
             if let (RefuseCode::Fenced, Some(e)) = (r.code, r.epoch) {
                 return Err(LinkError::Fenced(e));
+            }
+            if r.code == RefuseCode::Busy {
+                return Err(LinkError::Busy(r.message));
             }
             return Err(LinkError::Refused(format!("{:?}: {}", r.code, r.message)));
         }
