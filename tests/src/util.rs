@@ -618,3 +618,39 @@ pub fn command_under(prefix: &[String], name: &str) -> std::process::Command {
         }
     }
 }
+
+/// The stash a replica made: its directory under STATE/stash and the manifest lines by
+/// path (action, type).
+pub fn read_stash(state: &Path) -> (PathBuf, std::collections::BTreeMap<String, String>) {
+    let root = state.join("stash");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("no stash under {}: {e}", root.display()))
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    let dir = dirs.pop().expect("a stash directory");
+    let manifest = std::fs::read_to_string(dir.join("MANIFEST.tsv")).expect("MANIFEST.tsv");
+    let mut lines = std::collections::BTreeMap::new();
+    for l in manifest.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = l.split('\t').collect();
+        if f.len() >= 8 {
+            lines.insert(f[7].to_string(), f[0].to_string());
+        }
+    }
+    (dir, lines)
+}
+
+/// Whether `path` (relative) is covered by the manifest: itself or a directory above it.
+pub fn stashed(manifest: &std::collections::BTreeMap<String, String>, path: &str) -> bool {
+    let mut p = path.to_string();
+    loop {
+        if manifest.contains_key(&p) {
+            return true;
+        }
+        match p.rfind('/') {
+            Some(i) => p.truncate(i),
+            None => return false,
+        }
+    }
+}

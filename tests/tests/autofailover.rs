@@ -5,7 +5,6 @@
 //! uses the same path). Timings are printed (`AUTOFAILOVER ...`) for the closing notes and
 //! checked against the targets with some slack for a loaded 2-core box.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,7 +16,9 @@ use std::time::{Duration, Instant};
 use tdfs_tests::compare::format_diffs;
 use tdfs_tests::etcd::{ClusterNode, EtcdServer};
 use tdfs_tests::netns::TestNet;
-use tdfs_tests::util::{pseudo_random, require_root_and_fuse, temp_dir, TempDir};
+use tdfs_tests::util::{
+    pseudo_random, read_stash, require_root_and_fuse, stashed, temp_dir, TempDir,
+};
 use tdfs_tests::{compare_trees, try_wait_identical, wait_until};
 
 /// Lease TTL used by the tests (seconds); the renew deadline is the default 2/3 of it.
@@ -379,40 +380,6 @@ fn kill9_leader(name: &str, mode: &str) {
         f.logs()
     );
     f.finish();
-}
-
-/// The stash a node made: its newest directory and the manifest lines by path.
-fn read_stash(state: &Path) -> (PathBuf, BTreeMap<String, String>) {
-    let root = state.join("stash");
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("no stash under {}: {e}", root.display()))
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    dirs.sort();
-    let dir = dirs.pop().expect("a stash directory");
-    let manifest = fs::read_to_string(dir.join("MANIFEST.tsv")).expect("MANIFEST.tsv");
-    let mut lines = BTreeMap::new();
-    for l in manifest.lines().filter(|l| !l.starts_with('#')) {
-        let f: Vec<&str> = l.split('\t').collect();
-        if f.len() >= 8 {
-            lines.insert(f[7].to_string(), f[0].to_string());
-        }
-    }
-    (dir, lines)
-}
-
-fn stashed(manifest: &BTreeMap<String, String>, path: &str) -> bool {
-    let mut p = path.to_string();
-    loop {
-        if manifest.contains_key(&p) {
-            return true;
-        }
-        match p.rfind('/') {
-            Some(i) => p.truncate(i),
-            None => return false,
-        }
-    }
 }
 
 /// The leader cut off from etcd and the replicas (its link down) under a writer: its writes

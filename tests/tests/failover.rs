@@ -19,7 +19,9 @@ use serde_json::Value;
 use tdfs_tests::compare::format_diffs;
 use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveAddr, SlaveLaunch};
 use tdfs_tests::netns::TestNet;
-use tdfs_tests::util::{bin, pseudo_random, require_root_and_fuse, temp_dir, TempDir};
+use tdfs_tests::util::{
+    bin, pseudo_random, read_stash, require_root_and_fuse, stashed, temp_dir, TempDir,
+};
 use tdfs_tests::{compare_trees, try_wait_identical, wait_until};
 
 const CATCH_UP: Duration = Duration::from_secs(120);
@@ -374,42 +376,6 @@ fn populate(mnt: &Path, n: u64) {
         let d = mnt.join(format!("d{}", i % 8));
         fs::create_dir_all(&d).unwrap();
         fs::write(d.join(format!("f{i}")), pseudo_random(i, 65_536)).unwrap();
-    }
-}
-
-/// The stash a replica made: its directory under STATE/stash and the manifest lines by
-/// path (action, type).
-fn read_stash(state: &Path) -> (PathBuf, BTreeMap<String, String>) {
-    let root = state.join("stash");
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("no stash under {}: {e}", root.display()))
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    dirs.sort();
-    let dir = dirs.pop().expect("a stash directory");
-    let manifest = fs::read_to_string(dir.join("MANIFEST.tsv")).expect("MANIFEST.tsv");
-    let mut lines = BTreeMap::new();
-    for l in manifest.lines().filter(|l| !l.starts_with('#')) {
-        let f: Vec<&str> = l.split('\t').collect();
-        if f.len() >= 8 {
-            lines.insert(f[7].to_string(), f[0].to_string());
-        }
-    }
-    (dir, lines)
-}
-
-/// Whether `path` (relative) is covered by the manifest: itself or a directory above it.
-fn stashed(manifest: &BTreeMap<String, String>, path: &str) -> bool {
-    let mut p = path.to_string();
-    loop {
-        if manifest.contains_key(&p) {
-            return true;
-        }
-        match p.rfind('/') {
-            Some(i) => p.truncate(i),
-            None => return false,
-        }
     }
 }
 
