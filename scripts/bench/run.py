@@ -1353,17 +1353,8 @@ class Bench:
         for name, n, r in (("direct2", 2, 0), ("direct8", 8, 0), ("relays2x3", 6, 2)):
             t = Tdfs(f"relays-{name}", n, relays=r, extra=a.relays_master_args.split())
             base = os.path.join(self.work, f"relays-{name}-{run}")
-            os.makedirs(base)
             log(f"run {run}: relays, {name}")
-            root = t.start(base)
-            d = self.fresh(root, "w")
-            wait_replicas(t, "w")
-            os.sync()
-            c0 = cpu_of(t)
-            t0 = time.monotonic()
-            write_file(os.path.join(d, "big"), size, self.buf)
-            el = time.monotonic() - t0
-            c1 = cpu_of(t)
+            root, el, (c0, _), (c1, _) = self.big_write(t, base, size)
             gib = size / (1 << 30)
             self.rec("relays", f"master_{name}", size / MiB / el)
             self.rec("relays", f"cpu_master_{name}", (c1[0] - c0[0]) / gib)
@@ -1404,23 +1395,29 @@ class Bench:
             t.stop()
             self.trash(base)
 
+    def big_write(self, t, base, size):
+        """Starts T in BASE (a new directory) and, once its replicas hold the fresh `w`,
+        writes SIZE bytes to w/big. Returns the mount root, the write's seconds, and
+        (cpu_of, box_busy) just before and just after it."""
+        os.makedirs(base)
+        root = t.start(base)
+        d = self.fresh(root, "w")
+        wait_replicas(t, "w")
+        os.sync()
+        before = (cpu_of(t), box_busy())
+        t0 = time.monotonic()
+        write_file(os.path.join(d, "big"), size, self.buf)
+        el = time.monotonic() - t0
+        return root, el, before, (cpu_of(t), box_busy())
+
     def scale(self, run):
         a = self.a
         size = a.scale_mib * MiB
         for n in a.scale_slaves:
             t = Tdfs(f"scale-{n}", n)
             base = os.path.join(self.work, f"scale{n}-{run}")
-            os.makedirs(base)
             log(f"run {run}: scale, {n} slave(s)")
-            root = t.start(base)
-            d = self.fresh(root, "w")
-            wait_replicas(t, "w")
-            os.sync()
-            c0, b0 = cpu_of(t), box_busy()
-            t0 = time.monotonic()
-            write_file(os.path.join(d, "big"), size, self.buf)
-            el = time.monotonic() - t0
-            c1, b1 = cpu_of(t), box_busy()
+            _, el, (c0, b0), (c1, b1) = self.big_write(t, base, size)
             gib = size / (1 << 30)
             self.rec("scale", f"master_{n}", size / MiB / el)
             self.rec("scale", f"cpu_master_{n}", (c1[0] - c0[0]) / gib)
