@@ -4,7 +4,7 @@
 //! secret it settles on key the sealed frames of the session that follows ([`crate::seal`]).
 //!
 //! ```text
-//! master -> slave  AuthRequest   (frame 20)  version u16 (2)
+//! master -> slave  AuthRequest   (frame 20)  version u16 (3)
 //! slave  -> master AuthChallenge (frame 21)  Ns [32]
 //! master -> slave  AuthResponse  (frame 22)  Nm [32], protection u8, n u8 (1..=2),
 //!                                             n x (key id [8], HMAC(secret_i, MASTER_LABEL || T))
@@ -44,8 +44,9 @@ pub const MAC_LEN: usize = 32;
 /// Length of a secret's key id.
 pub const KEY_ID_LEN: usize = 8;
 /// Version of this exchange, carried in [`AuthRequest`]. 2: several secrets offered, the
-/// protection of the frames that follow negotiated, every frame after it sealed.
-pub const AUTH_VERSION: u16 = 2;
+/// protection of the frames that follow negotiated, every frame after it sealed. 3: frames
+/// sealed with AEGIS-256X2 instead of BLAKE3 / AES-256-GCM ([`crate::seal`]).
+pub const AUTH_VERSION: u16 = 3;
 /// Most secrets a daemon holds at once: the current one and, during a rotation, one more.
 pub const MAX_SECRETS: usize = 2;
 /// Largest payload of any auth frame: readers refuse bigger ones before allocating.

@@ -75,7 +75,7 @@
 //! Outside TLS, every frame after the exchange, both ways, is **sealed** ([`seal`]): a
 //! 16-byte tag under a per-direction key derived (HKDF) from the secret and both nonces,
 //! bound to the frame's place in the stream, and checked before anything of the frame is
-//! parsed; with `--encrypt` the payload is also encrypted (AES-256-GCM).
+//! parsed; with `--encrypt` the payload is also encrypted (AEGIS-256X2, the same cipher).
 
 pub mod auth;
 pub mod compress;

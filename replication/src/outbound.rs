@@ -94,7 +94,7 @@ pub struct SlaveAuthArgs {
     #[arg(long, value_name = "FILE")]
     pub secret_file: Vec<PathBuf>,
 
-    /// Encrypt every frame to every slave (AES-256-GCM under keys derived from the shared
+    /// Encrypt every frame to every slave (AEGIS-256X2 under keys derived from the shared
     /// secret; needs --secret-file, and --encrypt on the slaves). `,encrypt` after one
     /// slave's address does it for that slave only. Redundant under TLS, which encrypts
     /// already.

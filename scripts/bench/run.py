@@ -1790,8 +1790,8 @@ def report(b, targets, skipped, env):
           "vs none | master CPU s/GiB | slave CPU s/GiB | box busy |")
         P("|---|---|---|---|---|---|---|---|")
         w0, r0 = med(se.get("write_none", [])), med(se.get("repl_none", []))
-        names = {"none": "plain (no secret)", "mac": "secret: MAC (BLAKE3) on every frame",
-                 "encrypt": "secret + --encrypt (AES-256-GCM)",
+        names = {"none": "plain (no secret)", "mac": "secret: MAC (AEGIS-256X2) on every frame",
+                 "encrypt": "secret + --encrypt (AEGIS-256X2)",
                  "tls": "TLS (+ secret; no tdfs MAC inside)"}
         for mode in ("none", "mac", "encrypt", "tls"):
             w = med(se.get(f"write_{mode}", []))

@@ -102,7 +102,7 @@ struct Cli {
     #[arg(long = "secret-file", value_name = "FILE")]
     secret_file: Vec<PathBuf>,
 
-    /// Require every master to encrypt its frames (AES-256-GCM under keys derived from the
+    /// Require every master to encrypt its frames (AEGIS-256X2 under keys derived from the
     /// shared secret; needs --secret-file). A master that does not is refused with a clear
     /// error, and so is one that does when this flag is absent. Redundant under TLS.
     #[arg(long = "encrypt")]
@@ -167,7 +167,7 @@ struct Cli {
     #[arg(long = "leaf-secret-file", value_name = "FILE")]
     leaf_secret_file: Vec<PathBuf>,
 
-    /// Relay: encrypt the frames to this node's replicas (AES-256-GCM under keys derived
+    /// Relay: encrypt the frames to this node's replicas (AEGIS-256X2 under keys derived
     /// from --leaf-secret-file); without any --leaf-* flag, --encrypt applies to both sides.
     #[arg(long = "leaf-encrypt")]
     leaf_encrypt: bool,

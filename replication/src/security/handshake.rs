@@ -198,7 +198,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     if req.version != AUTH_VERSION {
         let m = format!(
             "authentication version {} not supported (this slave speaks {AUTH_VERSION}: since \
-             version 2 every frame is authenticated); upgrade both sides",
+             version 2 every frame is authenticated, since 3 with AEGIS); upgrade both sides",
             req.version
         );
         refuse(s, RefuseCode::Version, &m).await;
