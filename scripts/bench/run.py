@@ -1809,6 +1809,21 @@ def report(b, targets, skipped, env):
         P("Goals (issue #21): the MAC costs at most 10% of the throughput of `none`; "
           "encryption at most what TLS costs. The modes run interleaved, in a rotated order "
           "each run; CPU is the daemon process alone.\n")
+        wm, we, wt = (med(se.get(f"write_{m}", [])) for m in ("mac", "encrypt", "tls"))
+        rows = []
+        if w0 and wm:
+            cost = (1 - wm / w0) * 100
+            rows.append(("MAC: master write throughput given up", f"{cost:.1f}%", "≤ 10%",
+                         "yes" if cost <= 10 else "**no**"))
+        if w0 and we and wt:
+            rows.append(("--encrypt vs TLS: write throughput", f"{we / wt:.2f}×", "≥ 1.0×",
+                         "yes" if we >= wt else "**no**"))
+        if rows:
+            P("| goal | measured | wanted | met |")
+            P("|---|---|---|---|")
+            for r in rows:
+                P("| " + " | ".join(r) + " |")
+            P("")
 
     meta_report(b, P)
     relay_report(b, P)
