@@ -845,7 +845,11 @@ impl Filesystem for TdfsFs {
         reply: ReplyEmpty,
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Flush);
-        reply.ok();
+        // Nothing happens at close here: writes are replicated as they come, fsync is the
+        // barrier, and locks are the kernel's own (no getlk/setlk). ENOSYS tells the kernel
+        // to stop sending FLUSH at all (fc->no_flush), which takes one of the five round
+        // trips of a create-write-close off every file.
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     fn release(
@@ -1084,7 +1088,12 @@ impl Filesystem for TdfsFs {
     ) {
         let _t = crate::metrics::time(crate::metrics::FuseOp::Create);
         let r = self.ops.create(caller(req), parent.0, name, mode, flags);
-        self.stale(&[parent.0]);
+        if r.is_err() {
+            // A creation that failed late may have made and removed the entry, moving the
+            // parent's times. On success the kernel invalidates the parent itself
+            // (fuse_dir_changed), so telling it again would only cost a notification.
+            self.stale(&[parent.0]);
+        }
         match r {
             Ok((id, st, fh)) => {
                 if !self.passthrough.load(Ordering::Acquire) {
