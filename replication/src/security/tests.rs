@@ -183,6 +183,38 @@ fn hello_without_auth_is_refused() {
 }
 
 #[test]
+fn an_older_exchange_version_is_refused_by_number() {
+    // Version 2 sealed frames with BLAKE3 / AES-GCM: such a peer must hear why, not fail
+    // its first frame's tag.
+    rt().block_on(async {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let req = tdfs_protocol::auth::AuthRequest { version: 2 };
+        let f = tdfs_protocol::frame::encode_vec(
+            FrameType::AuthRequest,
+            0,
+            &req.encode(),
+            tdfs_protocol::Compression::None,
+        );
+        a.write_all(&f).await.unwrap();
+        let r = handshake::accept(&mut b, &[secret("0123456789abcdef")], Protection::Mac).await;
+        assert!(matches!(r, Err(AuthError::Protocol(_))), "{r:?}");
+        drop(b);
+        let mut got = Vec::new();
+        a.read_to_end(&mut got).await.unwrap();
+        let f = tdfs_protocol::frame::parse(&got).unwrap();
+        assert_eq!(f.kind, FrameType::Refuse);
+        let r = tdfs_protocol::msg::Refuse::decode(&f.payload).unwrap();
+        assert_eq!(r.code, tdfs_protocol::msg::RefuseCode::Version);
+        assert!(
+            r.message
+                .contains("authentication version 2 not supported (this slave speaks 3"),
+            "{}",
+            r.message
+        );
+    });
+}
+
+#[test]
 fn secret_rules() {
     assert!(Secret::from_bytes(b"short\n".to_vec()).is_err());
     assert_eq!(
