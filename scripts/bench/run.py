@@ -1361,6 +1361,13 @@ class Bench:
             c = wait_replicas(t, "w")
             if c is not None:
                 self.rec("relays", f"repl_{name}", size / MiB / (el + c))
+            # The lag is the relay hop's, not the disk's: the big file is removed (its dirty
+            # pages, one copy per replica, then need no writeback) and what is left flushed
+            # before files are timed. Otherwise the lag run shares the disk with the
+            # writeback of 9 copies in the relay case and of 3 in the direct-2 case.
+            os.unlink(os.path.join(root, "w", "big"))
+            wait_replicas(t, "w")
+            os.sync()
             # slaves[0] is a leaf behind a relay in the relay case, a direct slave otherwise.
             lags, missing, _ = self.lag_run(t, root, t.slaves[0][1])
             self.relay_lags.setdefault(name, []).extend(lags)
@@ -1883,15 +1890,23 @@ def relay_report(b, P):
           f"{fmt(med(rl.get(f'repl_{key}', [])))} | "
           f"{fmt(pct(lags, 0.5)) if lags else '–'} | {fmt(pct(lags, 0.99)) if lags else '–'} |")
     c2, cr = med(rl.get("cpu_master_direct2", [])), med(rl.get("cpu_master_relays2x3", []))
-    l2, lr = b.relay_lags.get("direct2", []), b.relay_lags.get("relays2x3", [])
+    lags = {k: b.relay_lags.get(k, []) for k in ("direct2", "direct8", "relays2x3")}
     P("")
     if c2 and cr:
         P(f"- Goal: master CPU/GiB with 2 relays x 3 leaves within 10% of 2 direct slaves: "
           f"{cr / c2:.2f}x {'met' if cr <= c2 * 1.1 else '**not met**'}")
-    if l2 and lr:
-        p2, pr = pct(l2, 0.99), pct(lr, 0.99)
-        P(f"- Goal: leaf lag p99 at most 2x a direct slave's: {pr:.1f} vs {p2:.1f} ms = "
-          f"{pr / p2:.2f}x {'met' if pr <= 2 * p2 else '**not met**'}")
+    lr = lags["relays2x3"]
+    # A leaf's lag against a direct slave's under the same load (8 replicas sharing this
+    # box's two cores), and against the 2-replica setup, whose slaves have the cores almost
+    # to themselves.
+    for key, what in (("direct8", "a direct slave's with as many replicas (8)"),
+                      ("direct2", "a direct slave's with 2 replicas")):
+        if lags[key] and lr:
+            pd, pr = pct(lags[key], 0.99), pct(lr, 0.99)
+            P(f"- Goal: leaf lag p99 at most 2x {what}: {pr:.2f} vs {pd:.2f} ms = "
+              f"{pr / pd:.2f}x {'met' if pr <= 2 * pd else '**not met**'}")
+    P("- Lag runs start with the big file removed and the tree synced, so they time the "
+      "replication path, not the writeback of 512 MiB per replica.")
     P("")
 
 
