@@ -392,6 +392,36 @@ pub struct MasterOpts {
     pub prefix: Vec<String>,
 }
 
+impl MasterOpts {
+    /// A master over `backing` mounted at `mountpoint`, streaming uncompressed to each of
+    /// `slaves` (plain addresses) with no other flags; change the public fields for more.
+    pub fn plain(
+        backing: PathBuf,
+        mountpoint: PathBuf,
+        state_dir: PathBuf,
+        log: PathBuf,
+        slaves: &[String],
+    ) -> MasterOpts {
+        MasterOpts {
+            backing,
+            mountpoint,
+            state_dir,
+            log,
+            slaves: slaves
+                .iter()
+                .map(|a| SlaveAddr {
+                    addr: a.clone(),
+                    compress: false,
+                })
+                .collect(),
+            global_z: None,
+            nodelay_off: false,
+            extra_args: Vec::new(),
+            prefix: Vec::new(),
+        }
+    }
+}
+
 /// A running `tdfs` master with its FUSE mount.
 pub struct Master {
     child: Option<Child>,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tdfs_tests::compare::format_diffs;
-use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveAddr, SlaveLaunch};
+use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveLaunch};
 use tdfs_tests::netns::TestNet;
 use tdfs_tests::util::{
     bin, pseudo_random, read_stash, require_root_and_fuse, stashed, temp_dir, TempDir,
@@ -115,21 +115,15 @@ impl Node {
     fn master_opts(&mut self, slaves: &[String], extra: &[&str]) -> MasterOpts {
         self.runs += 1;
         MasterOpts {
-            backing: self.dir.clone(),
-            mountpoint: self.mnt.clone(),
-            state_dir: self.state.clone(),
-            log: self.logs.join(format!("master-{}.log", self.runs)),
-            slaves: slaves
-                .iter()
-                .map(|a| SlaveAddr {
-                    addr: a.clone(),
-                    compress: false,
-                })
-                .collect(),
-            global_z: None,
-            nodelay_off: false,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             prefix: self.prefix.clone(),
+            ..MasterOpts::plain(
+                self.dir.clone(),
+                self.mnt.clone(),
+                self.state.clone(),
+                self.logs.join(format!("master-{}.log", self.runs)),
+                slaves,
+            )
         }
     }
 

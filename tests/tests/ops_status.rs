@@ -266,15 +266,14 @@ impl Box1 {
     /// A master whose only settings besides the dirs come from `config`.
     fn master(&self, config: &Path) -> Master {
         Master::start(&MasterOpts {
-            backing: self.p("backing"),
-            mountpoint: self.p("mnt"),
-            state_dir: self.p("mstate"),
-            log: self.p("logs/master.log"),
-            slaves: vec![],
-            global_z: None,
-            nodelay_off: false,
             extra_args: vec!["--config".into(), config.display().to_string()],
-            prefix: Vec::new(),
+            ..MasterOpts::plain(
+                self.p("backing"),
+                self.p("mnt"),
+                self.p("mstate"),
+                self.p("logs/master.log"),
+                &[],
+            )
         })
     }
 }

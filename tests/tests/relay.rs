@@ -18,7 +18,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveAddr, SlaveLaunch};
+use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveLaunch};
 use tdfs_tests::netns::TestNet;
 use tdfs_tests::util::{
     bin, http_get, metrics_port, pseudo_random, require_root_and_fuse, set_xattr, temp_dir, TempDir,
@@ -85,21 +85,14 @@ fn cs(addrs: &[String]) -> Vec<String> {
 
 fn start_master(root: &Path, slaves: &[String], extra: &[&str]) -> Master {
     let o = MasterOpts {
-        backing: root.join("m"),
-        mountpoint: root.join("mnt"),
-        state_dir: root.join("m-state"),
-        log: root.join("master.log"),
-        slaves: slaves
-            .iter()
-            .map(|a| SlaveAddr {
-                addr: a.clone(),
-                compress: false,
-            })
-            .collect(),
-        global_z: None,
-        nodelay_off: false,
         extra_args: extra.iter().map(|s| s.to_string()).collect(),
-        prefix: Vec::new(),
+        ..MasterOpts::plain(
+            root.join("m"),
+            root.join("mnt"),
+            root.join("m-state"),
+            root.join("master.log"),
+            slaves,
+        )
     };
     for d in [&o.backing, &o.mountpoint, &o.state_dir] {
         fs::create_dir_all(d).unwrap();
@@ -657,23 +650,13 @@ fn tls_upstream_and_secret_downstream_on_one_relay() {
 fn master_opts(root: &Path, name: &str, dir: &Path, state: &Path, slaves: &[String]) -> MasterOpts {
     let mnt = root.join(format!("{name}-mnt"));
     fs::create_dir_all(&mnt).unwrap();
-    MasterOpts {
-        backing: dir.to_path_buf(),
-        mountpoint: mnt,
-        state_dir: state.to_path_buf(),
-        log: root.join(format!("{name}-master.log")),
-        slaves: slaves
-            .iter()
-            .map(|a| SlaveAddr {
-                addr: a.clone(),
-                compress: false,
-            })
-            .collect(),
-        global_z: None,
-        nodelay_off: false,
-        extra_args: Vec::new(),
-        prefix: Vec::new(),
-    }
+    MasterOpts::plain(
+        dir.to_path_buf(),
+        mnt,
+        state.to_path_buf(),
+        root.join(format!("{name}-master.log")),
+        slaves,
+    )
 }
 
 /// Fencing holds through a relay: a leaf taken over by a newly promoted master (epoch 2)

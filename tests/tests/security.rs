@@ -14,7 +14,7 @@ use std::time::Duration;
 use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{Hello, Refuse};
 use tdfs_protocol::Compression;
-use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveAddr};
+use tdfs_tests::daemons::{Master, MasterOpts, Slave};
 use tdfs_tests::util::{bin, names, require_root_and_fuse, temp_dir, wait_until};
 
 const SECRET_A: &str = "correct horse battery staple, one\n";
@@ -68,21 +68,14 @@ impl Env {
         ];
         extra.extend(args.iter().map(|s| s.to_string()));
         Master::start(&MasterOpts {
-            backing: self.dir(&format!("{name}-backing")),
-            mountpoint: self.dir(&format!("{name}-mnt")),
-            state_dir: self.root.join(format!("{name}-mstate")),
-            log: self.root.join("logs").join(format!("{name}.log")),
-            slaves: slaves
-                .iter()
-                .map(|a| SlaveAddr {
-                    addr: a.clone(),
-                    compress: false,
-                })
-                .collect(),
-            global_z: None,
-            nodelay_off: false,
             extra_args: extra,
-            prefix: Vec::new(),
+            ..MasterOpts::plain(
+                self.dir(&format!("{name}-backing")),
+                self.dir(&format!("{name}-mnt")),
+                self.root.join(format!("{name}-mstate")),
+                self.root.join("logs").join(format!("{name}.log")),
+                slaves,
+            )
         })
     }
 }
