@@ -154,6 +154,14 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Each node's position as its state files hold it (what an election compares).
+    fn positions(&self) -> Vec<tdfs_cluster::member::Position> {
+        self.nodes
+            .iter()
+            .map(|n| tdfs_cluster::member::position_from_files(&n.state).unwrap())
+            .collect()
+    }
+
     fn start(name: &str, extra: &[&str], netns: bool) -> Fixture {
         require_root_and_fuse();
         let t = temp_dir(name);
@@ -577,11 +585,7 @@ fn whole_cluster_restart_elects_the_most_up_to_date() {
     }
     let acked = w.finish();
     // The positions left on disk decide; the old leader leads its epoch.
-    let positions: Vec<_> = f
-        .nodes
-        .iter()
-        .map(|n| tdfs_cluster::member::position_from_files(&n.state).unwrap())
-        .collect();
+    let positions = f.positions();
     let expected = tdfs_cluster::member::best(
         f.nodes
             .iter()
@@ -628,11 +632,7 @@ fn whole_cluster_restart_elects_the_most_up_to_date() {
         n.kill9();
     }
     let acked = w.finish();
-    let positions: Vec<_> = f
-        .nodes
-        .iter()
-        .map(|n| tdfs_cluster::member::position_from_files(&n.state).unwrap())
-        .collect();
+    let positions = f.positions();
     for n in f.nodes.iter_mut() {
         n.start();
     }
