@@ -287,14 +287,16 @@ impl Link {
             &mut self.out,
         );
         self.wr.write_all(&self.out).await?;
-        self.me
-            .bytes_sent
-            .fetch_add(self.out.len() as u64, Ordering::Relaxed);
-        self.me.raw_bytes_sent.fetch_add(
-            (payload.len() + tdfs_protocol::HEADER_LEN) as u64,
-            Ordering::Relaxed,
-        );
+        self.count_sent(self.out.len(), payload.len() + tdfs_protocol::HEADER_LEN);
         Ok(())
+    }
+
+    /// Counts a frame sent: `wire` bytes on the connection for `raw` before compression.
+    fn count_sent(&self, wire: usize, raw: usize) {
+        self.me.bytes_sent.fetch_add(wire as u64, Ordering::Relaxed);
+        self.me
+            .raw_bytes_sent
+            .fetch_add(raw as u64, Ordering::Relaxed);
     }
 
     async fn send_ops<O: WireOp>(
@@ -330,12 +332,7 @@ impl Link {
             parts[0] = &header;
             let total = tdfs_protocol::HEADER_LEN + len;
             write_all_parts(&mut self.wr, &parts).await?;
-            self.me
-                .bytes_sent
-                .fetch_add(total as u64, Ordering::Relaxed);
-            self.me
-                .raw_bytes_sent
-                .fetch_add(total as u64, Ordering::Relaxed);
+            self.count_sent(total, total);
             return Ok(());
         }
         let mut payload = std::mem::take(&mut self.payload);
@@ -370,12 +367,7 @@ impl Link {
             total = self.out.len();
             self.wr.write_all(&self.out).await?;
         }
-        self.me
-            .bytes_sent
-            .fetch_add(total as u64, Ordering::Relaxed);
-        self.me
-            .raw_bytes_sent
-            .fetch_add(total as u64, Ordering::Relaxed);
+        self.count_sent(total, total);
         Ok(())
     }
 
