@@ -195,6 +195,16 @@ pub fn set_inode_flags(p: &Path, flags: u32) -> io::Result<()> {
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+/// Waits until `log()` (a daemon's log, read afresh each time) contains `needle`; panics
+/// with that log, naming it `what`, if it does not within `timeout`.
+pub fn wait_log(what: &str, timeout: Duration, log: impl Fn() -> String, needle: &str) {
+    assert!(
+        wait_until(timeout, || log().contains(needle)),
+        "{what} log never said {needle:?} within {timeout:?}; log:\n{}",
+        log()
+    );
+}
+
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {

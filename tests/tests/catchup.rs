@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use tdfs_tests::cluster::{Cluster, ClusterOpts};
-use tdfs_tests::util::{pseudo_random, set_xattr, wait_until};
+use tdfs_tests::util::{pseudo_random, set_xattr, wait_log, wait_until};
 
 /// Writes, renames and deletes files under `root` until `stop` (bounded to `max` steps);
 /// stops quietly when the mount goes away (a killed master).
@@ -249,10 +249,12 @@ fn preexisting_tree_new_slave_then_second_run_moves_no_data() {
     c.slaves[0].restart();
     c.mopts.log = c.scratch.join("master3.log");
     c.restart_master();
-    assert!(wait_until(Duration::from_secs(60), || c
-        .master
-        .log_text()
-        .contains("sync complete")));
+    wait_log(
+        "master",
+        Duration::from_secs(60),
+        || c.master.log_text(),
+        "sync complete",
+    );
     let second = c.master.log_text();
     let bytes2 = log_field(&second, "sync complete", "bytes").unwrap();
     let fixed2 = log_field(&second, "sync complete", "fixed").unwrap();
@@ -348,13 +350,11 @@ fn full_disk_on_slave_is_reported_then_converges() {
     fs::write(c.at("small"), b"fits").unwrap();
     fs::write(c.at("big"), pseudo_random(7, 3 << 20)).unwrap();
     fs::write(c.at("later"), b"after the big one").unwrap();
-    assert!(
-        wait_until(Duration::from_secs(30), || c
-            .master
-            .log_text()
-            .contains("No space left on device")),
-        "no ENOSPC in the master log:\n{}",
-        c.logs()
+    wait_log(
+        "master",
+        Duration::from_secs(30),
+        || c.master.log_text(),
+        "No space left on device",
     );
     let log = c.master.log_text();
     let line = log

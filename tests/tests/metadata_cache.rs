@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tdfs_tests::util::{
     assert_errno, get_xattr, inode_flags, lchown, remove_xattr, set_inode_flags, set_times,
-    set_xattr, wait_until, SharedMap,
+    set_xattr, wait_log, wait_until, SharedMap,
 };
 use tdfs_tests::Cluster;
 
@@ -745,13 +745,11 @@ fn directory_attributes_under_concurrent_changes() {
 #[test]
 fn shared_mapping_beside_passthrough_readers_keeps_times_current() {
     let mut c = Cluster::single("mc-ptmmap");
-    assert!(
-        wait_until(Duration::from_secs(10), || c
-            .master
-            .log_text()
-            .contains("kernel FUSE passthrough on")),
-        "no passthrough on this kernel:\n{}",
-        c.master.log_text()
+    wait_log(
+        "master",
+        Duration::from_secs(10),
+        || c.master.log_text(),
+        "kernel FUSE passthrough on",
     );
     write(&c.at("m"), &vec![1u8; 8192]);
     let reader = File::open(c.at("m")).unwrap();

@@ -11,28 +11,24 @@ use std::thread;
 use std::time::Duration;
 
 use tdfs_tests::cluster::Cluster;
-use tdfs_tests::util::{pseudo_random, wait_until, SharedMap};
+use tdfs_tests::util::{pseudo_random, wait_log, wait_until, SharedMap};
 
 fn cluster(name: &str) -> Cluster {
     let c = Cluster::single(name);
-    assert!(
-        wait_until(Duration::from_secs(10), || c
-            .master
-            .log_text()
-            .contains("kernel FUSE passthrough on")),
-        "no passthrough line in the log:\n{}",
-        c.master.log_text()
+    wait_log(
+        "master",
+        Duration::from_secs(10),
+        || c.master.log_text(),
+        "kernel FUSE passthrough on",
     );
     // fsync waits for the slaves in sync: the tests that check a replica right after one
     // need the slave in sync first (on a loaded box its first sync may still be running
     // when the mount appears).
-    assert!(
-        wait_until(Duration::from_secs(30), || c
-            .master
-            .log_text()
-            .contains("slave is in sync")),
-        "the slave never got in sync:\n{}",
-        c.master.log_text()
+    wait_log(
+        "master",
+        Duration::from_secs(30),
+        || c.master.log_text(),
+        "slave is in sync",
     );
     c
 }

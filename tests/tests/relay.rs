@@ -21,7 +21,8 @@ use serde_json::Value;
 use tdfs_tests::daemons::{Master, MasterOpts, Slave, SlaveLaunch};
 use tdfs_tests::netns::TestNet;
 use tdfs_tests::util::{
-    bin, http_get, metrics_port, pseudo_random, require_root_and_fuse, set_xattr, temp_dir, TempDir,
+    bin, http_get, metrics_port, pseudo_random, require_root_and_fuse, set_xattr, temp_dir,
+    wait_log, TempDir,
 };
 use tdfs_tests::{compare_trees, try_wait_identical, wait_until};
 
@@ -635,13 +636,11 @@ fn tls_upstream_and_secret_downstream_on_one_relay() {
         fs::read_dir(&stray.dir).unwrap().next().is_none(),
         "a leaf with the wrong secret got something"
     );
-    assert!(
-        wait_until(Duration::from_secs(30), || stray
-            .slave
-            .log()
-            .contains("authentication failed")),
-        "stray leaf does not say why it refused: {}",
-        stray.slave.log()
+    wait_log(
+        "stray leaf",
+        Duration::from_secs(30),
+        || stray.slave.log(),
+        "authentication failed",
     );
     assert!(m.unmount_and_wait().success());
     assert_all_identical(&backing, &all, CATCH_UP);

@@ -15,7 +15,7 @@ use tdfs_protocol::frame::{self, FrameType};
 use tdfs_protocol::msg::{Hello, Refuse};
 use tdfs_protocol::Compression;
 use tdfs_tests::daemons::{Master, MasterOpts, Slave};
-use tdfs_tests::util::{bin, names, require_root_and_fuse, temp_dir, wait_until};
+use tdfs_tests::util::{bin, names, require_root_and_fuse, temp_dir, wait_log, wait_until};
 
 const SECRET_A: &str = "correct horse battery staple, one\n";
 const SECRET_B: &str = "correct horse battery staple, two\n";
@@ -80,13 +80,8 @@ impl Env {
     }
 }
 
-fn wait_log(what: &str, log: impl Fn() -> String, needle: &str) {
-    assert!(
-        wait_until(Duration::from_secs(20), || log().contains(needle)),
-        "{what} log never said {needle:?}; log:\n{}",
-        log()
-    );
-}
+/// How long a daemon gets to log a refusal.
+const LOG_WAIT: Duration = Duration::from_secs(20);
 
 fn hello_frame() -> Vec<u8> {
     let h = Hello {
@@ -129,11 +124,13 @@ fn wrong_secret_applies_nothing_and_both_sides_say_so() {
     std::fs::write(m.mountpoint.join("f"), b"data").unwrap();
     wait_log(
         "slave",
+        LOG_WAIT,
         || slave.log(),
         "authentication failed: wrong secret",
     );
     wait_log(
         "master",
+        LOG_WAIT,
         || m.log_text(),
         "refused authentication: authentication failed",
     );
@@ -153,8 +150,18 @@ fn slave_with_secret_refuses_master_without_one() {
     let mut slave = env.slave("s", &["--secret-file", &sa]);
     let m = env.master("m", &[slave.addr()], &[]);
     std::fs::write(m.mountpoint.join("f"), b"data").unwrap();
-    wait_log("slave", || slave.log(), "master did not authenticate");
-    wait_log("master", || m.log_text(), "authentication required");
+    wait_log(
+        "slave",
+        LOG_WAIT,
+        || slave.log(),
+        "master did not authenticate",
+    );
+    wait_log(
+        "master",
+        LOG_WAIT,
+        || m.log_text(),
+        "authentication required",
+    );
     assert!(names(&slave.dir).is_empty());
     assert!(slave.is_running());
     stop_master(m);
@@ -252,7 +259,12 @@ fn right_secret_replicates_and_a_replayed_handshake_fails() {
         assert_eq!(r.message, "authentication failed");
     }
     for sl in [&mut slave, &mut fresh] {
-        wait_log("slave", || sl.log(), "wrong secret or replayed handshake");
+        wait_log(
+            "slave",
+            LOG_WAIT,
+            || sl.log(),
+            "wrong secret or replayed handshake",
+        );
         assert!(names(&sl.dir).is_empty(), "{:?}", names(&sl.dir));
         assert!(sl.is_running());
         sl.stop();
@@ -318,7 +330,7 @@ fn tls_replicates_with_valid_certificates_and_refuses_others() {
     s.write_all(&hello_frame()).unwrap();
     let frames = read_frames(&mut s);
     assert!(frames.is_empty(), "{frames:?}");
-    wait_log("slave", || slave.log(), "TLS handshake failed");
+    wait_log("slave", LOG_WAIT, || slave.log(), "TLS handshake failed");
 
     // A master whose certificate another CA signed is refused too.
     std::fs::remove_dir(slave.dir.join("d")).unwrap();
@@ -339,8 +351,13 @@ fn tls_replicates_with_valid_certificates_and_refuses_others() {
     std::fs::write(m.mountpoint.join("evil"), b"x").unwrap();
     // TLS 1.3: the slave rejects the client certificate after the master sent its
     // Finished, so the master hears the alert on its first read.
-    wait_log("master", || m.log_text(), "received fatal alert: UnknownCA");
-    wait_log("slave", || slave.log(), "TLS handshake failed");
+    wait_log(
+        "master",
+        LOG_WAIT,
+        || m.log_text(),
+        "received fatal alert: UnknownCA",
+    );
+    wait_log("slave", LOG_WAIT, || slave.log(), "TLS handshake failed");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(names(&slave.dir), ["big"]);
     assert!(slave.is_running());
@@ -357,6 +374,7 @@ fn allow_list_closes_other_addresses() {
     assert!(read_frames(&mut s).is_empty());
     wait_log(
         "slave",
+        LOG_WAIT,
         || denied.log(),
         "refusing connection from 127.0.0.1",
     );
